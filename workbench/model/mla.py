@@ -1,0 +1,99 @@
+"""Multi-head Latent Attention (DeepSeek-V2 §2.1) with two interchangeable computations.
+
+Shape legend: B batch, S new tokens, T cached + new tokens, H hidden, nH heads, D qk_nope_head_dim,
+R qk_rope_head_dim, V v_head_dim, C kv_lora_rank (latent width).
+
+- `naive`: expand per-head K/V from the latent with kv_b_proj, then ordinary attention. Simple, the reference.
+- `absorb`: fold kv_b_proj's key half into the query and its value half into the output, so attention runs over
+  the cached latent [T, C] and the shared rope key [T, R] directly; what a decoder does, since nothing per-head
+  is ever materialised for the history.
+Both give the same numbers up to float reassociation; a test holds them to it.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+
+from workbench.config import ModelConfig
+from workbench.model.cache import LatentKVCache
+from workbench.model.norm import RMSNorm
+from workbench.model.rope import Rotary
+from workbench.probes import ProbeRegistry
+
+AttnMode = Literal["naive", "absorb"]
+
+
+class MLA(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int, probes: ProbeRegistry) -> None:
+        super().__init__()
+        self.layer = layer
+        self.n_heads = config.num_attention_heads
+        self.nope_dim, self.rope_dim, self.v_dim = config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim
+        self.latent_dim = config.kv_lora_rank
+        self.softmax_scale = config.softmax_scale
+        H, nH = config.hidden_size, config.num_attention_heads
+        bias = config.attention_bias
+        self.q_lora_rank = config.q_lora_rank
+        if config.q_lora_rank is None:
+            self.q_proj = nn.Linear(H, nH * config.qk_head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(H, config.q_lora_rank, bias=bias)
+            self.q_a_layernorm = RMSNorm(config.q_lora_rank, config.rms_norm_eps)
+            self.q_b_proj = nn.Linear(config.q_lora_rank, nH * config.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(H, config.kv_lora_rank + config.qk_rope_head_dim, bias=bias)
+        self.kv_a_layernorm = RMSNorm(config.kv_lora_rank, config.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(config.kv_lora_rank, nH * (config.qk_nope_head_dim + config.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(nH * config.v_head_dim, H, bias=bias)
+        self.hook_kv_latent = probes.site(f"blocks.{layer}.attn.hook_kv_latent")  # [B, S, C] post-norm c_kv
+        self.hook_k_pe = probes.site(f"blocks.{layer}.attn.hook_k_pe")  # [B, S, R] after RoPE
+        self.hook_z = probes.site(f"blocks.{layer}.attn.hook_z")  # [B, S, nH, V] per-head output before o_proj
+
+    def project_q(self, x: torch.Tensor) -> torch.Tensor:
+        if self.q_lora_rank is None:
+            return self.q_proj(x)
+        return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary: Rotary,
+                cache: LatentKVCache | None, mode: AttnMode) -> torch.Tensor:
+        B, S, _ = x.shape
+        nH, D, R, C = self.n_heads, self.nope_dim, self.rope_dim, self.latent_dim
+        q = self.project_q(x).view(B, S, nH, D + R)  # [B, S, nH, D+R]
+        q_nope, q_pe = q.split([D, R], dim=-1)
+        kv = self.kv_a_proj_with_mqa(x)  # [B, S, C+R]
+        c_kv, k_pe = kv.split([C, R], dim=-1)
+        c_kv = self.hook_kv_latent(self.kv_a_layernorm(c_kv))  # [B, S, C]
+        q_pe = rotary.apply(q_pe, cos, sin)  # [B, S, nH, R]
+        k_pe = self.hook_k_pe(rotary.apply(k_pe, cos, sin))  # [B, S, R]
+        past = 0
+        if cache is not None:
+            past = cache.length
+            c_kv, k_pe = cache.append(self.layer, c_kv, k_pe)  # [B, T, C], [B, T, R]
+        T = c_kv.shape[1]
+        causal = torch.ones(S, T, dtype=torch.bool, device=x.device).tril(diagonal=past)  # [S, T]
+        w_kv_b = self.kv_b_proj.weight.view(nH, D + self.v_dim, C)
+        if mode == "naive":
+            kv_full = self.kv_b_proj(c_kv).view(B, T, nH, D + self.v_dim)  # [B, T, nH, D+V]
+            k_nope, v = kv_full.split([D, self.v_dim], dim=-1)
+            scores = torch.einsum("bshd,bthd->bhst", q_nope.float(), k_nope.float())
+            scores = scores + torch.einsum("bshr,btr->bhst", q_pe.float(), k_pe.float())
+            probs = self._softmax(scores, causal)  # [B, nH, S, T]
+            z = torch.einsum("bhst,bthv->bshv", probs, v.float())  # [B, S, nH, V]
+        elif mode == "absorb":
+            w_uk, w_uv = w_kv_b[:, :D], w_kv_b[:, D:]  # [nH, D, C], [nH, V, C]
+            q_latent = torch.einsum("bshd,hdc->bshc", q_nope.float(), w_uk.float())  # [B, S, nH, C]
+            scores = torch.einsum("bshc,btc->bhst", q_latent, c_kv.float())
+            scores = scores + torch.einsum("bshr,btr->bhst", q_pe.float(), k_pe.float())
+            probs = self._softmax(scores, causal)
+            o_latent = torch.einsum("bhst,btc->bshc", probs, c_kv.float())  # [B, S, nH, C]
+            z = torch.einsum("bshc,hvc->bshv", o_latent, w_uv.float())  # [B, S, nH, V]
+        else:
+            raise ValueError(f"attention mode must be 'naive' or 'absorb', got {mode!r}")
+        z = self.hook_z(z.to(x.dtype))
+        return self.o_proj(z.reshape(B, S, nH * self.v_dim))
+
+    def _softmax(self, scores: torch.Tensor, causal: torch.Tensor) -> torch.Tensor:
+        scores = (scores * self.softmax_scale).masked_fill(~causal, float("-inf"))
+        return scores.softmax(dim=-1)

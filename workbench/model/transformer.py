@@ -1,0 +1,153 @@
+"""The DeepSeek-V2/V3 decoder: embed -> [RMSNorm -> MLA -> RMSNorm -> MoE or dense MLP] x L -> RMSNorm -> lm_head.
+
+Shape legend: B batch, S new tokens, H hidden, V vocab.
+Parameter names equal the HF checkpoint names (minus the `model.` prefix), except that routed experts are
+stacked (`mlp.experts.gate_proj` [E, I, H]); `workbench.checkpoint` holds the one table between the two.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from workbench.config import ModelConfig
+from workbench.model.cache import LatentKVCache
+from workbench.model.mla import MLA, AttnMode
+from workbench.model.moe import MLP, MoE
+from workbench.model.norm import RMSNorm
+from workbench.model.rope import Rotary
+from workbench.probes import ProbeRegistry
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int, probes: ProbeRegistry) -> None:
+        super().__init__()
+        self.layer = layer
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = MLA(config, layer, probes)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp: MoE | MLP = (MoE(config, layer, probes) if config.is_moe_layer(layer)
+                               else MLP(config.hidden_size, config.intermediate_size))
+        self.hook_resid_pre = probes.site(f"blocks.{layer}.hook_resid_pre")  # [B, S, H]
+        self.hook_resid_mid = probes.site(f"blocks.{layer}.hook_resid_mid")  # [B, S, H]
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary: Rotary,
+                cache: LatentKVCache | None, mode: AttnMode) -> torch.Tensor:
+        x = self.hook_resid_pre(x)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, rotary, cache, mode)
+        x = self.hook_resid_mid(x)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DeepSeekModel(nn.Module):
+    """A DeepSeek MoE + MLA causal LM. `forward(input_ids)` returns fp32 logits [B, S, V]."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.probes = ProbeRegistry()
+        self.rotary = Rotary(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i, self.probes) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.hook_resid_final = self.probes.site("hook_resid_final")  # [B, S, H] after the final norm
+
+    # ------------------------------------------------------------------ construction
+    def init_weights(self, seed: int = 0) -> DeepSeekModel:
+        """Random N(0, initializer_range) weights, norms at 1, bias 0: a deterministic random model."""
+        gen = torch.Generator().manual_seed(seed)
+        std = self.config.initializer_range
+        for name, p in self.named_parameters():
+            with torch.no_grad():
+                if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
+                    p.fill_(1.0)
+                elif name.endswith(".bias"):
+                    p.zero_()
+                else:
+                    p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * std)
+        return self
+
+    @classmethod
+    def random(cls, config: ModelConfig, seed: int = 0) -> DeepSeekModel:
+        return cls(config).init_weights(seed).eval()
+
+    # ------------------------------------------------------------------ forward
+    def check_input(self, input_ids: torch.Tensor, past: int = 0) -> None:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+        if input_ids.numel() == 0:
+            raise ValueError("empty input: input_ids has no tokens")
+        if input_ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= self.config.vocab_size:
+            bad = lo if lo < 0 else hi
+            pos = (input_ids == bad).nonzero()[0].tolist()
+            raise ValueError(f"token id {bad} at position {pos} is outside the vocabulary [0, {self.config.vocab_size})")
+        end = past + input_ids.shape[1]
+        if end > self.config.max_position_embeddings:
+            raise ValueError(f"input reaches position {end}, beyond max_position_embeddings="
+                             f"{self.config.max_position_embeddings}")
+
+    def forward(self, input_ids: torch.Tensor, cache: LatentKVCache | None = None,
+                mode: AttnMode = "naive") -> torch.Tensor:
+        past = cache.length if cache is not None else 0
+        self.check_input(input_ids, past)
+        S = input_ids.shape[1]
+        positions = torch.arange(past, past + S, device=input_ids.device)
+        cos, sin = self.rotary.cos_sin(positions)  # [S, R/2]
+        x = self.embed_tokens(input_ids)  # [B, S, H]
+        for block in self.layers:
+            x = block(x, cos, sin, self.rotary, cache, mode)
+        if cache is not None:
+            cache.advance(S)
+        x = self.hook_resid_final(self.norm(x))
+        return self.lm_head(x).float()  # [B, S, V]
+
+    def new_cache(self, batch: int, max_len: int) -> LatentKVCache:
+        p = next(self.parameters())
+        return LatentKVCache(self.config, batch, max_len, dtype=p.dtype, device=p.device)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0,
+                 top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                 mode: AttnMode = "absorb", eos_token_id: int | None = None) -> torch.Tensor:
+        """Greedy (temperature 0) or sampled continuation on the latent cache; returns prompt + new ids [B, S+n]."""
+        from workbench.model.sampling import sample_next
+
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        self.check_input(input_ids)
+        B, S = input_ids.shape
+        total = min(S + max_new_tokens, self.config.max_position_embeddings)
+        cache = self.new_cache(B, total)
+        gen = torch.Generator(device=input_ids.device)
+        if seed is not None:
+            gen.manual_seed(seed)
+        out = input_ids
+        logits = self(input_ids, cache=cache, mode=mode)[:, -1]  # [B, V]
+        finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        for _ in range(total - S):
+            nxt = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=gen)  # [B]
+            if eos_token_id is not None:
+                nxt = torch.where(finished, torch.full_like(nxt, eos_token_id), nxt)
+                finished |= nxt == eos_token_id
+            out = torch.cat([out, nxt[:, None]], dim=1)
+            if cache.length >= total or bool(finished.all()):
+                break
+            logits = self(nxt[:, None], cache=cache, mode=mode)[:, -1]
+        return out
+
+    # ------------------------------------------------------------------ costs
+    def kv_bytes_per_token(self, dtype_bytes: int = 2) -> dict[str, int]:
+        from workbench.model.costs import kv_bytes_per_token
+
+        return kv_bytes_per_token(self.config, dtype_bytes)
+
+    def estimate_flops(self, context: int = 1) -> dict[str, float]:
+        from workbench.model.costs import estimate_flops
+
+        return estimate_flops(self.config, context)
