@@ -9,6 +9,7 @@ import sys
 # subcommand name -> module with `add_arguments(parser)` and `run(args) -> int`
 SUBCOMMANDS = {
     "demo": "workbench.demo",
+    "trace": "workbench.trace.command",
 }
 
 

@@ -126,7 +126,7 @@ class ModelConfig:
         need(self.topk_method in ("greedy", "group_limited_greedy", "noaux_tc"),
              f"topk_method must be greedy|group_limited_greedy|noaux_tc, got {self.topk_method!r}")
         need(self.n_routed_experts >= 0, f"n_routed_experts must be >= 0, got {self.n_routed_experts}")
-        need(0 <= self.first_k_dense_replace, f"first_k_dense_replace must be >= 0, got {self.first_k_dense_replace}")
+        need(self.first_k_dense_replace >= 0, f"first_k_dense_replace must be >= 0, got {self.first_k_dense_replace}")
         if self.n_routed_experts > 0 and self.first_k_dense_replace < self.num_hidden_layers:
             need(self.moe_intermediate_size > 0, f"moe_intermediate_size must be positive, got {self.moe_intermediate_size}")
             need(1 <= self.num_experts_per_tok <= self.n_routed_experts,
@@ -211,7 +211,8 @@ class ModelConfig:
         no_scaling_key = extra.pop("__no_rope_scaling_key__", False)
         no_theta_key = extra.pop("__no_rope_theta_key__", False)
         out: dict[str, Any] = {"model_type": self.model_type}
-        keys = present if present is not None else [k for k in _HF_FIELDS if k not in _NOT_IN_V2 or self.model_type == "deepseek_v2"]
+        keys = present if present is not None else [
+            k for k in _HF_FIELDS if k not in _NOT_IN_V2 or self.model_type == "deepseek_v3"]
         for key in keys:
             value = getattr(self, key)
             out[key] = None if key in nulls else (dict(value) if isinstance(value, Mapping) else value)

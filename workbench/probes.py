@@ -29,6 +29,9 @@ class ProbeSite:
         for listener in list(self.listeners):
             replaced = listener(self.name, value)
             if replaced is not None:
+                if not isinstance(replaced, torch.Tensor):
+                    raise TypeError(f"probe {self.name}: a listener returned {type(replaced).__name__}, "
+                                    "expected a tensor (to replace the value) or None (to observe)")
                 if replaced.shape != value.shape:
                     raise ValueError(f"probe {self.name}: a listener returned shape {tuple(replaced.shape)}, "
                                      f"expected {tuple(value.shape)}")

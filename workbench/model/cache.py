@@ -25,7 +25,7 @@ class LatentKVCache:
     def append(self, layer: int, c_kv: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the new [B, S, C] / [B, S, R] at `length` and return the whole history of this layer."""
         B, S, _ = c_kv.shape
-        if B != self.batch:
+        if self.batch != B:
             raise ValueError(f"cache holds batch {self.batch}, got {B}")
         end = self.length + S
         if end > self.max_len:

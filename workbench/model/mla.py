@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from workbench.config import ModelConfig
@@ -72,28 +73,33 @@ class MLA(nn.Module):
             past = cache.length
             c_kv, k_pe = cache.append(self.layer, c_kv, k_pe)  # [B, T, C], [B, T, R]
         T = c_kv.shape[1]
-        causal = torch.ones(S, T, dtype=torch.bool, device=x.device).tril(diagonal=past)  # [S, T]
+        # causal over the whole history: new token s sits at position past + s
+        causal = None if past == 0 else torch.ones(S, T, dtype=torch.bool, device=x.device).tril(diagonal=past)
         w_kv_b = self.kv_b_proj.weight.view(nH, D + self.v_dim, C)
         if mode == "naive":
             kv_full = self.kv_b_proj(c_kv).view(B, T, nH, D + self.v_dim)  # [B, T, nH, D+V]
             k_nope, v = kv_full.split([D, self.v_dim], dim=-1)
-            scores = torch.einsum("bshd,bthd->bhst", q_nope.float(), k_nope.float())
-            scores = scores + torch.einsum("bshr,btr->bhst", q_pe.float(), k_pe.float())
-            probs = self._softmax(scores, causal)  # [B, nH, S, T]
-            z = torch.einsum("bhst,bthv->bshv", probs, v.float())  # [B, S, nH, V]
+            query = torch.cat([q_nope, q_pe], dim=-1)  # [B, S, nH, D+R]
+            key = torch.cat([k_nope, k_pe[:, :, None].expand(B, T, nH, R)], dim=-1)  # [B, T, nH, D+R]
+            z = self._attend(query, key, v, causal)  # [B, S, nH, V]
         elif mode == "absorb":
             w_uk, w_uv = w_kv_b[:, :D], w_kv_b[:, D:]  # [nH, D, C], [nH, V, C]
-            q_latent = torch.einsum("bshd,hdc->bshc", q_nope.float(), w_uk.float())  # [B, S, nH, C]
-            scores = torch.einsum("bshc,btc->bhst", q_latent, c_kv.float())
-            scores = scores + torch.einsum("bshr,btr->bhst", q_pe.float(), k_pe.float())
-            probs = self._softmax(scores, causal)
-            o_latent = torch.einsum("bhst,btc->bshc", probs, c_kv.float())  # [B, S, nH, C]
-            z = torch.einsum("bshc,hvc->bshv", o_latent, w_uv.float())  # [B, S, nH, V]
+            q_latent = torch.einsum("bshd,hdc->bshc", q_nope, w_uk)  # [B, S, nH, C]
+            query = torch.cat([q_latent, q_pe], dim=-1)  # [B, S, nH, C+R]
+            key = torch.cat([c_kv, k_pe], dim=-1)[:, :, None]  # [B, T, 1, C+R]: one key shared by all heads
+            o_latent = self._attend(query, key, c_kv[:, :, None], causal)  # [B, S, nH, C]
+            z = torch.einsum("bshc,hvc->bshv", o_latent, w_uv)  # [B, S, nH, V]
         else:
             raise ValueError(f"attention mode must be 'naive' or 'absorb', got {mode!r}")
         z = self.hook_z(z.to(x.dtype))
         return self.o_proj(z.reshape(B, S, nH * self.v_dim))
 
-    def _softmax(self, scores: torch.Tensor, causal: torch.Tensor) -> torch.Tensor:
-        scores = (scores * self.softmax_scale).masked_fill(~causal, float("-inf"))
-        return scores.softmax(dim=-1)
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: torch.Tensor | None) -> torch.Tensor:
+        """softmax(q·k * scale) v with q [B, S, nH, d], k [B, T, nH or 1, d], v [B, T, nH or 1, dv] -> [B, S, nH, dv]."""
+        nH = q.shape[2]
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # heads first
+        if k.shape[1] != nH:
+            k, v = k.expand(-1, nH, -1, -1), v.expand(-1, nH, -1, -1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=causal, is_causal=causal is None and q.shape[2] > 1,
+                                             scale=self.softmax_scale)
+        return out.transpose(1, 2)

@@ -78,6 +78,7 @@ class Gate(nn.Module):
         self.weight = nn.Parameter(torch.empty(E, H))
         # V3 checkpoints carry the balancing bias; V2 ones do not (it is then a zero buffer left out of saves)
         self.has_bias = config.topk_method == "noaux_tc"
+        self.e_score_correction_bias: torch.Tensor
         self.register_buffer("e_score_correction_bias", torch.zeros(E), persistent=self.has_bias)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -112,9 +113,19 @@ class Experts(nn.Module):
 
 def experts_forward(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w_gate: torch.Tensor,
                     w_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
-    """x [T, H], ids/weights [T, k] -> sum_k weights * expert_k(x)  [T, H]; one bmm per projection."""
+    """x [T, H], ids/weights [T, k] -> sum_k weights * expert_k(x)  [T, H]; one batched matmul per projection.
+
+    Few (token, slot) pairs (decoding): gather the chosen experts' weights per slot. Many (prefill): sort the pairs
+    by expert and pad each expert's rows to the busiest expert's count, then bmm over the experts that were hit.
+    """
     T, H = x.shape
     k = ids.shape[1]
+    if T * k <= w_gate.shape[0]:  # decode-sized: gather each slot's expert weights, skip the sort
+        xs = x[:, None, :, None]  # [T, 1, H, 1]
+        g = (w_gate[ids] @ xs)[..., 0]  # [T, k, I]
+        u = (w_up[ids] @ xs)[..., 0]  # [T, k, I]
+        out = (w_down[ids] @ (F.silu(g) * u)[..., None])[..., 0]  # [T, k, H]
+        return (out * weights[..., None].to(out.dtype)).sum(dim=1)
     flat_ids = ids.reshape(-1)  # [T*k]
     order = flat_ids.argsort(stable=True)  # (token, slot) pairs grouped by expert
     sorted_ids = flat_ids[order]

@@ -142,7 +142,7 @@ class DeepSeekModel(nn.Module):
         return out
 
     # ------------------------------------------------------------------ costs
-    def kv_bytes_per_token(self, dtype_bytes: int = 2) -> dict[str, int]:
+    def kv_bytes_per_token(self, dtype_bytes: int = 2) -> dict[str, float]:
         from workbench.model.costs import kv_bytes_per_token
 
         return kv_bytes_per_token(self.config, dtype_bytes)

@@ -1,0 +1,25 @@
+# One entry point per README command. PY is the interpreter that creates the virtualenv.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: install demo test lint
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# torch first and pinned: on these CPU machines 2.13.0 is the local CPU wheel; elsewhere it is PyPI's CUDA build
+install: $(BIN)/python
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test]'
+
+demo: install
+	$(BIN)/workbench demo
+
+lint:
+	$(BIN)/ruff check workbench kernels tests benchmarks
+	$(BIN)/mypy
+
+test: install lint
+	$(BIN)/pytest

@@ -1,0 +1,346 @@
+"""HF-format safetensors checkpoints <-> DeepSeekModel, with one name table between them.
+
+- Reads a single `model.safetensors` or shards listed in `model.safetensors.index.json`, tensor by tensor through
+  safetensors' memory map, so peak memory is the model plus one tensor; `CheckpointReader` inspects a checkpoint
+  larger than RAM one layer at a time.
+- On disk routed experts are per expert (`mlp.experts.{e}.gate_proj.weight`), as DeepSeek and transformers save
+  them; in memory they are stacked [E, ...]. transformers' fused in-memory `gate_up_proj` layout is read too.
+- FP8 (e4m3) weights with `weight_scale_inv` in 128x128 blocks are dequantized block by block; a last partial
+  block (V3's kv_a_proj_with_mqa is 576 x 7168) takes the scale of the block it falls in.
+- Multi-token-prediction layers (index >= num_hidden_layers) are skipped, and the skip is reported.
+Every mismatch raises `CheckpointError` naming the file and tensor.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from workbench.config import ConfigError, ModelConfig
+from workbench.model.transformer import DeepSeekModel
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+_EXPERT = re.compile(r"^layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+_FUSED = re.compile(r"^layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
+_LAYER = re.compile(r"^layers\.(\d+)\.")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded as the model its config describes; says which file and tensor."""
+
+
+# ---------------------------------------------------------------------------------------------- names
+def hf_to_ours(name: str) -> str:
+    """`model.layers.3.self_attn.o_proj.weight` -> `layers.3.self_attn.o_proj.weight` (experts handled apart)."""
+    return name[len("model."):] if name.startswith("model.") else name
+
+
+def ours_to_hf(name: str) -> str:
+    return name if name.startswith("lm_head.") else f"model.{name}"
+
+
+# ---------------------------------------------------------------------------------------------- FP8
+def dequantize_fp8_blocks(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = (128, 128)
+                          ) -> torch.Tensor:
+    """FP8 weight [N, K] x per-block scale_inv [ceil(N/bn), ceil(K/bk)] -> fp32 [N, K] (partial edge blocks ok)."""
+    N, K = weight.shape
+    bn, bk = block
+    expected = (math.ceil(N / bn), math.ceil(K / bk))
+    if tuple(scale_inv.shape) != expected:
+        raise CheckpointError(f"weight_scale_inv shape {tuple(scale_inv.shape)} does not tile weight {N}x{K} "
+                              f"in {bn}x{bk} blocks (expected {expected})")
+    scale = scale_inv.float().repeat_interleave(bn, 0)[:N].repeat_interleave(bk, 1)[:, :K]  # [N, K]
+    return weight.float() * scale
+
+
+# ---------------------------------------------------------------------------------------------- reading
+@dataclass
+class CheckpointReader:
+    """Lazy view of an HF checkpoint directory (or a single .safetensors file): nothing is read until asked."""
+
+    path: Path
+    config: ModelConfig
+    weight_map: dict[str, Path] = field(default_factory=dict)  # HF tensor name -> file
+    block: tuple[int, int] = (128, 128)
+
+    @classmethod
+    def open(cls, path: str | Path, config: ModelConfig | None = None) -> CheckpointReader:
+        path = Path(path)
+        root = path if path.is_dir() else path.parent
+        if config is None:
+            try:
+                config = ModelConfig.from_json(root / "config.json")
+            except ConfigError as e:
+                raise CheckpointError(str(e)) from None
+        files: list[Path]
+        if path.is_file():
+            files = [path]
+        elif (root / INDEX_NAME).exists():
+            try:
+                index = json.loads((root / INDEX_NAME).read_text())
+                shard_names = sorted(set(index["weight_map"].values()))
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{root / INDEX_NAME}: not a valid safetensors index ({e})") from None
+            files = [root / s for s in shard_names]
+            missing = [f.name for f in files if not f.exists()]
+            if missing:
+                raise CheckpointError(f"{root / INDEX_NAME} lists shards that do not exist: {missing}")
+        elif (root / SINGLE_NAME).exists():
+            files = [root / SINGLE_NAME]
+        else:
+            raise CheckpointError(f"{root}: no {SINGLE_NAME} or {INDEX_NAME}")
+        weight_map: dict[str, Path] = {}
+        for f in files:
+            for name in _keys(f):
+                weight_map[name] = f
+        quant = dict(config.hf_extra).get("quantization_config") or {}
+        block = tuple(quant.get("weight_block_size", (128, 128)))
+        return cls(path, config, weight_map, (int(block[0]), int(block[1])))
+
+    def names(self) -> list[str]:
+        return list(self.weight_map)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        with _SafeOpen(self.weight_map[name]) as f:
+            return tuple(f.get_slice(name).get_shape())
+
+    def raw(self, name: str) -> torch.Tensor:
+        """The tensor exactly as stored (FP8 stays FP8)."""
+        with _SafeOpen(self.weight_map[name]) as f:
+            try:
+                return f.get_tensor(name)
+            except Exception as e:  # safetensors raises its own error types for truncated data
+                raise CheckpointError(f"{self.weight_map[name]}: cannot read tensor {name} ({e})") from None
+
+    def get(self, name: str) -> torch.Tensor:
+        """The tensor in high precision: FP8 weights are dequantized with their `_scale_inv`."""
+        t = self.raw(name)
+        if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            scale_name = name + "_scale_inv"
+            if scale_name not in self.weight_map:
+                raise CheckpointError(f"{name} is {t.dtype} but {scale_name} is missing")
+            t = dequantize_fp8_blocks(t, self.raw(scale_name), self.block)
+        return t
+
+    def layer_names(self, layer: int) -> list[str]:
+        prefix = f"model.layers.{layer}."
+        return [n for n in self.weight_map if n.startswith(prefix) and not n.endswith("_scale_inv")]
+
+    def layer(self, layer: int) -> dict[str, torch.Tensor]:
+        """All high-precision tensors of one layer: inspect a checkpoint larger than RAM layer by layer."""
+        return {n: self.get(n) for n in self.layer_names(layer)}
+
+
+def _keys(path: Path) -> list[str]:
+    with _SafeOpen(path) as f:
+        return list(f.keys())
+
+
+class _SafeOpen:
+    """safe_open with a CheckpointError naming the file when it is not safetensors or is truncated."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __enter__(self):  # safe_open returns an untyped handle
+        try:
+            self._cm = safe_open(str(self.path), framework="pt")
+            return self._cm.__enter__()
+        except Exception as e:
+            raise CheckpointError(f"{self.path}: not a readable safetensors file ({e})") from None
+
+    def __exit__(self, *exc: object) -> None:
+        self._cm.__exit__(*exc)
+
+
+def _iter_model_tensors(reader: CheckpointReader, skipped: list[str]
+                        ) -> Iterator[tuple[str, int | None, torch.Tensor, str]]:
+    """Yield (our name, expert index or None, tensor, HF name); MTP layers go to `skipped`."""
+    L = reader.config.num_hidden_layers
+    for hf_name in reader.names():
+        if hf_name.endswith("_scale_inv"):
+            continue
+        ours = hf_to_ours(hf_name)
+        m = _LAYER.match(ours)
+        if m and int(m.group(1)) >= L:
+            skipped.append(hf_name)
+            continue
+        e = _EXPERT.match(ours)
+        if e:
+            layer, expert, proj = e.groups()
+            yield f"layers.{layer}.mlp.experts.{proj}", int(expert), reader.get(hf_name), hf_name
+            continue
+        yield ours, None, reader.get(hf_name), hf_name
+
+
+def load_checkpoint(path: str | Path, *, dtype: torch.dtype = torch.float32, config: ModelConfig | None = None,
+                    strict: bool = True, progress: bool = False) -> DeepSeekModel:
+    """Build the model the config describes and fill it from the checkpoint, checking every name and shape."""
+    reader = CheckpointReader.open(path, config)
+    cfg = reader.config
+    with torch.device("meta"):
+        model = DeepSeekModel(cfg)
+    params: dict[str, torch.Tensor] = dict(model.named_parameters())
+    params.update({n: b for n, b in model.named_buffers() if not n.endswith("e_score_correction_bias")
+                   or cfg.topk_method == "noaux_tc"})
+    values: dict[str, torch.Tensor] = {}
+    expert_filled: dict[str, set[int]] = {}
+    unexpected: list[str] = []
+    skipped: list[str] = []
+    tensors = _iter_model_tensors(reader, skipped)
+    for ours, expert, tensor, hf_name in tqdm(tensors, total=len(reader.names()), desc="loading", disable=not progress,
+                                               unit="tensor"):
+        fused = _FUSED.match(ours) if expert is None else None
+        if fused:  # transformers' in-memory layout: gate_up_proj [E, 2I, H], down_proj [E, H, I]
+            layer, proj = fused.groups()
+            if proj == "gate_up_proj":
+                gate, up = tensor.chunk(2, dim=1)
+                _put(values, params, f"layers.{layer}.mlp.experts.gate_proj", gate, hf_name, dtype)
+                _put(values, params, f"layers.{layer}.mlp.experts.up_proj", up, hf_name, dtype)
+            else:
+                _put(values, params, ours, tensor, hf_name, dtype)
+            continue
+        if ours not in params:
+            unexpected.append(hf_name)
+            continue
+        if expert is None:
+            _put(values, params, ours, tensor, hf_name, dtype)
+            continue
+        full = params[ours]
+        if ours not in values:
+            values[ours] = torch.zeros(full.shape, dtype=dtype)
+            expert_filled[ours] = set()
+        if expert >= full.shape[0] or tuple(tensor.shape) != tuple(full.shape[1:]):
+            raise CheckpointError(f"{hf_name}: shape {tuple(tensor.shape)} / expert {expert} does not fit "
+                                  f"{ours} {tuple(full.shape)}; config.json does not match the weights")
+        values[ours][expert] = tensor.to(dtype)
+        expert_filled[ours].add(expert)
+    if cfg.tie_word_embeddings:
+        params.pop("lm_head.weight", None)
+    missing = [ours_to_hf(n) for n in params if n not in values]
+    for n, got in expert_filled.items():
+        lost = sorted(set(range(params[n].shape[0])) - got)
+        if lost:
+            missing.append(f"{ours_to_hf(n)} experts {lost[:8]}{'...' if len(lost) > 8 else ''}")
+    if strict and (missing or unexpected):
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)}: {missing[:6]}")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)}: {unexpected[:6]}")
+        raise CheckpointError(f"{reader.path}: tensors do not match config.json ({'; '.join(parts)})")
+    if skipped:
+        layers = sorted({int(_LAYER.match(hf_to_ours(s)).group(1)) for s in skipped})  # type: ignore[union-attr]
+        warnings.warn(f"skipped {len(skipped)} tensors of multi-token-prediction layers {layers} "
+                      "(not part of the main model)", stacklevel=2)
+    model.load_state_dict(values, strict=False, assign=True)
+    # buffers that were not in the file (V2's unused zero bias) and the RoPE tables must be real tensors
+    for module in model.modules():
+        for name, buf in list(module.named_buffers(recurse=False)):
+            if buf.is_meta:
+                module.register_buffer(name, torch.zeros(buf.shape, dtype=torch.float32),
+                                       persistent=name in module.state_dict())
+    model.rotary = type(model.rotary)(cfg)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    return model.eval()
+
+
+def _put(values: dict[str, torch.Tensor], params: dict[str, torch.Tensor], ours: str, tensor: torch.Tensor,
+         hf_name: str, dtype: torch.dtype) -> None:
+    if ours not in params:
+        raise CheckpointError(f"{hf_name}: no such tensor in a model with this config")
+    want = tuple(params[ours].shape)
+    if tuple(tensor.shape) != want:
+        raise CheckpointError(f"{hf_name}: shape {tuple(tensor.shape)}, the config implies {want}; "
+                              "config.json does not match the weights")
+    keep_fp32 = ours.endswith("e_score_correction_bias") or ours.endswith("mlp.gate.weight")
+    values[ours] = tensor.to(torch.float32 if keep_fp32 else dtype)
+
+
+# ---------------------------------------------------------------------------------------------- writing
+def hf_state_dict(model: DeepSeekModel) -> dict[str, torch.Tensor]:
+    """Our parameters under HF names, experts split per expert (the on-disk layout)."""
+    out: dict[str, torch.Tensor] = {}
+    for name, t in model.state_dict().items():
+        if model.config.tie_word_embeddings and name == "lm_head.weight":
+            continue
+        stacked = re.match(r"^(layers\.\d+\.mlp\.experts)\.(gate_proj|up_proj|down_proj)$", name)
+        if stacked:
+            for e in range(t.shape[0]):
+                out[ours_to_hf(f"{stacked.group(1)}.{e}.{stacked.group(2)}.weight")] = t[e].contiguous()
+        else:
+            out[ours_to_hf(name)] = t.contiguous()
+    return out
+
+
+def save_checkpoint(model: DeepSeekModel, path: str | Path, *, max_shard_bytes: int | None = None,
+                    dtype: torch.dtype | None = None) -> Path:
+    """Write config.json + model.safetensors, or shards + model.safetensors.index.json when over max_shard_bytes."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = model.config.to_hf_dict()
+    cfg.setdefault("architectures", [model.config.architecture])
+    (path / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    tensors = hf_state_dict(model)
+    if dtype is not None:
+        tensors = {n: t if n.endswith(("gate.weight", "e_score_correction_bias")) else t.to(dtype)
+                   for n, t in tensors.items()}
+    meta = {"format": "pt"}
+    if max_shard_bytes is None:
+        save_file(tensors, str(path / SINGLE_NAME), metadata=meta)
+        return path
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    weight_map: dict[str, str] = {}
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(path / fname), metadata=meta)
+        weight_map.update(dict.fromkeys(shard, fname))
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (path / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- misc
+def build_meta(config: ModelConfig) -> DeepSeekModel:
+    """The model's full module tree on the meta device: V3's 671B shape with no memory allocated."""
+    with torch.device("meta"):
+        return DeepSeekModel(config)
+
+
+def checkpoint_digest(path: str | Path) -> str:
+    """sha256 of config.json and every safetensors header + size: identifies a checkpoint without reading GBs."""
+    path = Path(path)
+    root = path if path.is_dir() else path.parent
+    h = hashlib.sha256()
+    cfg = root / "config.json"
+    if cfg.exists():
+        h.update(cfg.read_bytes())
+    files = [path] if path.is_file() else sorted(root.glob("*.safetensors"))
+    for f in files:
+        with f.open("rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            h.update(fh.read(min(n, 100_000_000)))
+        h.update(str(f.stat().st_size).encode())
+    return "sha256:" + h.hexdigest()[:16]
