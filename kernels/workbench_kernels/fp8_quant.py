@@ -116,7 +116,7 @@ def act_quant_ref(x: torch.Tensor, block: int = 128, fmt: str = "e4m3",
     fmax = FP8_MAX[qdtype]
     K = x.shape[-1]
     n_blocks = cdiv(K, block)
-    xf = F_pad(x.float(), n_blocks * block - K).unflatten(-1, (n_blocks, block))  # [..., nb, b]
+    xf = _pad_last(x.float(), n_blocks * block - K).unflatten(-1, (n_blocks, block))  # [..., nb, b]
     s = xf.abs().amax(dim=-1).clamp_min(1e-4) / fmax  # [..., nb]
     if ue8m0:
         s = pow2_ceil_ref(s)
@@ -214,6 +214,6 @@ def pow2_ceil_ref(s: torch.Tensor) -> torch.Tensor:
     return (exponent << 23).view(torch.float32)
 
 
-def F_pad(x: torch.Tensor, n: int) -> torch.Tensor:
+def _pad_last(x: torch.Tensor, n: int) -> torch.Tensor:
     """Pad the last dim of `x` with `n` zeros."""
     return torch.nn.functional.pad(x, (0, n)) if n else x
