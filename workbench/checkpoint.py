@@ -165,9 +165,15 @@ class _SafeOpen:
         self._cm.__exit__(*exc)
 
 
-def _iter_model_tensors(reader: CheckpointReader, skipped: list[str]
+def _iter_model_tensors(reader: CheckpointReader, skipped: list[str], keep_fp8: bool = False
                         ) -> Iterator[tuple[str, int | None, torch.Tensor, str]]:
-    """Yield (our name, expert index or None, tensor, HF name); MTP layers go to `skipped`."""
+    """Yield (our name, expert index or None, tensor, HF name); MTP layers go to `skipped`.
+
+    With `keep_fp8`, linear weights (`*proj.weight`, experts) come as stored, FP8 codes undequantized.
+    """
+    def read(hf_name: str, keep: bool) -> torch.Tensor:
+        return reader.raw(hf_name) if keep else reader.get(hf_name)
+
     L = reader.config.num_hidden_layers
     for hf_name in reader.names():
         if hf_name.endswith("_scale_inv"):
@@ -180,16 +186,23 @@ def _iter_model_tensors(reader: CheckpointReader, skipped: list[str]
         e = _EXPERT.match(ours)
         if e:
             layer, expert, proj = e.groups()
-            yield f"layers.{layer}.mlp.experts.{proj}", int(expert), reader.get(hf_name), hf_name
+            yield f"layers.{layer}.mlp.experts.{proj}", int(expert), read(hf_name, keep_fp8), hf_name
             continue
-        yield ours, None, reader.get(hf_name), hf_name
+        yield ours, None, read(hf_name, keep_fp8 and ours.endswith(("proj.weight", "proj_with_mqa.weight"))), hf_name
 
 
 def load_checkpoint(path: str | Path, *, dtype: torch.dtype = torch.float32, config: ModelConfig | None = None,
-                    strict: bool = True, progress: bool = False) -> DeepSeekModel:
-    """Build the model the config describes and fill it from the checkpoint, checking every name and shape."""
+                    strict: bool = True, progress: bool = False, keep_fp8: bool = False) -> DeepSeekModel:
+    """Build the model the config describes and fill it from the checkpoint, checking every name and shape.
+
+    `keep_fp8`: FP8 linear weights stay e4m3 codes + `weight_scale_inv` in `FP8Linear`s / FP8 `Experts` (see
+    `workbench.model.fp8`), run in DeepSeek-V3's FP8 recipe, instead of being dequantized to `dtype`.
+    """
     reader = CheckpointReader.open(path, config)
     cfg = reader.config
+    if keep_fp8 and reader.block != (128, 128):
+        raise CheckpointError(f"{reader.path}: keep_fp8 needs 128x128 weight blocks, the checkpoint has {reader.block}")
+    fp8_values: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     with torch.device("meta"):
         model = DeepSeekModel(cfg)
     params: dict[str, torch.Tensor] = dict(model.named_parameters())
@@ -199,7 +212,7 @@ def load_checkpoint(path: str | Path, *, dtype: torch.dtype = torch.float32, con
     expert_filled: dict[str, set[int]] = {}
     unexpected: list[str] = []
     skipped: list[str] = []
-    tensors = _iter_model_tensors(reader, skipped)
+    tensors = _iter_model_tensors(reader, skipped, keep_fp8)
     for ours, expert, tensor, hf_name in tqdm(tensors, total=len(reader.names()), desc="loading", disable=not progress,
                                                unit="tensor"):
         fused = _FUSED.match(ours) if expert is None else None
@@ -215,6 +228,11 @@ def load_checkpoint(path: str | Path, *, dtype: torch.dtype = torch.float32, con
         if ours not in params:
             unexpected.append(hf_name)
             continue
+        if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):  # only with keep_fp8
+            _put_fp8(fp8_values, params, ours, expert, tensor, reader, hf_name)
+            if expert is not None:
+                expert_filled.setdefault(ours, set()).add(expert)
+            continue
         if expert is None:
             _put(values, params, ours, tensor, hf_name, dtype)
             continue
@@ -229,7 +247,7 @@ def load_checkpoint(path: str | Path, *, dtype: torch.dtype = torch.float32, con
         expert_filled[ours].add(expert)
     if cfg.tie_word_embeddings:
         params.pop("lm_head.weight", None)
-    missing = [ours_to_hf(n) for n in params if n not in values]
+    missing = [ours_to_hf(n) for n in params if n not in values and n not in fp8_values]
     for n, got in expert_filled.items():
         lost = sorted(set(range(params[n].shape[0])) - got)
         if lost:
@@ -255,7 +273,34 @@ def load_checkpoint(path: str | Path, *, dtype: torch.dtype = torch.float32, con
     model.rotary = type(model.rotary)(cfg)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
+    if fp8_values:
+        from workbench.model.fp8 import FP8Format, install_fp8_weights  # needs Triton's kernel package
+
+        quant = dict(cfg.hf_extra).get("quantization_config") or {}
+        fmt = "e5m2" if next(iter(fp8_values.values()))[0].dtype == torch.float8_e5m2 else "e4m3"
+        install_fp8_weights(model, fp8_values, FP8Format(fmt, quant.get("scale_fmt") == "ue8m0"))
     return model.eval()
+
+
+def _put_fp8(fp8_values: dict[str, tuple[torch.Tensor, torch.Tensor]], params: dict[str, torch.Tensor], ours: str,
+             expert: int | None, q: torch.Tensor, reader: CheckpointReader, hf_name: str) -> None:
+    """Keep an FP8 weight and its scale grid as stored (experts stacked: [E, N, K], [E, ceil(N/b), ceil(K/b)])."""
+    if hf_name + "_scale_inv" not in reader.weight_map:
+        raise CheckpointError(f"{hf_name} is {q.dtype} but {hf_name}_scale_inv is missing")
+    scale = reader.raw(hf_name + "_scale_inv").float()
+    full = tuple(params[ours].shape)
+    want = full if expert is None else full[1:]
+    grid = (math.ceil(want[0] / 128), math.ceil(want[1] / 128))
+    if tuple(q.shape) != want or tuple(scale.shape) != grid or (expert is not None and expert >= full[0]):
+        raise CheckpointError(f"{hf_name}: shape {tuple(q.shape)}, scale {tuple(scale.shape)} (expert {expert}) "
+                              f"do not fit {ours} {full} with {grid} scale blocks")
+    if expert is None:
+        fp8_values[ours] = (q, scale)
+        return
+    if ours not in fp8_values:
+        fp8_values[ours] = (torch.zeros(full, dtype=q.dtype), torch.zeros(full[0], *grid))
+    fp8_values[ours][0][expert] = q
+    fp8_values[ours][1][expert] = scale
 
 
 def _put(values: dict[str, torch.Tensor], params: dict[str, torch.Tensor], ours: str, tensor: torch.Tensor,

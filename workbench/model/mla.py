@@ -8,6 +8,8 @@ R qk_rope_head_dim, V v_head_dim, C kv_lora_rank (latent width).
   the cached latent [T, C] and the shared rope key [T, R] directly; what a decoder does, since nothing per-head
   is ever materialised for the history.
 Both give the same numbers up to float reassociation; a test holds them to it.
+An optional `latent_basis` [C, r] (orthonormal columns) projects c_kv onto its span before it is cached or used:
+the latent-rank intervention. Being linear, the projection works the same in both modes.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ class MLA(nn.Module):
         self.nope_dim, self.rope_dim, self.v_dim = config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim
         self.latent_dim = config.kv_lora_rank
         self.softmax_scale = config.softmax_scale
+        self.backend = "auto"  # decode-step attention: "torch", "triton" (mla_decode) or "auto"; see model.backend
         H, nH = config.hidden_size, config.num_attention_heads
         bias = config.attention_bias
         self.q_lora_rank = config.q_lora_rank
@@ -58,14 +61,17 @@ class MLA(nn.Module):
         return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary: Rotary,
-                cache: LatentKVCache | None, mode: AttnMode) -> torch.Tensor:
+                cache: LatentKVCache | None, mode: AttnMode, latent_basis: torch.Tensor | None = None) -> torch.Tensor:
         B, S, _ = x.shape
         nH, D, R, C = self.n_heads, self.nope_dim, self.rope_dim, self.latent_dim
         q = self.project_q(x).view(B, S, nH, D + R)  # [B, S, nH, D+R]
         q_nope, q_pe = q.split([D, R], dim=-1)
         kv = self.kv_a_proj_with_mqa(x)  # [B, S, C+R]
         c_kv, k_pe = kv.split([C, R], dim=-1)
-        c_kv = self.hook_kv_latent(self.kv_a_layernorm(c_kv))  # [B, S, C]
+        c_kv = self.kv_a_layernorm(c_kv)  # [B, S, C]
+        if latent_basis is not None:
+            c_kv = (c_kv @ latent_basis) @ latent_basis.T  # [B, S, r] -> [B, S, C], in the span of the basis
+        c_kv = self.hook_kv_latent(c_kv)  # [B, S, C]
         q_pe = rotary.apply(q_pe, cos, sin)  # [B, S, nH, R]
         k_pe = self.hook_k_pe(rotary.apply(k_pe, cos, sin))  # [B, S, R]
         past = 0
@@ -75,7 +81,6 @@ class MLA(nn.Module):
         T = c_kv.shape[1]
         # causal over the whole history: new token s sits at position past + s
         causal = None if past == 0 else torch.ones(S, T, dtype=torch.bool, device=x.device).tril(diagonal=past)
-        w_kv_b = self.kv_b_proj.weight.view(nH, D + self.v_dim, C)
         if mode == "naive":
             kv_full = self.kv_b_proj(c_kv).view(B, T, nH, D + self.v_dim)  # [B, T, nH, D+V]
             k_nope, v = kv_full.split([D, self.v_dim], dim=-1)
@@ -83,11 +88,18 @@ class MLA(nn.Module):
             key = torch.cat([k_nope, k_pe[:, :, None].expand(B, T, nH, R)], dim=-1)  # [B, T, nH, D+R]
             z = self._attend(query, key, v, causal)  # [B, S, nH, V]
         elif mode == "absorb":
+            w_kv_b = _dense_weight(self.kv_b_proj, q_nope.dtype).view(nH, D + self.v_dim, C)
             w_uk, w_uv = w_kv_b[:, :D], w_kv_b[:, D:]  # [nH, D, C], [nH, V, C]
             q_latent = torch.einsum("bshd,hdc->bshc", q_nope, w_uk)  # [B, S, nH, C]
             query = torch.cat([q_latent, q_pe], dim=-1)  # [B, S, nH, C+R]
             key = torch.cat([c_kv, k_pe], dim=-1)[:, :, None]  # [B, T, 1, C+R]: one key shared by all heads
-            o_latent = self._attend(query, key, c_kv[:, :, None], causal)  # [B, S, nH, C]
+            o_latent: torch.Tensor | None = None
+            if S == 1 and cache is not None and (self.backend == "triton" or (self.backend == "auto" and x.is_cuda)):
+                from workbench.model.backend import mla_decode_step  # lazy: Triton is optional on CPU
+
+                o_latent = mla_decode_step(self.backend, q_latent, q_pe, c_kv, k_pe, self.softmax_scale)
+            if o_latent is None:
+                o_latent = self._attend(query, key, c_kv[:, :, None], causal)  # [B, S, nH, C]
             z = torch.einsum("bshc,hvc->bshv", o_latent, w_uv)  # [B, S, nH, V]
         else:
             raise ValueError(f"attention mode must be 'naive' or 'absorb', got {mode!r}")
@@ -103,3 +115,9 @@ class MLA(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=causal, is_causal=causal is None and q.shape[2] > 1,
                                              scale=self.softmax_scale)
         return out.transpose(1, 2)
+
+
+def _dense_weight(linear: nn.Linear, dtype: torch.dtype) -> torch.Tensor:
+    """The weight a linear multiplies by; an FP8Linear's dequantized codes (absorbed einsums bypass its GEMM)."""
+    dense = getattr(linear, "dense_weight", None)
+    return dense(dtype) if callable(dense) else linear.weight

@@ -9,20 +9,28 @@ Routing (`route`), as DeepSeek-V2/V3 define it:
    group_limited_greedy) or the sum of its top-2 (V3, noaux_tc); the rest cannot be chosen.
 4. top-k of the selection scores; the weights are the *unbiased* scores of the chosen experts,
    renormalised if `norm_topk_prob`, times `routed_scaling_factor`.
+Interventions (`RouteOverride`, built and validated by `workbench.controls`) enter as an explicit forward argument:
+a temperature on the logits, an offset on the selection bias, a mask of ablated experts, experts forced into the
+first slots, replaced hyper-parameters, shared experts off. With no override the path is the one above, op for op.
 Experts are stacked 3-D weights; `experts_forward` sorts (token, slot) pairs by expert and runs one batched
 matmul per projection over the experts that received tokens, with no Python loop over experts.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from workbench.config import ModelConfig
-from workbench.probes import ProbeRegistry
+from workbench.probes import ProbeRegistry, ProbeSite
+
+if TYPE_CHECKING:
+    from workbench.model.fp8 import Backend, FP8Format
 
 
 @dataclass(frozen=True)
@@ -43,11 +51,26 @@ class RoutingParams:
                    c.routed_scaling_factor)
 
 
+@dataclass(frozen=True, eq=False)
+class RouteOverride:
+    """One MoE layer's routing intervention in tensor form; `workbench.controls` builds it after validation."""
+
+    params: RoutingParams  # top-k, topk_group, norm_topk_prob, routed_scaling_factor after overrides
+    bias_offset: torch.Tensor | None = None  # [E] added to the selection scores (not to the weights)
+    mask: torch.Tensor | None = None  # [E] bool, False = ablated (never selected)
+    force: torch.Tensor | None = None  # [f] expert ids placed in the first f slots, in this order
+    temperature: float = 1.0  # router logits are divided by it before scoring
+    shared_experts: bool = True
+
+
 def route(logits: torch.Tensor, bias: torch.Tensor | None, p: RoutingParams,
-          mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+          mask: torch.Tensor | None = None,
+          force: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """logits [T, E] -> (scores [T, E] fp32, expert ids [T, k] in descending choice order, weights [T, k] fp32).
 
     `mask` [E] bool (optional) marks experts that may be chosen at all (False = ablated).
+    `force` [f] (optional) expert ids that take the first f slots whatever their score or group; the other k - f
+    are chosen as usual (groups are picked before forcing, so a forced expert does not pull its group in).
     """
     T, E = logits.shape
     logits = logits.float()
@@ -64,7 +87,11 @@ def route(logits: torch.Tensor, bias: torch.Tensor | None, p: RoutingParams,
         keep_groups = group_scores.topk(p.topk_group, dim=-1).indices  # [T, topk_group]
         group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep_groups, True)  # [T, G]
         choice = choice.masked_fill(~group_mask.repeat_interleave(E // p.n_group, dim=1), float("-inf"))
-    ids = choice.topk(p.top_k, dim=-1).indices  # [T, k]
+    if force is not None and force.numel() > 0:
+        rest = choice.index_fill(1, force, float("-inf")).topk(p.top_k - force.numel(), dim=-1).indices  # [T, k-f]
+        ids = torch.cat([force.to(rest.dtype).expand(T, -1), rest], dim=1)  # [T, k]
+    else:
+        ids = choice.topk(p.top_k, dim=-1).indices  # [T, k]
     weights = scores.gather(1, ids)  # [T, k]
     if p.norm_topk_prob and p.top_k > 1:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
@@ -99,33 +126,62 @@ class MLP(nn.Module):
 
 
 class Experts(nn.Module):
-    """E routed experts as stacked weights: gate/up [E, I, H], down [E, H, I]."""
+    """E routed experts as stacked weights: gate/up [E, I, H], down [E, H, I].
+
+    `fp8` (set by `workbench.model.fp8.enable_fp8`) runs DeepSeek-V3's FP8 recipe; `backend` (set by
+    `workbench.model.backend.set_backend`) picks this file's batched torch path or the fused Triton kernel. Weights
+    kept from an FP8 checkpoint are e4m3 codes with `*_scale_inv` [E, ceil(out/128), ceil(in/128)] block scales.
+    """
 
     def __init__(self, n_experts: int, hidden: int, inner: int) -> None:
         super().__init__()
         self.gate_proj = nn.Parameter(torch.empty(n_experts, inner, hidden))
         self.up_proj = nn.Parameter(torch.empty(n_experts, inner, hidden))
         self.down_proj = nn.Parameter(torch.empty(n_experts, hidden, inner))
+        self.gate_proj_scale_inv: torch.Tensor | None
+        self.up_proj_scale_inv: torch.Tensor | None
+        self.down_proj_scale_inv: torch.Tensor | None
+        for name in ("gate_proj_scale_inv", "up_proj_scale_inv", "down_proj_scale_inv"):
+            self.register_buffer(name, None)  # None (absent from the state dict) unless FP8 weights are kept
+        self.fp8: FP8Format | None = None
+        self.backend: Backend = "auto"
+        self.hook_fp8_rel_error: ProbeSite | None = None  # [T], set with `fp8`
+        self._fp8_cache: dict[str, tuple[tuple[object, ...], torch.Tensor, torch.Tensor]] = {}
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        return experts_forward(x, ids, weights, self.gate_proj, self.up_proj, self.down_proj)
+        if self.fp8 is None and (self.backend == "torch" or (self.backend == "auto" and not x.is_cuda)):
+            return experts_forward(x, ids, weights, self.gate_proj, self.up_proj, self.down_proj)
+        from workbench.model.backend import run_experts  # builds on this module
+
+        return run_experts(self, x, ids, weights)
 
 
 def experts_forward(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w_gate: torch.Tensor,
-                    w_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
+                    w_up: torch.Tensor, w_down: torch.Tensor,
+                    act_qdq: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """x [T, H], ids/weights [T, k] -> sum_k weights * expert_k(x)  [T, H]; one batched matmul per projection.
 
     Few (token, slot) pairs (decoding): gather the chosen experts' weights per slot. Many (prefill): sort the pairs
     by expert and pad each expert's rows to the busiest expert's count, then bmm over the experts that were hit.
+    `act_qdq` (FP8 simulation; weights then are dequantized fp32) quantize-dequantizes the input and the SwiGLU
+    output, the latter first rounded to x's dtype, as DeepSeek's FP8 MoE does; the result is in x's dtype.
     """
+    dtype = x.dtype
     T, H = x.shape
     k = ids.shape[1]
+    if act_qdq is not None:
+        x = act_qdq(x)  # [T, H] fp32
+
+    def swiglu(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        h = F.silu(g) * u
+        return h if act_qdq is None else act_qdq(h.to(dtype))
+
     if T * k <= w_gate.shape[0]:  # decode-sized: gather each slot's expert weights, skip the sort
         xs = x[:, None, :, None]  # [T, 1, H, 1]
         g = (w_gate[ids] @ xs)[..., 0]  # [T, k, I]
         u = (w_up[ids] @ xs)[..., 0]  # [T, k, I]
-        out = (w_down[ids] @ (F.silu(g) * u)[..., None])[..., 0]  # [T, k, H]
-        return (out * weights[..., None].to(out.dtype)).sum(dim=1)
+        out = (w_down[ids] @ swiglu(g, u)[..., None])[..., 0]  # [T, k, H]
+        return (out * weights[..., None].to(out.dtype)).sum(dim=1).to(dtype)
     flat_ids = ids.reshape(-1)  # [T*k]
     order = flat_ids.argsort(stable=True)  # (token, slot) pairs grouped by expert
     sorted_ids = flat_ids[order]
@@ -139,9 +195,9 @@ def experts_forward(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w
     buf[slot_of_active, row] = x[token_of]
     g = torch.bmm(buf, w_gate[active].transpose(1, 2))  # [A, cap, I]
     u = torch.bmm(buf, w_up[active].transpose(1, 2))  # [A, cap, I]
-    out = torch.bmm(F.silu(g) * u, w_down[active].transpose(1, 2))  # [A, cap, H]
+    out = torch.bmm(swiglu(g, u), w_down[active].transpose(1, 2))  # [A, cap, H]
     contrib = out[slot_of_active, row] * weights.reshape(-1)[order, None].to(out.dtype)  # [T*k, H]
-    return x.new_zeros(T, H).index_add_(0, token_of, contrib)
+    return x.new_zeros(T, H).index_add_(0, token_of, contrib).to(dtype)
 
 
 class MoE(nn.Module):
@@ -157,14 +213,23 @@ class MoE(nn.Module):
         self.hook_expert_indices = probes.site(f"blocks.{layer}.mlp.hook_expert_indices")  # [T, k]
         self.hook_expert_weights = probes.site(f"blocks.{layer}.mlp.hook_expert_weights")  # [T, k] applied weights
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, override: RouteOverride | None = None) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])  # [T, H]
-        scores, ids, weights = route(self.gate.logits(flat), self.gate.e_score_correction_bias, self.routing)
+        logits = self.gate.logits(flat)  # [T, E]
+        bias: torch.Tensor | None = self.gate.e_score_correction_bias
+        if override is None:
+            scores, ids, weights = route(logits, bias, self.routing)
+        else:
+            if override.temperature != 1.0:
+                logits = logits / override.temperature
+            if override.bias_offset is not None:
+                bias = self.gate.e_score_correction_bias + override.bias_offset
+            scores, ids, weights = route(logits, bias, override.params, override.mask, override.force)
         self.hook_router_scores(scores)
         ids = self.hook_expert_indices(ids)
         weights = self.hook_expert_weights(weights)
         y = self.experts(flat, ids, weights)
-        if self.shared_experts is not None:
+        if self.shared_experts is not None and (override is None or override.shared_experts):
             y = y + self.shared_experts(flat)
         return y.view(shape)

@@ -3,9 +3,15 @@
 Shape legend: B batch, S new tokens, H hidden, V vocab.
 Parameter names equal the HF checkpoint names (minus the `model.` prefix), except that routed experts are
 stacked (`mlp.experts.gate_proj` [E, I, H]); `workbench.checkpoint` holds the one table between the two.
+Interventions arrive as an explicit `controls` argument ({layer: LayerControls}, built by `workbench.controls`), not
+as state on the modules, so one model serves many sessions and a run without controls is the untouched path.
+`forward_from(layer, resid)` runs the tail of the stack from a stored residual: what a live session re-runs.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -13,10 +19,18 @@ from torch import nn
 from workbench.config import ModelConfig
 from workbench.model.cache import LatentKVCache
 from workbench.model.mla import MLA, AttnMode
-from workbench.model.moe import MLP, MoE
+from workbench.model.moe import MLP, MoE, RouteOverride
 from workbench.model.norm import RMSNorm
 from workbench.model.rope import Rotary
 from workbench.probes import ProbeRegistry
+
+
+@dataclass(frozen=True, eq=False)
+class LayerControls:
+    """What one layer is told to do differently; None fields leave that part of the layer alone."""
+
+    routing: RouteOverride | None = None  # MoE layers only
+    latent_basis: torch.Tensor | None = None  # [C, r] orthonormal columns: c_kv is projected onto their span
 
 
 class Block(nn.Module):
@@ -32,11 +46,15 @@ class Block(nn.Module):
         self.hook_resid_mid = probes.site(f"blocks.{layer}.hook_resid_mid")  # [B, S, H]
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary: Rotary,
-                cache: LatentKVCache | None, mode: AttnMode) -> torch.Tensor:
+                cache: LatentKVCache | None, mode: AttnMode, controls: LayerControls | None = None) -> torch.Tensor:
         x = self.hook_resid_pre(x)
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, rotary, cache, mode)
+        basis = controls.latent_basis if controls is not None else None
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, rotary, cache, mode, basis)
         x = self.hook_resid_mid(x)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        h = self.post_attention_layernorm(x)
+        if isinstance(self.mlp, MoE):
+            return x + self.mlp(h, controls.routing if controls is not None else None)
+        return x + self.mlp(h)
 
 
 class DeepSeekModel(nn.Module):
@@ -93,15 +111,29 @@ class DeepSeekModel(nn.Module):
                              f"{self.config.max_position_embeddings}")
 
     def forward(self, input_ids: torch.Tensor, cache: LatentKVCache | None = None,
-                mode: AttnMode = "naive") -> torch.Tensor:
+                mode: AttnMode = "naive", controls: Mapping[int, LayerControls] | None = None) -> torch.Tensor:
         past = cache.length if cache is not None else 0
         self.check_input(input_ids, past)
-        S = input_ids.shape[1]
-        positions = torch.arange(past, past + S, device=input_ids.device)
+        return self.forward_from(0, self.embed_tokens(input_ids), cache=cache, mode=mode, controls=controls)
+
+    def forward_from(self, start: int, x: torch.Tensor, *, cache: LatentKVCache | None = None,
+                     mode: AttnMode = "naive", controls: Mapping[int, LayerControls] | None = None,
+                     residuals: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Run blocks start.. on `x` [B, S, H] (the input of block `start`) and the head -> fp32 logits [B, S, V].
+
+        Appends each block's input to `residuals` when given. With a cache, every block run writes its latents at
+        the cache's current length; blocks before `start` keep what the cache already holds.
+        """
+        if not 0 <= start <= len(self.layers):
+            raise ValueError(f"start layer {start} is outside 0..{len(self.layers)}")
+        past = cache.length if cache is not None else 0
+        S = x.shape[1]
+        positions = torch.arange(past, past + S, device=x.device)
         cos, sin = self.rotary.cos_sin(positions)  # [S, R/2]
-        x = self.embed_tokens(input_ids)  # [B, S, H]
-        for block in self.layers:
-            x = block(x, cos, sin, self.rotary, cache, mode)
+        for layer in range(start, len(self.layers)):
+            if residuals is not None:
+                residuals.append(x)
+            x = self.layers[layer](x, cos, sin, self.rotary, cache, mode, controls.get(layer) if controls else None)
         if cache is not None:
             cache.advance(S)
         x = self.hook_resid_final(self.norm(x))
@@ -114,7 +146,8 @@ class DeepSeekModel(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-                 mode: AttnMode = "absorb", eos_token_id: int | None = None) -> torch.Tensor:
+                 mode: AttnMode = "absorb", eos_token_id: int | None = None,
+                 controls: Mapping[int, LayerControls] | None = None) -> torch.Tensor:
         """Greedy (temperature 0) or sampled continuation on the latent cache; returns prompt + new ids [B, S+n]."""
         from workbench.model.sampling import sample_next
 
@@ -128,7 +161,7 @@ class DeepSeekModel(nn.Module):
         if seed is not None:
             gen.manual_seed(seed)
         out = input_ids
-        logits = self(input_ids, cache=cache, mode=mode)[:, -1]  # [B, V]
+        logits = self(input_ids, cache=cache, mode=mode, controls=controls)[:, -1]  # [B, V]
         finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         for _ in range(total - S):
             nxt = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=gen)  # [B]
@@ -138,7 +171,7 @@ class DeepSeekModel(nn.Module):
             out = torch.cat([out, nxt[:, None]], dim=1)
             if cache.length >= total or bool(finished.all()):
                 break
-            logits = self(nxt[:, None], cache=cache, mode=mode)[:, -1]
+            logits = self(nxt[:, None], cache=cache, mode=mode, controls=controls)[:, -1]
         return out
 
     # ------------------------------------------------------------------ costs

@@ -1,0 +1,175 @@
+"""Trace capture and store costs on CPU, each against a named peer measured in the same run.
+
+1. forward with routing capture vs plain forward (goal: under 10% overhead), and with full capture;
+2. the same routing captured by plain forward hooks on transformers' DeepseekV3ForCausalLM of the same config,
+   against that model's own plain forward;
+3. TraceStore write throughput vs numpy.save of the same arrays;
+4. peak memory of `workbench trace` at 1x and 10x input (goal: flat).
+Medians of repeated runs; run with `python benchmarks/bench_trace.py` (about a minute on 2 cores).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from workbench.loader import load_model
+from workbench.trace import Trace, TraceStore
+
+REPEATS = 7
+
+
+def median_s(fn: Callable[[], object], repeats: int = REPEATS) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def interleaved_s(fns: list[Callable[[], object]], repeats: int = REPEATS) -> list[float]:
+    """Medians of fns run round-robin, so load from other processes hits every variant alike."""
+    for fn in fns:
+        fn()
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            fn()
+            times[i].append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]
+
+
+def bench_capture(ids: torch.Tensor) -> None:
+    loaded = load_model()
+    model = loaded.model
+    routing = Trace(model, ["expert_ids", "expert_weights"], keep=False)
+    full = Trace(model, ["all"], tokenizer=loaded.tokenizer, keep=False)
+
+    def run_with(t: Trace) -> None:
+        with t:
+            t.forward(ids)
+
+    with torch.inference_mode():
+        plain, t_routing, t_full = interleaved_s([lambda: model(ids), lambda: run_with(routing),
+                                                  lambda: run_with(full)], repeats=2 * REPEATS)
+    n = ids.numel()
+    print(f"workbench tiny model, batch {tuple(ids.shape)} ({n} tokens), median of {2 * REPEATS}, interleaved:")
+    print(f"  plain forward            {plain * 1e3:8.1f} ms")
+    print(f"  + routing capture        {t_routing * 1e3:8.1f} ms  overhead x{t_routing / plain:.3f}")
+    print(f"  + full capture (all)     {t_full * 1e3:8.1f} ms  overhead x{t_full / plain:.3f}")
+    bench_transformers_hooks(model.config, ids, plain, t_routing)
+
+
+def bench_transformers_hooks(config: object, ids: torch.Tensor, ours_plain: float, ours_routing: float) -> None:
+    """Peer: routing captured with forward hooks on each DeepseekV3TopkRouter of transformers' model."""
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    hf_dict = config.to_hf_dict()  # type: ignore[attr-defined]
+    hf = DeepseekV3ForCausalLM(DeepseekV3Config(**hf_dict)).eval()
+    captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    gates = [(n, m) for n, m in hf.named_modules() if type(m).__name__ == "DeepseekV3TopkRouter"]
+
+    def hook(name: str) -> Callable[..., None]:
+        def keep(module: torch.nn.Module, args: tuple[object, ...], out: tuple[torch.Tensor, ...]) -> None:
+            captured[name] = (out[2].to(torch.int16).cpu(), out[1].float().cpu())  # ids [T, k], weights [T, k]
+        return keep
+
+    def hooked() -> None:
+        handles = [m.register_forward_hook(hook(n)) for n, m in gates]
+        try:
+            hf(ids)
+        finally:
+            for h in handles:
+                h.remove()
+
+    with torch.inference_mode():
+        hf_plain, hf_hooks = interleaved_s([lambda: hf(ids), hooked], repeats=2 * REPEATS)
+    print(f"transformers {__import__('transformers').__version__} DeepseekV3ForCausalLM, same config:")
+    print(f"  plain forward            {hf_plain * 1e3:8.1f} ms  (ours / theirs x{ours_plain / hf_plain:.2f})")
+    print(f"  + routing forward hooks  {hf_hooks * 1e3:8.1f} ms  overhead x{hf_hooks / hf_plain:.3f} "
+          f"(ours x{ours_routing / ours_plain:.3f}), {len(captured)} gates captured")
+
+
+def bench_store(ids: torch.Tensor, copies: int = 8) -> None:
+    loaded = load_model()
+    t = Trace(loaded.model, ["all"], tokenizer=loaded.tokenizer, keep=False, checkpoint=loaded.digest)
+    with t, torch.inference_mode():
+        batch = t.forward(ids)
+    nbytes = sum(a.nbytes for k, a in batch.items() if k != "text")
+    with tempfile.TemporaryDirectory() as d:
+        def to_store() -> None:
+            path = Path(d) / f"s{time.perf_counter_ns()}.zarr"
+            store = TraceStore.create(path, t.attrs(), t.layout, chunk_tokens=4096)
+            for _ in range(copies):
+                store.append(batch, windows=ids.shape[0])
+            store.close()
+
+        def to_npy() -> None:
+            out = Path(d) / f"n{time.perf_counter_ns()}"
+            out.mkdir()
+            for i in range(copies):
+                for k, a in batch.items():
+                    np.save(out / f"{k}.{i}.npy", a, allow_pickle=(k == "text"))
+
+        s_store, s_npy = median_s(to_store, 5), median_s(to_npy, 5)
+    mb = nbytes * copies / 2**20
+    print(f"store writes, full capture, {copies} batches of {len(batch['token_id'])} tokens ({mb:.1f} MiB numeric):")
+    print(f"  TraceStore (zarr, zstd)  {mb / s_store:8.1f} MiB/s  {s_store * 1e3:7.1f} ms")
+    print(f"  numpy.save (raw .npy)    {mb / s_npy:8.1f} MiB/s  {s_npy * 1e3:7.1f} ms  (store / npy x{s_npy / s_store:.2f})")
+
+
+_PEAK = """
+import resource, sys
+from workbench.cli import main
+rc = main(sys.argv[1:])
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, rc)
+"""
+
+
+def bench_memory(base_records: int = 60) -> None:
+    words = "the expert routes a token to latent space while loss falls and weights scale".split()  # noqa: SIM905
+    rng = random.Random(0)
+    peaks = {}
+    with tempfile.TemporaryDirectory() as d:
+        for scale in (1, 10):
+            src = Path(d) / f"in{scale}.jsonl"
+            with src.open("w") as f:
+                for _ in range(base_records * scale):
+                    f.write(json.dumps({"text": " ".join(rng.choice(words) for _ in range(12))}) + "\n")
+            t0 = time.perf_counter()
+            out = subprocess.run([sys.executable, "-c", _PEAK, "trace", "--input", str(src), "--out",
+                                  str(Path(d) / f"o{scale}.zarr"), "--batch-tokens", "1024", "--max-seq-len", "128",
+                                  "--no-progress"], capture_output=True, text=True, check=True)
+            rss_kib, rc = out.stdout.split()[-2:]
+            tokens = int(out.stdout.split("traced ")[1].split()[0])
+            peaks[scale] = int(rss_kib) / 1024
+            print(f"  {scale:2d}x input: {tokens:6d} tokens, peak RSS {peaks[scale]:7.1f} MiB, "
+                  f"{time.perf_counter() - t0:5.1f} s wall (rc {rc})")
+    print(f"  peak memory 10x / 1x: x{peaks[10] / peaks[1]:.3f}")
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    ids = torch.randint(2, 258, (4, 256))
+    bench_capture(ids)
+    bench_store(ids)
+    print("`workbench trace` peak memory (each run in a fresh process):")
+    bench_memory()
+
+
+if __name__ == "__main__":
+    main()

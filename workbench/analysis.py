@@ -1,0 +1,252 @@
+"""Analyses of a trace: pure functions from an xarray Dataset (in memory or lazy from `open_trace`) to small results.
+
+Design choices:
+- Nothing ever holds the whole token axis. Dense results (expert loads, co-activation, transitions, the latent
+  Gram matrix) are sums of per-chunk partials: on a dask-backed trace they come back lazy (call `.compute()`),
+  on a numpy trace they are numpy. Sparse results (token x expert pairs) are streamed chunk by chunk and
+  returned computed, since their size depends on the data.
+- Expert ids of -1 (a layer not captured) are ignored; every count is of (token, slot) choices.
+Shape legend: N tokens, L MoE layers, A all layers, k top-k, E routed experts, C latent width, P token-expert pairs.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import dask
+import dask.array as da
+import numpy as np
+import xarray as xr
+
+TOKEN = "token"
+
+
+# ---------------------------------------------------------------------- chunked reductions
+def _is_lazy(*arrays: xr.DataArray) -> bool:
+    return any(isinstance(a.data, da.Array) for a in arrays)
+
+
+def _sum_over_chunks(fn: Callable[..., np.ndarray], arrays: list[xr.DataArray], shape: tuple[int, ...],
+                     dtype: Any) -> Any:
+    """sum_b fn(block_b of each array) over token chunks: lazy (dask) when any input is lazy, else numpy."""
+    if not _is_lazy(*arrays):
+        return fn(*(np.asarray(a.data) for a in arrays))
+    first = next(a for a in arrays if isinstance(a.data, da.Array))
+    token_chunks = first.data.chunks[first.dims.index(TOKEN)]
+    blocks = []
+    for a in arrays:
+        data = a.data if isinstance(a.data, da.Array) else da.from_array(np.asarray(a.data))
+        chunks = tuple(token_chunks if d == TOKEN else -1 for d in a.dims)
+        blocks.append(data.rechunk(chunks).to_delayed().reshape(len(token_chunks)))
+    parts = [da.from_delayed(dask.delayed(fn)(*(b[i] for b in blocks)), shape=shape, dtype=dtype)
+             for i in range(len(token_chunks))]
+    return da.stack(parts).sum(axis=0)
+
+
+def _iter_chunks(*arrays: xr.DataArray) -> Iterator[list[np.ndarray]]:
+    """Numpy blocks of the arrays, aligned along token, one chunk at a time."""
+    first = arrays[0]
+    if isinstance(first.data, da.Array):
+        bounds = np.cumsum((0, *first.data.chunks[first.dims.index(TOKEN)]))
+    else:
+        bounds = np.array([0, first.sizes[TOKEN]])
+    for lo, hi in itertools.pairwise(bounds):
+        yield [np.asarray(a.isel({TOKEN: slice(int(lo), int(hi))}).values) for a in arrays]
+
+
+def _n_experts(ds: xr.Dataset) -> int:
+    if "expert" in ds.sizes:
+        return int(ds.sizes["expert"])
+    layout = json.loads(ds.attrs.get("layout", "{}"))
+    if "n_experts" in layout:
+        return int(layout["n_experts"])
+    return int(ds["expert_ids"].max().compute()) + 1
+
+
+def _ids(ds: xr.Dataset) -> xr.DataArray:
+    if "expert_ids" not in ds:
+        raise ValueError("the trace has no expert_ids (routing was not captured)")
+    return ds["expert_ids"].transpose(TOKEN, "layer", "slot")
+
+
+def _one_hot(ids: np.ndarray, E: int) -> np.ndarray:
+    """ids [n, L, k] -> [n, L, E] float32, 1 where the expert was chosen (k choices are distinct)."""
+    n, L, _ = ids.shape
+    out = np.zeros((n, L, E + 1), dtype=np.float32)  # column E absorbs the -1 of uncaptured layers
+    np.put_along_axis(out, np.where(ids < 0, E, ids).astype(np.int64), 1.0, axis=2)
+    return out[:, :, :E]
+
+
+# ---------------------------------------------------------------------- load and balance
+def expert_load(ds: xr.Dataset) -> xr.DataArray:
+    """Token-slot choices per expert and MoE layer: [layer, expert] int64."""
+    ids, E = _ids(ds), _n_experts(ds)
+    L = ids.sizes["layer"]
+
+    def count(block: np.ndarray) -> np.ndarray:  # [n, L, k] -> [L, E]
+        valid = block >= 0
+        codes = (np.arange(L)[None, :, None] * E + block.astype(np.int64))[valid]
+        return np.bincount(codes, minlength=L * E).reshape(L, E)
+
+    data = _sum_over_chunks(count, [ids], (L, E), np.int64)
+    return xr.DataArray(data, dims=("layer", "expert"), coords={"layer": ds["layer"].values}, name="load")
+
+
+def load_balance(ds: xr.Dataset) -> xr.Dataset:
+    """Per MoE layer: coefficient of variation, entropy (nats, and over log E), max/mean of the expert loads."""
+    load = expert_load(ds).astype(np.float64)
+    mean = load.mean("expert")
+    p = load / load.sum("expert")
+    entropy = -xr.where(p > 0, p * np.log(p.where(p > 0, 1.0)), 0.0).sum("expert")
+    return xr.Dataset({"cv": load.std("expert") / mean, "entropy": entropy,
+                       "entropy_norm": entropy / np.log(load.sizes["expert"]),
+                       "max_over_mean": load.max("expert") / mean, "load": load})
+
+
+# ---------------------------------------------------------------------- specialisation
+def token_expert_lift(ds: xr.Dataset, min_count: int = 1) -> xr.Dataset:
+    """How much more often a token id goes to an expert than tokens do on average, per (layer, expert, token id).
+
+    lift = P(expert | token id) / P(expert), with P(expert | token id) the share of that id's occurrences routed
+    to the expert and P(expert) the share of all tokens routed to it. Pairs seen fewer than `min_count` times are
+    dropped. Returns dims [pair] with coords layer, expert, token_id and variables count, token_count, lift.
+    """
+    ids, E = _ids(ds), _n_experts(ds)
+    L = ids.sizes["layer"]
+    pair_codes, pair_counts = [], []
+    token_counts: dict[int, int] = {}
+    load = np.zeros((L, E), dtype=np.int64)
+    n_tokens = 0
+    for tok, block in _iter_chunks(ds["token_id"], ids):  # [n], [n, L, k]
+        n_tokens += len(tok)
+        u, c = np.unique(tok, return_counts=True)
+        for t, n in zip(u.tolist(), c.tolist(), strict=True):
+            token_counts[t] = token_counts.get(t, 0) + n
+        valid = block >= 0
+        le = np.arange(L)[None, :, None] * E + block.astype(np.int64)  # [n, L, k] layer*E + expert
+        codes = (le * (2**31) + tok.astype(np.int64)[:, None, None])[valid]
+        u, c = np.unique(codes, return_counts=True)
+        pair_codes.append(u)
+        pair_counts.append(c)
+        load += np.bincount(le[valid], minlength=L * E).reshape(L, E)
+    codes = np.concatenate(pair_codes) if pair_codes else np.empty(0, dtype=np.int64)
+    counts = np.concatenate(pair_counts) if pair_counts else np.empty(0, dtype=np.int64)
+    codes, inverse = np.unique(codes, return_inverse=True)
+    counts = np.bincount(inverse, weights=counts, minlength=len(codes)).astype(np.int64)  # [P]
+    keep = counts >= min_count
+    codes, counts = codes[keep], counts[keep]
+    le, tok = codes // (2**31), codes % (2**31)
+    layer_i, expert = le // E, le % E
+    tcount = np.array([token_counts[t] for t in tok.tolist()], dtype=np.int64)
+    base = load[layer_i, expert] / max(n_tokens, 1)  # P(expert) at that layer
+    lift = (counts / tcount) / np.where(base > 0, base, np.nan)
+    layers = np.asarray(ds["layer"].values)
+    return xr.Dataset({"count": ("pair", counts), "token_count": ("pair", tcount), "lift": ("pair", lift)},
+                      coords={"layer": ("pair", layers[layer_i]), "expert": ("pair", expert.astype(np.int64)),
+                              "token_id": ("pair", tok.astype(np.int64))})
+
+
+def top_tokens_per_expert(ds: xr.Dataset, n: int = 10, min_count: int = 5) -> xr.Dataset:
+    """The `n` token ids with the highest lift for each (layer, expert), among ids seen at least `min_count`
+    times with that expert: dims [layer, expert, rank]; token_id -1 / lift NaN where there are fewer."""
+    pairs = token_expert_lift(ds, min_count=min_count)
+    layers = np.asarray(ds["layer"].values)
+    E = _n_experts(ds)
+    tok = np.full((len(layers), E, n), -1, dtype=np.int64)
+    lift = np.full((len(layers), E, n), np.nan)
+    count = np.zeros((len(layers), E, n), dtype=np.int64)
+    li = np.searchsorted(layers, pairs["layer"].values)
+    order = np.lexsort((-pairs["lift"].values, pairs["expert"].values, li))  # by layer, expert, lift desc
+    li, ex = li[order], pairs["expert"].values[order]
+    group_start = np.r_[0, np.nonzero(np.diff(li * E + ex))[0] + 1]
+    rank = np.arange(len(order)) - np.repeat(group_start, np.diff(np.r_[group_start, len(order)]))
+    sel = rank < n
+    tok[li[sel], ex[sel], rank[sel]] = pairs["token_id"].values[order][sel]
+    lift[li[sel], ex[sel], rank[sel]] = pairs["lift"].values[order][sel]
+    count[li[sel], ex[sel], rank[sel]] = pairs["count"].values[order][sel]
+    return xr.Dataset({"token_id": (("layer", "expert", "rank"), tok), "lift": (("layer", "expert", "rank"), lift),
+                       "count": (("layer", "expert", "rank"), count)}, coords={"layer": layers})
+
+
+# ---------------------------------------------------------------------- co-activation and transitions
+def coactivation(ds: xr.Dataset) -> xr.Dataset:
+    """Tokens that chose both experts i and j in the same layer: count [layer, expert, expert_b] (diagonal = load)
+    and lift = count * N / (load_i * load_j), 1 when choices are independent."""
+    ids, E = _ids(ds), _n_experts(ds)
+    L = ids.sizes["layer"]
+
+    def pairs(block: np.ndarray) -> np.ndarray:  # [n, L, k] -> [L, E, E]
+        h = _one_hot(block, E)  # [n, L, E]
+        return np.einsum("nle,nlf->lef", h, h).astype(np.int64)
+
+    count = xr.DataArray(_sum_over_chunks(pairs, [ids], (L, E, E), np.int64), dims=("layer", "expert", "expert_b"),
+                         coords={"layer": ds["layer"].values})
+    diag = xr.DataArray(np.diagonal(count.data, axis1=1, axis2=2), dims=("layer", "expert"),
+                        coords={"layer": ds["layer"].values})
+    n = ds.sizes[TOKEN]
+    lift = count * n / (diag * diag.rename(expert="expert_b")).where(lambda x: x > 0)
+    return xr.Dataset({"count": count, "lift": lift})
+
+
+def routing_transitions(ds: xr.Dataset) -> xr.Dataset:
+    """How routing at one MoE layer predicts the next: count [layer, expert_from, expert_to] of (token, slot pair)
+    choices, `layer` being the source layer and `next_layer` the one after it, and prob = P(to | from)."""
+    ids, E = _ids(ds), _n_experts(ds)
+    L = ids.sizes["layer"]
+    if L < 2:
+        raise ValueError("routing transitions need at least two MoE layers")
+
+    def trans(block: np.ndarray) -> np.ndarray:  # [n, L, k] -> [L-1, E, E]
+        h = _one_hot(block, E)  # [n, L, E]
+        return np.einsum("nle,nlf->lef", h[:, :-1], h[:, 1:]).astype(np.int64)
+
+    layers = np.asarray(ds["layer"].values)
+    count = xr.DataArray(_sum_over_chunks(trans, [ids], (L - 1, E, E), np.int64),
+                         dims=("layer", "expert_from", "expert_to"),
+                         coords={"layer": layers[:-1], "next_layer": ("layer", layers[1:])})
+    total = count.sum("expert_to")
+    return xr.Dataset({"count": count, "prob": count / total.where(total > 0)})
+
+
+# ---------------------------------------------------------------------- KV latent spectrum
+def latent_spectrum(ds: xr.Dataset, center: bool = False) -> xr.Dataset:
+    """Singular values of the [N, C] KV-latent matrix of each layer (via its C x C Gram matrix, so any N fits),
+    the share of energy per component, and the effective rank exp(H(s / sum s)) (Roy & Vetterli)."""
+    if "kv_latent" not in ds:
+        raise ValueError("the trace has no kv_latent (record it with sites=['kv_latent'])")
+    x = ds["kv_latent"].transpose(TOKEN, "layer_all", "latent")
+    A, C = x.sizes["layer_all"], x.sizes["latent"]
+
+    def gram(block: np.ndarray) -> np.ndarray:  # [n, A, C] -> [A, C+1, C] (Gram rows, then the column sums)
+        b = block.astype(np.float64)
+        return np.concatenate([np.einsum("nac,nad->acd", b, b), b.sum(axis=0)[:, None, :]], axis=1)
+
+    g = np.asarray(dask.compute(_sum_over_chunks(gram, [x], (A, C + 1, C), np.float64))[0])
+    G, s1 = g[:, :C], g[:, C]  # [A, C, C], [A, C]
+    if center:
+        n = x.sizes[TOKEN]
+        G = G - np.einsum("ac,ad->acd", s1, s1) / max(n, 1)
+    eig = np.linalg.eigvalsh(G)[:, ::-1]  # [A, C] descending
+    sv = np.sqrt(np.clip(eig, 0.0, None))
+    p = sv / sv.sum(axis=1, keepdims=True)
+    eff = np.exp(-np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0).sum(axis=1))
+    energy = sv**2 / (sv**2).sum(axis=1, keepdims=True)
+    coords = {"layer_all": ds["layer_all"].values}
+    return xr.Dataset({"singular_values": (("layer_all", "component"), sv),
+                       "energy": (("layer_all", "component"), energy),
+                       "effective_rank": (("layer_all",), eff)}, coords=coords)
+
+
+# ---------------------------------------------------------------------- FP8 error
+def fp8_error_summary(ds: xr.Dataset, threshold: float = 1e-2) -> xr.Dataset:
+    """Per layer and simulated linear: mean, RMS and max relative error, and the share of tokens above
+    `threshold`; layers or sites that were not simulated come out NaN."""
+    if "fp8_rel_error" not in ds:
+        raise ValueError("the trace has no fp8_rel_error (FP8 simulation was off when it was recorded)")
+    err = ds["fp8_rel_error"]
+    seen = err.notnull()
+    return xr.Dataset({"mean": err.mean(TOKEN), "rms": np.sqrt((err**2).mean(TOKEN)), "max": err.max(TOKEN),
+                       "frac_over": (err > threshold).sum(TOKEN) / seen.sum(TOKEN).where(seen.any(TOKEN))})

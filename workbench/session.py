@@ -1,0 +1,302 @@
+"""Session: one model + one prompt, kept warm so that a control change shows its consequence in milliseconds.
+
+Design choices:
+- The session keeps, for the baseline and for the current controls, the residual stream entering every layer, the
+  chosen experts of every MoE layer, the logits and (when a continuation is asked for) the latent KV cache after the
+  prompt. `apply(controls)` finds the first layer whose effective controls differ from the current ones and re-runs
+  only from there, on the stored residual; layers before it are, by construction, unchanged.
+- Everything a run produces lives in one immutable `_State`, swapped in a single assignment: readers never see half
+  of an update, and a run that fails leaves the previous state in place.
+- Rapid updates (a slider): each request takes a generation number; runs are serialised by a lock, and a request
+  that finds a newer one queued gives way (returns None) instead of running. The latest request always runs.
+- Comparisons are always against the baseline: KL of the next-token distribution, top tokens, per-token loss,
+  the fraction of changed expert choices per MoE layer, and a greedy continuation.
+
+Shape legend: S prompt tokens, H hidden, V vocab, k experts per token, C kv_lora_rank, n continuation tokens.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from workbench.controls import Controls, svd_basis
+from workbench.model.cache import LatentKVCache
+from workbench.model.mla import AttnMode
+from workbench.model.transformer import DeepSeekModel, LayerControls
+from workbench.tokenizer import Tokenizer
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenProb:
+    token_id: int
+    text: str
+    prob: float
+
+
+@dataclasses.dataclass(frozen=True)
+class ApplyResult:
+    """What a set of controls changed, compared with the baseline run of the same prompt."""
+
+    generation: int  # request number; 0 is the baseline
+    controls: Controls
+    start_layer: int  # first layer re-run (num_hidden_layers: nothing needed re-running)
+    kl: float  # KL(baseline || now) of the next-token distribution after the prompt, in nats
+    top_before: tuple[TokenProb, ...]
+    top_after: tuple[TokenProb, ...]
+    loss_delta: torch.Tensor  # [S-1] per-token loss now minus baseline (token t+1 predicted at t)
+    expert_change: Mapping[int, float]  # MoE layer -> fraction of expert choices that differ from the baseline
+    continuation_before: tuple[int, ...]
+    continuation_after: tuple[int, ...]
+    continuation_text_before: str
+    continuation_text_after: str
+    logits: torch.Tensor  # [S, V] fp32, now
+    elapsed_ms: float
+
+
+@dataclasses.dataclass(frozen=True)
+class _State:
+    controls: Controls
+    resolved: Mapping[int, LayerControls]
+    residuals: tuple[torch.Tensor, ...]  # per layer, the block's input [1, S, H]
+    expert_ids: Mapping[int, torch.Tensor]  # MoE layer -> [S, k]
+    logits: torch.Tensor  # [S, V]
+    cache: LatentKVCache | None  # after the prompt; cloned before any decode
+    continuation: tuple[int, ...]
+    result: ApplyResult | None
+
+
+class Session:
+    """A live model + prompt. `apply(controls)` re-runs from the first layer the change touches.
+
+    Args:
+        model: the model; the session only reads it (no parameters or modules are changed).
+        prompt: text (needs `tokenizer`; BOS is prepended when the config has one) or token ids.
+        tokenizer: turns text into ids and ids back into text for the reports.
+        continuation: greedy tokens generated after the prompt before/after (0 skips it and the KV cache).
+        top: how many top tokens to report.
+        calibration: text or ids whose latents give the SVD bases for latent truncation (default: the prompt).
+        mode: attention computation, "naive" (the reference) or "absorb".
+    """
+
+    def __init__(self, model: DeepSeekModel, prompt: str | Sequence[int] | torch.Tensor, tokenizer: Tokenizer | None = None,
+                 *, continuation: int = 8, top: int = 5, calibration: str | Sequence[int] | torch.Tensor | None = None,
+                 mode: AttnMode = "naive") -> None:
+        if continuation < 0:
+            raise ValueError(f"continuation must be >= 0, got {continuation}")
+        self.model, self.tokenizer, self.config = model, tokenizer, model.config
+        self.n_continue, self.top, self.mode = continuation, top, mode
+        self.input_ids = self._encode(prompt)  # [1, S]
+        if self.input_ids.shape[1] < 2:
+            raise ValueError("the prompt needs at least 2 tokens (one to predict from, one to predict)")
+        model.check_input(self.input_ids, past=continuation)  # the prompt plus its continuation must fit
+        self._param = next(model.parameters())
+        self._run_lock = threading.Lock()
+        self._request_lock = threading.Lock()
+        self._requested = 0
+        calib_latents: dict[int, torch.Tensor] = {}
+        self.baseline = self._run(None, Controls(), {}, 0, latents=calib_latents)
+        if calibration is not None:
+            calib_latents.clear()
+            self._capture_latents(self._encode(calibration), calib_latents)
+        self.svd_bases = {layer: svd_basis(lat) for layer, lat in calib_latents.items()}  # layer -> [C, C]
+        self._base_stats = self._stats(self.baseline)  # the baseline's side of every comparison, computed once
+        baseline_result = self._compare(self.baseline, 0, self.config.num_hidden_layers, 0.0)
+        self._state = dataclasses.replace(self.baseline, result=baseline_result)
+
+    # ------------------------------------------------------------------ public
+    @property
+    def controls(self) -> Controls:
+        return self._state.controls
+
+    @property
+    def result(self) -> ApplyResult:
+        result = self._state.result
+        assert result is not None
+        return result
+
+    @property
+    def expert_ids(self) -> Mapping[int, torch.Tensor]:
+        """MoE layer -> the experts each prompt token chose under the current controls [S, k]."""
+        return self._state.expert_ids
+
+    @property
+    def generation(self) -> int:
+        """Number of the latest accepted request (the one the session will end up showing)."""
+        return self._requested
+
+    def apply(self, controls: Controls | Mapping[str, Any] | str) -> ApplyResult | None:
+        """Validate and run `controls`; None when a newer request arrived before this one could start.
+
+        Raises ControlError (a ValueError) for impossible settings, before anything changes.
+        """
+        controls = _as_controls(controls)
+        resolved = self._resolve(controls)
+        with self._request_lock:
+            self._requested += 1
+            generation = self._requested
+        with self._run_lock:
+            if generation != self._requested:
+                return None  # superseded while queued: the newer request will run
+            t0 = time.perf_counter()
+            state = self._state
+            start = controls.first_difference(state.controls, self.config)
+            if start == self.config.num_hidden_layers:  # same effect as now (e.g. a key moved to "all")
+                new = dataclasses.replace(state, controls=controls, resolved=resolved)
+            else:
+                new = self._run(state, controls, resolved, start)
+            result = self._compare(new, generation, start, (time.perf_counter() - t0) * 1e3)
+            self._state = dataclasses.replace(new, result=result)
+            return result
+
+    def reset(self) -> ApplyResult | None:
+        """Back to the baseline (no controls)."""
+        return self.apply(Controls())
+
+    def full_run(self, controls: Controls | Mapping[str, Any] | str) -> ApplyResult:
+        """Run `controls` from layer 0 without touching the session: the reference an incremental re-run must equal."""
+        controls = _as_controls(controls)
+        resolved = self._resolve(controls)
+        t0 = time.perf_counter()
+        with self._run_lock:
+            state = self._run(None, controls, resolved, 0)
+        return self._compare(state, -1, 0, (time.perf_counter() - t0) * 1e3)
+
+    # ------------------------------------------------------------------ running
+    def _resolve(self, controls: Controls) -> dict[int, LayerControls]:
+        return controls.resolve(self.config, svd_bases=self.svd_bases, dtype=self._param.dtype,
+                                device=self._param.device)
+
+    @torch.no_grad()
+    def _run(self, prev: _State | None, controls: Controls, resolved: Mapping[int, LayerControls], start: int,
+             latents: dict[int, torch.Tensor] | None = None) -> _State:
+        """Layers start.. under `controls` on `prev`'s residuals (from the embedding when prev is None)."""
+        model = self.model
+        S = self.input_ids.shape[1]
+        kept_residuals: tuple[torch.Tensor, ...] = ()
+        if prev is None:
+            start, x = 0, model.embed_tokens(self.input_ids)
+            expert_ids: dict[int, torch.Tensor] = {}
+            cache = model.new_cache(1, S + self.n_continue) if self.n_continue else None
+        else:
+            x, kept_residuals = prev.residuals[start], prev.residuals[:start]
+            expert_ids = {layer: ids for layer, ids in prev.expert_ids.items() if layer < start}
+            cache = _clone_cache(prev.cache) if prev.cache is not None else None
+        if cache is not None:
+            cache.length = 0  # layers before `start` keep their entries; the rest are rewritten at 0..S
+        residuals: list[torch.Tensor] = []
+        names = [f"blocks.{layer}.mlp.hook_expert_indices" for layer in self.config.moe_layers if layer >= start]
+        if latents is not None:
+            names += [f"blocks.{layer}.attn.hook_kv_latent" for layer in range(self.config.num_hidden_layers)]
+        with model.probes.listen(names, _Collector(expert_ids, latents).listener) if names else nullcontext():
+            logits = model.forward_from(start, x, cache=cache, mode=self.mode, controls=resolved, residuals=residuals)
+        continuation = self._continue(logits[0, -1], cache, resolved)
+        return _State(controls, resolved, kept_residuals + tuple(residuals), expert_ids, logits[0], cache,
+                      continuation, None)
+
+    def _continue(self, last: torch.Tensor, cache: LatentKVCache | None,
+                  resolved: Mapping[int, LayerControls]) -> tuple[int, ...]:
+        """Greedy tokens after the prompt, decoded on a copy of the prompt's cache (the stored one stays prompt-only)."""
+        if cache is None or self.n_continue == 0:
+            return ()
+        cache = _clone_cache(cache)
+        out = [int(last.argmax())]
+        while len(out) < self.n_continue:
+            step = torch.tensor([[out[-1]]], device=self.input_ids.device)  # [1, 1]
+            out.append(int(self.model(step, cache=cache, mode=self.mode, controls=resolved)[0, -1].argmax()))
+        return tuple(out)
+
+    @torch.no_grad()
+    def _capture_latents(self, ids: torch.Tensor, latents: dict[int, torch.Tensor]) -> None:
+        names = [f"blocks.{layer}.attn.hook_kv_latent" for layer in range(self.config.num_hidden_layers)]
+        with self.model.probes.listen(names, _Collector({}, latents).listener):
+            self.model(ids, mode=self.mode)
+
+    # ------------------------------------------------------------------ reporting
+    def _compare(self, state: _State, generation: int, start: int, elapsed_ms: float) -> ApplyResult:
+        base = self.baseline
+        loss_base, logp_base, top_base = self._base_stats
+        loss_now, logp_now, top_now = self._stats(state)
+        kl = float((logp_base.exp() * (logp_base - logp_now)).sum())
+        change = {layer: _changed_fraction(base.expert_ids[layer], state.expert_ids[layer], self.config.n_routed_experts)
+                  for layer in self.config.moe_layers}
+        return ApplyResult(generation, state.controls, start, kl, top_base, top_now, loss_now - loss_base, change,
+                           base.continuation, state.continuation, self._decode(base.continuation),
+                           self._decode(state.continuation), state.logits, elapsed_ms)
+
+    def _stats(self, state: _State) -> tuple[torch.Tensor, torch.Tensor, tuple[TokenProb, ...]]:
+        """Per-token loss [S-1], next-token log-probs [V] and top tokens of one run."""
+        loss = F.cross_entropy(state.logits[:-1], self.input_ids[0, 1:], reduction="none")  # [S-1]
+        logp = state.logits[-1].log_softmax(-1)  # [V]
+        return loss, logp, self._top(logp)
+
+    def _top(self, logp: torch.Tensor) -> tuple[TokenProb, ...]:
+        values, ids = logp.exp().topk(min(self.top, logp.numel()))
+        return tuple(TokenProb(int(i), self._token_text(int(i)), float(v)) for v, i in zip(values, ids, strict=True))
+
+    def _token_text(self, token_id: int) -> str:
+        return self.tokenizer.token_text(token_id) if self.tokenizer is not None else f"<{token_id}>"
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        if self.tokenizer is None:
+            return " ".join(f"<{i}>" for i in ids)
+        return self.tokenizer.decode(list(ids))
+
+    def _encode(self, prompt: str | Sequence[int] | torch.Tensor) -> torch.Tensor:
+        device = next(self.model.parameters()).device
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("a text prompt needs a tokenizer (or pass token ids)")
+            bos = self.config.bos_token_id
+            ids = ([bos] if bos is not None else []) + self.tokenizer.encode(prompt)
+            return torch.tensor([ids], dtype=torch.long, device=device)
+        t = torch.as_tensor(prompt, dtype=torch.long, device=device)
+        return t[None] if t.dim() == 1 else t
+
+
+class _Collector:
+    """Probe listener that records expert ids / latents of the thread that created it (other threads pass through)."""
+
+    def __init__(self, expert_ids: dict[int, torch.Tensor], latents: dict[int, torch.Tensor] | None) -> None:
+        self.expert_ids, self.latents = expert_ids, latents
+        self.thread = threading.get_ident()
+
+    def listener(self, name: str, value: torch.Tensor) -> None:
+        if threading.get_ident() != self.thread:
+            return
+        layer = int(name.split(".")[1])
+        if name.endswith("hook_expert_indices"):
+            self.expert_ids[layer] = value.detach()  # [S, k]
+        elif self.latents is not None:
+            self.latents[layer] = value.detach().reshape(-1, value.shape[-1])  # [S, C]
+
+
+def _changed_fraction(before: torch.Tensor, after: torch.Tensor, n_experts: int) -> float:
+    """Mean over tokens of 1 - |chosen before ∩ chosen now| / max(k before, k now); order inside top-k ignored."""
+    hot_before = torch.zeros(before.shape[0], n_experts, dtype=torch.bool).scatter_(1, before.cpu(), True)  # [S, E]
+    hot_after = torch.zeros(after.shape[0], n_experts, dtype=torch.bool).scatter_(1, after.cpu(), True)  # [S, E]
+    same = (hot_before & hot_after).sum(-1).float()  # [S]
+    return float((1 - same / max(before.shape[1], after.shape[1])).mean())
+
+
+def _clone_cache(cache: LatentKVCache) -> LatentKVCache:
+    out = copy.copy(cache)
+    out.c_kv, out.k_pe = cache.c_kv.clone(), cache.k_pe.clone()
+    return out
+
+
+def _as_controls(controls: Controls | Mapping[str, Any] | str) -> Controls:
+    if isinstance(controls, Controls):
+        return controls
+    if isinstance(controls, str):
+        return Controls.from_json(controls)
+    return Controls.from_dict(controls)
+

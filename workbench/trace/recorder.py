@@ -1,0 +1,320 @@
+"""The recorder: `with workbench.trace(model, sites=...) as t:` turns probe values into per-batch numpy arrays.
+
+Design choices:
+- It listens on the model's named probe sites and holds references only until the forward call ends; then one
+  `Batch` (numpy, real tokens only) is built per call. Nothing is copied while the model runs, so routing
+  capture costs a few dict writes per MoE layer.
+- Two module hooks on the whole model (pre: input ids and cache offset; post: logits) give the token ids and
+  the next-token statistics without a second lm_head pass.
+- Padding is the caller's business: `t.forward(ids, lengths=...)` runs right-padded windows (causal attention
+  keeps pads out of real tokens' results) and drops the pads from the record.
+- `keep=False` makes the recorder a pure stream (the `workbench trace` command hands each batch to the store),
+  so memory stays flat however many batches pass.
+Shape legend: B windows, S positions, T = B*S flattened tokens, N real tokens, L MoE layers, A all layers,
+k top-k, E routed experts, C latent width, F FP8 sites.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+import torch
+import xarray as xr
+from torch import nn
+
+from workbench.model.transformer import DeepSeekModel
+from workbench.probes import ProbeRegistry
+from workbench.trace.schema import (
+    ALWAYS,
+    BY_NAME,
+    DEFAULT_SELECTION,
+    FP8_SITE,
+    SCHEMA_VERSION,
+    SITE_VARIABLES,
+    Layout,
+    build_dataset,
+    numpy_dtype,
+)
+
+Batch = dict[str, np.ndarray]  # schema name -> [N, ...]
+
+
+class SiteError(KeyError):
+    """A `sites=` entry that names no traceable probe site or schema variable."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; this one is meant to be read
+        return str(self.args[0])
+
+
+@dataclass
+class Selection:
+    """What to capture: per probe site, the variables it feeds and its axis index there."""
+
+    layout: Layout
+    # site name -> [(variable, axis index along layer / layer_all, fp8 site index or -1)]
+    routes: dict[str, list[tuple[str, int, int]]] = field(default_factory=dict)
+
+
+def select(model: DeepSeekModel, sites: Sequence[str] | None) -> Selection:
+    """Resolve `sites` against `model`: each entry a schema variable name (all its layers), a probe-site name or
+    glob (every variable that site feeds), or "all". None is the default: routing, latent norms, and FP8 errors
+    when the model has FP8 probe sites (it has none while FP8 simulation is off).
+    """
+    probes: ProbeRegistry = model.probes
+    cfg = model.config
+    moe_layers = tuple(cfg.moe_layers)
+    traceable = [n for n in probes.names() if _site_kind(n) is not None]
+    fp8_names = sorted({m.group(2) for n in traceable if (m := FP8_SITE.match(n))})
+    feeds: dict[str, set[str]] = {}  # site -> variables wanted from it
+    for item in DEFAULT_SELECTION if sites is None else sites:
+        if item == "all":
+            for n in traceable:
+                feeds.setdefault(n, set()).update(_site_vars(n))
+        elif item in BY_NAME:
+            if item in ALWAYS:
+                continue
+            hits = [n for n in traceable if item in _site_vars(n)]
+            if not hits and sites is not None:
+                raise SiteError(f"no probe site in this model feeds {item!r}"
+                                + (" (FP8 simulation is off)" if item == "fp8_rel_error" else ""))
+            for n in hits:
+                feeds.setdefault(n, set()).add(item)
+        else:
+            try:
+                hits = probes.resolve([item])
+            except KeyError:
+                raise SiteError(f"invalid site {item!r}: not a trace variable ({', '.join(_selectable())}) "
+                                "and no probe site matches it") from None
+            good = [n for n in hits if _site_kind(n) is not None]
+            if not good:
+                raise SiteError(f"invalid site {item!r}: {hits[0]} is a probe site with no trace variable; traceable "
+                                f"sites end in {sorted(SITE_VARIABLES)} or '.hook_fp8_rel_error'")
+            for n in good:
+                feeds.setdefault(n, set()).update(_site_vars(n))
+    routes: dict[str, list[tuple[str, int, int]]] = {}
+    present: set[str] = set()
+    for name, wanted in feeds.items():
+        layer = int(name.split(".")[1])
+        m = FP8_SITE.match(name)
+        for var in (v for v in _site_vars(name) if v in wanted):
+            axis = moe_layers.index(layer) if BY_NAME[var].dims[1] == "layer" else layer
+            routes.setdefault(name, []).append((var, axis, fp8_names.index(m.group(2)) if m else -1))
+            present.add(var)
+    order = tuple(v for v in BY_NAME if v in present)
+    layout = Layout(order, moe_layers, cfg.num_hidden_layers, cfg.num_experts_per_tok, cfg.n_routed_experts,
+                    cfg.kv_lora_rank, tuple(fp8_names) if "fp8_rel_error" in present else ())
+    return Selection(layout, routes)
+
+
+def _site_kind(name: str) -> str | None:
+    parts = name.split(".", 2)
+    if len(parts) == 3 and parts[0] == "blocks" and parts[2] in SITE_VARIABLES:
+        return parts[2]
+    return "fp8" if FP8_SITE.match(name) else None
+
+
+def _site_vars(name: str) -> tuple[str, ...]:
+    kind = _site_kind(name)
+    if kind is None:
+        return ()
+    return ("fp8_rel_error",) if kind == "fp8" else SITE_VARIABLES[kind]
+
+
+def _selectable() -> list[str]:
+    return ["all", *(v.name for v in BY_NAME.values() if v.name not in ALWAYS)]
+
+
+class Trace:
+    """Records every forward call of `model` while the `with` block is open; see the module docstring."""
+
+    def __init__(self, model: DeepSeekModel, sites: Sequence[str] | None = None, *, tokenizer: Any = None,
+                 keep: bool = True, checkpoint: str = "", controls: dict[str, Any] | None = None) -> None:
+        self.model = model
+        self.selection = select(model, sites)
+        self.layout = self.selection.layout
+        self.tokenizer = tokenizer
+        self.keep = keep
+        self.checkpoint = checkpoint
+        self.controls = controls or {}
+        self.batches: list[Batch] = []
+        self.last: Batch | None = None
+        self._pending: dict[str, torch.Tensor] = {}
+        self._call: dict[str, Any] | None = None
+        self._meta: dict[str, Any] | None = None
+        self._next_seq = 0
+        self._text_cache: dict[int, str] = {}
+        self._handles: list[Any] = []
+        self._listen: Any = None
+
+    # ------------------------------------------------------------------ context
+    def __enter__(self) -> Trace:
+        names = list(self.selection.routes)
+        if names:
+            self._listen = self.model.probes.listen(names, self._on_site)
+            self._listen.__enter__()
+        self._handles = [self.model.register_forward_pre_hook(self._pre, with_kwargs=True),
+                         self.model.register_forward_hook(self._post, with_kwargs=True)]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        if self._listen is not None:
+            self._listen.__exit__(None, None, None)
+            self._listen = None
+
+    # ------------------------------------------------------------------ running
+    @torch.no_grad()
+    def forward(self, input_ids: torch.Tensor, lengths: Sequence[int] | None = None,
+                seq: Sequence[int] | None = None, doc: Sequence[int] | None = None) -> Batch:
+        """Run right-padded windows [B, S] (real lengths `lengths`) and return their batch of real tokens."""
+        B = input_ids.shape[0]
+        self._meta = {"lengths": list(lengths) if lengths is not None else None,
+                      "seq": list(seq) if seq is not None else None, "doc": list(doc) if doc is not None else None}
+        if any(len(v) != B for v in self._meta.values() if v is not None):
+            raise ValueError(f"lengths/seq/doc must each have {B} entries, one per window")
+        try:
+            self.model(input_ids)
+        finally:
+            self._meta = None
+        assert self.last is not None
+        return self.last
+
+    def _on_site(self, name: str, value: torch.Tensor) -> None:
+        self._pending[name] = value.detach()
+
+    def _pre(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        ids = args[0] if args else kwargs["input_ids"]
+        cache = kwargs.get("cache", args[1] if len(args) > 1 else None)
+        self._pending = {}
+        self._call = {"ids": ids, "past": cache.length if cache is not None else 0}
+
+    def _post(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], logits: torch.Tensor) -> None:
+        assert self._call is not None
+        batch = self._assemble(self._call["ids"], self._call["past"], logits)
+        self._pending, self._call = {}, None
+        self.last = batch
+        if self.keep:
+            self.batches.append(batch)
+
+    # ------------------------------------------------------------------ assembling one call
+    def _assemble(self, ids: torch.Tensor, past: int, logits: torch.Tensor) -> Batch:
+        B, S = ids.shape
+        meta = self._meta or {"lengths": None, "seq": None, "doc": None}
+        lengths = torch.tensor(meta["lengths"] if meta["lengths"] is not None else [S] * B)  # [B]
+        real = torch.arange(S)[None, :] < lengths[:, None]  # [B, S]
+        flat_real = real.reshape(-1)  # [T]
+        N = int(flat_real.sum())
+        seq_ids = meta["seq"] if meta["seq"] is not None else list(range(self._next_seq, self._next_seq + B))
+        self._next_seq = max(seq_ids) + 1
+        doc_ids = meta["doc"] if meta["doc"] is not None else seq_ids
+        lay = self.layout
+        out: Batch = {}
+        ids_cpu = ids.detach().cpu()
+        out["token_id"] = ids_cpu.reshape(-1)[flat_real].numpy().astype(np.int32)
+        out["seq"] = torch.tensor(seq_ids, dtype=torch.int32)[:, None].expand(B, S).reshape(-1)[flat_real].numpy()
+        out["doc"] = torch.tensor(doc_ids, dtype=torch.int32)[:, None].expand(B, S).reshape(-1)[flat_real].numpy()
+        out["pos"] = (torch.arange(S, dtype=torch.int32) + past)[None].expand(B, S).reshape(-1)[flat_real].numpy()
+        out["text"] = np.array([self._text(int(t)) for t in out["token_id"]], dtype=object)
+        out.update(_next_token_stats(ids_cpu, logits.detach().float().cpu(), lengths, past, flat_real))
+        for name in lay.variables:
+            spec = BY_NAME[name]
+            out[name] = np.full(lay.shape(name, N), spec.fill, dtype=numpy_dtype(spec))
+        for site, targets in self.selection.routes.items():
+            value = self._pending.get(site)
+            if value is None:
+                continue  # the site did not fire this call (e.g. a dense layer under an override)
+            for var, axis, fp8 in targets:
+                values = _per_token(var, value, B * S, flat_real)
+                if fp8 < 0:
+                    out[var][:, axis] = values
+                else:
+                    out[var][:, axis, fp8] = values
+        return out
+
+    def _text(self, token_id: int) -> str:
+        text = self._text_cache.get(token_id)
+        if text is None:
+            text = self.tokenizer.token_text(token_id) if self.tokenizer is not None else ""
+            self._text_cache[token_id] = text
+        return text
+
+    # ------------------------------------------------------------------ results
+    def attrs(self) -> dict[str, Any]:
+        """The store/dataset attrs that identify what produced this trace."""
+        return trace_attrs(self.model, self.layout, self.checkpoint, self.controls)
+
+    def to_xarray(self) -> xr.Dataset:
+        """Every kept batch as one in-memory Dataset (for small runs; large ones go to a TraceStore)."""
+        names = self.layout.names()
+        if self.batches:
+            arrays = {n: np.concatenate([b[n] for b in self.batches]) for n in names}
+        else:
+            arrays = {n: np.empty(self.layout.shape(n, 0), dtype=numpy_dtype(BY_NAME[n])) for n in names}
+        attrs = {**self.attrs(), "complete": True}
+        return build_dataset({n: (BY_NAME[n].dims, a) for n, a in arrays.items()}, self.layout, attrs)
+
+
+def _per_token(var: str, value: torch.Tensor, T: int, flat_real: torch.Tensor) -> np.ndarray:
+    """A probe value ([B, S, X] or MoE-flattened [T, X]) -> [N, X] (or [N]) numpy in the variable's dtype."""
+    if var == "fp8_rel_error":  # one number per token, or one per call broadcast to its tokens
+        if value.numel() == 1:
+            return np.full(int(flat_real.sum()), float(value), dtype=np.float32)
+        if value.numel() % T:
+            raise ValueError(f"FP8 error probe value of shape {tuple(value.shape)} is neither per token nor scalar")
+        return value.reshape(T, -1).float().mean(dim=1)[flat_real].cpu().numpy()
+    flat = value.reshape(T, -1)[flat_real]  # [N, X]
+    if var == "kv_latent_norm":
+        return torch.linalg.vector_norm(flat.float(), dim=-1).cpu().numpy()
+    return flat.to(_TORCH_DTYPES[BY_NAME[var].dtype]).cpu().numpy()
+
+
+_TORCH_DTYPES = {"int16": torch.int16, "float32": torch.float32, "float16": torch.float16}
+
+
+def _next_token_stats(ids: torch.Tensor, logits: torch.Tensor, lengths: torch.Tensor, past: int,
+                      flat_real: torch.Tensor) -> Batch:
+    B, S = ids.shape
+    lse = logits.logsumexp(dim=-1)  # [B, S]
+    nxt = torch.cat([ids[:, 1:], ids[:, :1]], dim=1)  # [B, S] token t+1 (last column is a dummy)
+    loss = lse - logits.gather(2, nxt[..., None]).squeeze(-1)  # [B, S] -log p(t+1 | <= t)
+    last = torch.arange(S)[None, :] >= (lengths[:, None] - 1)  # [B, S] no next token inside the window
+    loss = loss.masked_fill(last, float("nan"))
+    logprob = torch.full((B, S), float("nan"))
+    logprob[:, 1:] = -loss[:, :-1]
+    pred = logits.argmax(dim=-1).to(torch.int32)  # [B, S]
+    return {"logprob": logprob.reshape(-1)[flat_real].numpy().astype(np.float32),
+            "loss": loss.reshape(-1)[flat_real].numpy().astype(np.float32),
+            "pred_id": pred.reshape(-1)[flat_real].numpy()}
+
+
+def trace_attrs(model: DeepSeekModel, layout: Layout, checkpoint: str, controls: dict[str, Any]) -> dict[str, Any]:
+    import workbench
+
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "model_config": json.dumps(model.config.to_hf_dict(), sort_keys=True),
+        "controls": json.dumps(controls, sort_keys=True),
+        "checkpoint": checkpoint,
+        "layout": json.dumps(layout.to_json(), sort_keys=True),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "versions": json.dumps(_versions(workbench.__version__)),
+    }
+
+
+def _versions(ours: str) -> dict[str, str]:
+    import zarr
+
+    return {"workbench": ours, "torch": torch.__version__, "zarr": zarr.__version__, "xarray": xr.__version__,
+            "numpy": np.__version__}
+
+
+def trace(model: DeepSeekModel, sites: Iterable[str] | None = None, **kwargs: Any) -> Trace:
+    """`with workbench.trace(model, sites=[...]) as t:` -- see `Trace`."""
+    return Trace(model, list(sites) if sites is not None else None, **kwargs)

@@ -1,0 +1,160 @@
+"""The trace schema: one table of variables shared by the recorder, the store, `open_trace` and the docs.
+
+Design choices:
+- Versioned as "MAJOR.MINOR". A minor bump only adds optional variables or attrs, so a reader opens any store of
+  its own major version (unknown variables are kept, missing optional ones are simply absent); a different major
+  version is refused with a message that names both versions.
+- Every variable has a `token` axis first; per-layer variables use `layer` (the MoE layers only) or `layer_all`
+  (every transformer layer), so MoE and dense layers never share an axis padded with blanks.
+- Weights are recorded *after* top-k, normalisation and `routed_scaling_factor` (what the experts' outputs are
+  multiplied by); TransformerLens records them before top-k, so `router_scores` carries that view when asked for.
+- Next-token statistics are aligned two ways on purpose: `logprob[t]` is how surprising token t was (useful next
+  to the routing of token t), `loss[t]` / `pred_id[t]` are the prediction made *at* t for token t+1.
+Shape legend: N tokens, L MoE layers, A all layers, k experts per token, E routed experts, C latent width,
+F simulated FP8 sites.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+SCHEMA_VERSION = "1.0"
+
+# dims
+TOKEN, LAYER, LAYER_ALL, SLOT, EXPERT, LATENT, SITE, WRITER = (
+    "token", "layer", "layer_all", "slot", "expert", "latent", "site", "writer")
+
+
+@dataclass(frozen=True)
+class Var:
+    name: str
+    dims: tuple[str, ...]
+    dtype: str  # numpy dtype name; "str" for variable-length text
+    fill: float | int | str  # value of anything not captured (a layer left out, a first token's logprob)
+    coord: bool  # a coordinate along `token` rather than a data variable
+    optional: bool  # absent unless asked for (large, or needs FP8 simulation)
+    doc: str
+
+
+VARIABLES: tuple[Var, ...] = (
+    Var("token_id", (TOKEN,), "int32", -1, True, False, "token id"),
+    Var("doc", (TOKEN,), "int32", -1, True, False, "index of the input record (line of .txt / .jsonl) it came from"),
+    Var("seq", (TOKEN,), "int32", -1, True, False, "index of the forward window (a record longer than the window "
+                                                   "spans several); unique over the store"),
+    Var("pos", (TOKEN,), "int32", -1, True, False, "position inside its window (0 = first token, BOS if any)"),
+    Var("text", (TOKEN,), "str", "", True, False, "decoded text of the token alone"),
+    Var("expert_ids", (TOKEN, LAYER, SLOT), "int16", -1, False, False,
+        "routed experts chosen, slot 0 = highest selection score (-1: layer not captured)"),
+    Var("expert_weights", (TOKEN, LAYER, SLOT), "float32", float("nan"), False, False,
+        "weight applied to each chosen expert: after top-k, normalisation and routed_scaling_factor"),
+    Var("router_scores", (TOKEN, LAYER, EXPERT), "float16", float("nan"), False, True,
+        "gate scores (softmax or sigmoid) before the balancing bias and top-k"),
+    Var("kv_latent", (TOKEN, LAYER_ALL, LATENT), "float16", float("nan"), False, True,
+        "compressed KV latent c_kv after kv_a_layernorm: what MLA caches"),
+    Var("kv_latent_norm", (TOKEN, LAYER_ALL), "float32", float("nan"), False, False, "L2 norm of kv_latent (fp32)"),
+    Var("fp8_rel_error", (TOKEN, LAYER_ALL, SITE), "float32", float("nan"), False, True,
+        "relative error ||y_fp8 - y|| / ||y|| of a simulated FP8 linear against its high-precision output"),
+    Var("logprob", (TOKEN,), "float32", float("nan"), False, False,
+        "log p(token t | tokens < t) in its window (NaN for a window's first token)"),
+    Var("loss", (TOKEN,), "float32", float("nan"), False, False,
+        "next-token cross-entropy at t: -log p(token t+1 | tokens <= t) (NaN for a window's last token)"),
+    Var("pred_id", (TOKEN,), "int32", -1, False, False, "argmax prediction at t for token t+1"),
+)
+BY_NAME = {v.name: v for v in VARIABLES}
+COORDS = tuple(v.name for v in VARIABLES if v.coord)
+ALWAYS = ("logprob", "loss", "pred_id", *COORDS)  # captured whatever `sites` says
+# variables a probe site feeds, by the site's name below `blocks.{L}.`
+SITE_VARIABLES = {
+    "mlp.hook_expert_indices": ("expert_ids",),
+    "mlp.hook_expert_weights": ("expert_weights",),
+    "mlp.hook_router_scores": ("router_scores",),
+    "attn.hook_kv_latent": ("kv_latent", "kv_latent_norm"),
+}
+FP8_SITE = re.compile(r"^blocks\.(\d+)\.(.+)\.hook_fp8_rel_error$")
+DEFAULT_SELECTION = ("expert_ids", "expert_weights", "kv_latent_norm", "fp8_rel_error")
+# the writer-progress table: one row per writer, one chunk per row, so writers never touch each other's bytes
+PROGRESS = "progress"
+PROGRESS_FIELDS = ("tokens", "seqs", "done")
+
+
+class SchemaError(ValueError):
+    """A store or a batch that does not follow this schema; the message says what differs."""
+
+
+def check_version(found: str) -> None:
+    """Accept any store of our major version; refuse another major with both versions named."""
+    try:
+        major = int(str(found).split(".")[0])
+    except ValueError:
+        raise SchemaError(f"schema_version {found!r} is not MAJOR.MINOR") from None
+    ours = int(SCHEMA_VERSION.split(".")[0])
+    if major != ours:
+        raise SchemaError(f"trace schema {found} cannot be read by this workbench (schema {SCHEMA_VERSION}); "
+                          f"{'upgrade the workbench' if major > ours else 'convert the store with its own version'}")
+
+
+def numpy_dtype(var: Var) -> np.dtype:
+    return np.dtype(object) if var.dtype == "str" else np.dtype(var.dtype)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The sizes and labels of every non-token axis, plus which variables a trace holds."""
+
+    variables: tuple[str, ...]  # data variables present (coords are always present)
+    layers: tuple[int, ...]  # transformer index of each MoE layer (coord `layer`)
+    n_layers: int  # all transformer layers (coord `layer_all`)
+    top_k: int
+    n_experts: int
+    latent: int
+    fp8_sites: tuple[str, ...]  # coord `site`: names below `blocks.{L}.` of the FP8 error probes
+
+    def sizes(self) -> dict[str, int]:
+        return {LAYER: len(self.layers), LAYER_ALL: self.n_layers, SLOT: self.top_k, EXPERT: self.n_experts,
+                LATENT: self.latent, SITE: len(self.fp8_sites)}
+
+    def shape(self, name: str, n_tokens: int) -> tuple[int, ...]:
+        sizes = self.sizes()
+        return (n_tokens, *(sizes[d] for d in BY_NAME[name].dims[1:]))
+
+    def names(self) -> tuple[str, ...]:
+        """Every array of a trace: coords first, then data variables in table order."""
+        wanted = set(self.variables) | set(ALWAYS)
+        return tuple(v.name for v in VARIABLES if v.name in wanted)
+
+    def axis_coords(self) -> dict[str, tuple[tuple[str, ...], np.ndarray]]:
+        out: dict[str, tuple[tuple[str, ...], np.ndarray]] = {
+            LAYER: ((LAYER,), np.array(self.layers, dtype=np.int16)),
+            LAYER_ALL: ((LAYER_ALL,), np.arange(self.n_layers, dtype=np.int16)),
+        }
+        if "fp8_rel_error" in self.variables:
+            out[SITE] = ((SITE,), np.array(self.fp8_sites, dtype=object))
+        return out
+
+    def to_json(self) -> dict[str, object]:
+        return {"variables": list(self.variables), "layers": list(self.layers), "n_layers": self.n_layers,
+                "top_k": self.top_k, "n_experts": self.n_experts, "latent": self.latent,
+                "fp8_sites": list(self.fp8_sites)}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Layout:
+        try:
+            return cls(tuple(d["variables"]), tuple(d["layers"]), int(d["n_layers"]), int(d["top_k"]),
+                       int(d["n_experts"]), int(d["latent"]), tuple(d["fp8_sites"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise SchemaError(f"trace layout attr is malformed ({e!r})") from None
+
+
+def build_dataset(arrays: dict[str, tuple[tuple[str, ...], Any]], layout: Layout, attrs: dict[str, Any]) -> xr.Dataset:
+    """(dims, numpy or dask array) keyed by name -> a Dataset with the schema's coords; unknown names stay data."""
+    coords: dict[str, Any] = dict(layout.axis_coords())
+    data_vars: dict[str, Any] = {}
+    for name, (dims, arr) in arrays.items():
+        var = BY_NAME.get(name)
+        (coords if var is not None and var.coord else data_vars)[name] = (dims, arr)
+    return xr.Dataset(data_vars, coords=coords, attrs=attrs)
