@@ -36,7 +36,7 @@ def test_triton_backend_gives_the_torch_logits(tiny, fp8):
         enable_fp8(tiny)
     want = _prefill_and_decode(tiny)
     switched = set_backend(tiny, "triton")
-    assert "blocks.2.mlp.experts" in switched and "blocks.0.attn" in switched
+    assert "blocks.2.mlp.experts" in switched and "blocks.0.attn" in switched and "blocks.1.mlp.gate" in switched
     assert ("blocks.0.attn.q_a_proj" in switched) == fp8
     got = _prefill_and_decode(tiny)
     # fp32 everywhere, "ieee" dots, same FP8 codes (the patched interpreter rounds as the GPU does): only the
@@ -68,7 +68,7 @@ def test_unsupported_cases_are_named(tiny):
     set_backend(tiny, "auto", modules="experts")  # auto falls back to torch where the kernel cannot do it
     tiny(torch.tensor([[1, 2, 3]]))
     with pytest.raises(ValueError, match="unknown module kinds"):
-        set_backend(tiny, "triton", modules="gate")
+        set_backend(tiny, "triton", modules="router")
     with pytest.raises(ValueError, match="backend must be"):
         set_backend(tiny, "cuda")  # type: ignore[arg-type]
 

@@ -6,10 +6,12 @@ back: where Triton cannot run here (no CUDA device, and no TRITON_INTERPRET=1 se
 imported) it raises `KernelUnavailableError`, and an unsupported dtype or FP8 format raises `ValueError` at the call.
 
 Module kinds:
+- "gate": the MoE router (scores, bias, group-limited top-k, weights) -> `moe_gate`.
 - "experts": routed experts -> `fused_moe` (weights in the activation dtype, or FP8 e4m3 with fp32 scales).
 - "fp8_linear": `FP8Linear`s (see `workbench.model.fp8`) -> `act_quant` + `fp8_gemm`.
 - "attn_decode": absorbed-MLA decode steps (S == 1 with a cache, mode="absorb") -> `mla_decode`.
-The MoE gate kernel is `route_triton`, a drop-in for `moe.route` without interventions (mask / force).
+The MoE gate kernel runs through `route_triton`, a drop-in for `moe.route` that `MoE.forward` calls when the gate's
+backend resolves to triton and no routing control is active (controls use the torch `route`).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ if TYPE_CHECKING:
     from workbench.model.transformer import Block, DeepSeekModel
 
 Backend = Literal["auto", "torch", "triton"]
-KINDS = ("experts", "fp8_linear", "attn_decode")
+KINDS = ("gate", "experts", "fp8_linear", "attn_decode")
 
 __all__ = ["KINDS", "KernelUnavailableError", "require_triton", "resolve_backend", "route_triton", "set_backend"]
 
@@ -84,6 +86,9 @@ def set_backend(model: DeepSeekModel, backend: Backend, *, modules: Iterable[str
         if "attn_decode" in kinds:
             block.self_attn.backend = backend
             done.append(f"blocks.{L}.attn")
+        if "gate" in kinds and isinstance(block.mlp, MoE):
+            block.mlp.gate.backend = backend
+            done.append(f"blocks.{L}.mlp.gate")
         if "experts" in kinds and isinstance(block.mlp, MoE):
             block.mlp.experts.backend = backend
             done.append(f"blocks.{L}.mlp.experts")

@@ -107,6 +107,7 @@ class Gate(nn.Module):
         self.has_bias = config.topk_method == "noaux_tc"
         self.e_score_correction_bias: torch.Tensor
         self.register_buffer("e_score_correction_bias", torch.zeros(E), persistent=self.has_bias)
+        self.backend = "auto"  # "auto" | "torch" | "triton": see workbench.model.backend.set_backend
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x.float(), self.weight.float())  # [T, E]
@@ -218,7 +219,11 @@ class MoE(nn.Module):
         flat = x.reshape(-1, shape[-1])  # [T, H]
         logits = self.gate.logits(flat)  # [T, E]
         bias: torch.Tensor | None = self.gate.e_score_correction_bias
-        if override is None:
+        if override is None and self.gate.backend != "torch" and (self.gate.backend == "triton" or logits.is_cuda):
+            from workbench.model.backend import route_triton  # lazy: the kernels need triton
+
+            scores, ids, weights = route_triton(logits, bias, self.routing)
+        elif override is None:
             scores, ids, weights = route(logits, bias, self.routing)
         else:
             if override.temperature != 1.0:
