@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test lint
+.PHONY: install install-browser demo test lint
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -14,6 +14,10 @@ install: $(BIN)/python
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[test]'
 
+# the browser tests drive Debian's chromium (never `playwright install`: nothing downloads a browser at run time)
+install-browser:
+	@test -x /usr/bin/chromium || apt-get install -y -q chromium || (apt-get update -q && apt-get install -y -q chromium)
+
 demo: install
 	$(BIN)/workbench demo
 
@@ -21,5 +25,5 @@ lint:
 	$(BIN)/ruff check workbench kernels tests benchmarks
 	$(BIN)/mypy
 
-test: install lint
+test: install install-browser lint
 	$(BIN)/pytest
