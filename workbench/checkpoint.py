@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from workbench.config import ConfigError, ModelConfig
 from workbench.model.transformer import DeepSeekModel
+from workbench_kernels.fp8_quant import weight_dequant_ref
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -54,15 +55,14 @@ def ours_to_hf(name: str) -> str:
 # ---------------------------------------------------------------------------------------------- FP8
 def dequantize_fp8_blocks(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = (128, 128)
                           ) -> torch.Tensor:
-    """FP8 weight [N, K] x per-block scale_inv [ceil(N/bn), ceil(K/bk)] -> fp32 [N, K] (partial edge blocks ok)."""
-    N, K = weight.shape
-    bn, bk = block
-    expected = (math.ceil(N / bn), math.ceil(K / bk))
-    if tuple(scale_inv.shape) != expected:
-        raise CheckpointError(f"weight_scale_inv shape {tuple(scale_inv.shape)} does not tile weight {N}x{K} "
-                              f"in {bn}x{bk} blocks (expected {expected})")
-    scale = scale_inv.float().repeat_interleave(bn, 0)[:N].repeat_interleave(bk, 1)[:, :K]  # [N, K]
-    return weight.float() * scale
+    """FP8 weight [N, K] x per-block scale_inv [ceil(N/bn), ceil(K/bk)] -> fp32 [N, K] (partial edge blocks ok).
+
+    The kernels' plain-torch reference does the arithmetic; this adds the checkpoint's error type.
+    """
+    try:
+        return weight_dequant_ref(weight, scale_inv, block)
+    except ValueError as e:
+        raise CheckpointError(f"weight_scale_inv does not tile weight {weight.shape[0]}x{weight.shape[1]}: {e}") from e
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -131,7 +131,10 @@ class CheckpointReader:
             scale_name = name + "_scale_inv"
             if scale_name not in self.weight_map:
                 raise CheckpointError(f"{name} is {t.dtype} but {scale_name} is missing")
-            t = dequantize_fp8_blocks(t, self.raw(scale_name), self.block)
+            try:
+                t = dequantize_fp8_blocks(t, self.raw(scale_name), self.block)
+            except CheckpointError as e:
+                raise CheckpointError(f"{self.weight_map[name]}: {name}: {e}") from None
         return t
 
     def layer_names(self, layer: int) -> list[str]:

@@ -164,12 +164,13 @@ def weight_quant_ref(w: torch.Tensor, block: int = 128, fmt: str = "e4m3",
     return q.view(nb_n * block, nb_k * block)[:N, :K].contiguous(), s
 
 
-def _check_scale_grid(w: torch.Tensor, scale_inv: torch.Tensor, block: int) -> None:
-    want = (cdiv(w.shape[0], block), cdiv(w.shape[1], block))
+def _check_scale_grid(w: torch.Tensor, scale_inv: torch.Tensor, block: int | tuple[int, int]) -> None:
+    bn, bk = (block, block) if isinstance(block, int) else block
+    want = (cdiv(w.shape[0], bn), cdiv(w.shape[1], bk))
     if tuple(scale_inv.shape) != want:
         raise ValueError(
-            f"scale_inv has shape {tuple(scale_inv.shape)} but a {tuple(w.shape)} weight in {block}x{block} "
-            f"blocks needs {want} (ceil of each dim / {block})"
+            f"scale_inv has shape {tuple(scale_inv.shape)} but a {tuple(w.shape)} weight in {bn}x{bk} "
+            f"blocks needs {want} (ceil of each dim / block)"
         )
 
 
@@ -192,12 +193,13 @@ def weight_dequant(w_fp8: torch.Tensor, scale_inv: torch.Tensor, block: int = 12
     return w
 
 
-def weight_dequant_ref(w_fp8: torch.Tensor, scale_inv: torch.Tensor, block: int = 128,
+def weight_dequant_ref(w_fp8: torch.Tensor, scale_inv: torch.Tensor, block: int | tuple[int, int] = 128,
                        out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Plain-torch `weight_dequant`; also the dequantization that handles partial last blocks correctly."""
+    """Plain-torch `weight_dequant`; handles partial last blocks, and (bn, bk) blocks as checkpoints declare them."""
     _check_scale_grid(w_fp8, scale_inv, block)
     N, K = w_fp8.shape
-    s = scale_inv.repeat_interleave(block, 0)[:N].repeat_interleave(block, 1)[:, :K]  # [N, K]
+    bn, bk = (block, block) if isinstance(block, int) else block
+    s = scale_inv.float().repeat_interleave(bn, 0)[:N].repeat_interleave(bk, 1)[:, :K]  # [N, K]
     return (w_fp8.float() * s).to(out_dtype)
 
 
