@@ -24,6 +24,8 @@ demo: install
 lint:
 	$(BIN)/ruff check workbench kernels tests benchmarks
 	$(BIN)/mypy
+	test -d extensions/node_modules || (cd extensions && npm ci --no-audit --no-fund)
+	cd extensions && npm run lint
 
 test: install install-browser lint
 	$(BIN)/pytest

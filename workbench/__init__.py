@@ -11,6 +11,11 @@ __version__ = "0.1.0"
 _LAZY = {"trace": "workbench.trace", "open_trace": "workbench.trace.store"}
 
 
+def load_ipython_extension(ipython: Any) -> None:
+    """`%load_ext workbench`: the magics of workbench/magics.py, imported only then."""
+    importlib.import_module("workbench.magics").load_ipython_extension(ipython)
+
+
 def __getattr__(name: str) -> Any:
     if name == "trace":  # the callable package itself (see workbench/trace/__init__.py)
         return importlib.import_module("workbench.trace")

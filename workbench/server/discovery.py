@@ -8,6 +8,7 @@ read becomes an error entry rather than failing the listing.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from pathlib import Path, PurePosixPath
@@ -18,6 +19,8 @@ import numpy as np
 MAX_DEPTH = 6
 MAX_ENTRIES = 20_000
 LOAD_SAMPLE_TOKENS = 50_000  # the expert-load picture reads at most this many tokens per store
+PICTURE_MAX_ROWS = 64  # the sidebar's load picture: at most this many layer rows ...
+PICTURE_MAX_COLS = 64  # ... and expert columns, whatever the model (V3: 58 x 256 is binned to 58 x 64)
 
 
 class PathRefusedError(ValueError):
@@ -39,7 +42,7 @@ def resolve_inside(root: Path, relative: str) -> Path:
     return target
 
 
-def _store_attrs(folder: Path) -> dict[str, Any] | None:
+def store_attrs(folder: Path) -> dict[str, Any] | None:
     """Root attrs of a zarr v3 group that is a trace store (has `schema_version`), else None."""
     meta = folder / "zarr.json"
     if not meta.is_file():
@@ -73,7 +76,7 @@ def find_stores(root: Path, under: str = "") -> dict[str, list[dict[str, Any]]]:
                 continue
             path = Path(entry.path)
             try:
-                attrs = _store_attrs(path)
+                attrs = store_attrs(path)
             except (OSError, ValueError) as e:
                 errors.append({"path": _rel(root, path), "error": f"unreadable store metadata: {e}"})
                 continue
@@ -120,28 +123,57 @@ def _model_config(attrs: dict[str, Any]) -> dict[str, Any]:
 
 
 def summarize(root: Path, relative: str) -> dict[str, Any]:
-    """The listing entry plus per-layer expert load (share of token-slots, from up to LOAD_SAMPLE_TOKENS tokens)."""
+    """The listing entry, per-layer expert load (share of token-slots, from up to LOAD_SAMPLE_TOKENS tokens) and
+    `load_picture`, the same load binned to at most PICTURE_MAX_ROWS x PICTURE_MAX_COLS cells for the sidebar."""
     from workbench.trace import open_trace
 
     path = resolve_inside(root, relative)
-    attrs = _store_attrs(path)
-    if attrs is None:
+    if store_attrs(path) is None:
         raise FileNotFoundError(f"{relative!r} is not a trace store")
     ds = open_trace(path)
     entry = _listing_entry(root.resolve(), path, dict(ds.attrs))
     n = min(ds.sizes.get("token", 0), LOAD_SAMPLE_TOKENS)
-    experts = entry["experts"]
     ids = np.asarray(ds["expert_ids"].isel(token=slice(0, n)).values)  # [n, L, k]
-    load = []
-    for li in range(ids.shape[1]):
-        chosen = ids[:, li].ravel()
-        chosen = chosen[chosen >= 0]
-        counts = np.bincount(chosen, minlength=experts)[:experts]
-        load.append((counts / max(chosen.size, 1)).round(5).tolist())
-    entry["moe_layers"] = [int(x) for x in ds["layer"].values]
-    entry["expert_load"] = load
+    load = expert_load(ids, entry["experts"])  # [L, E]
+    layers = [int(x) for x in ds["layer"].values]
+    entry["moe_layers"] = layers
+    entry["expert_load"] = load.round(5).tolist()
     entry["sampled_tokens"] = int(n)
+    entry["load_picture"] = load_picture(load, layers)
     return entry
+
+
+def expert_load(ids: np.ndarray, experts: int) -> np.ndarray:
+    """[n, L, k] chosen expert ids (-1 = none) -> [L, E] share of each layer's chosen slots that went to each expert."""
+    n, L, k = ids.shape
+    flat = ids.transpose(1, 0, 2).reshape(L, n * k).astype(np.int64)  # [L, n*k]
+    valid = (flat >= 0) & (flat < experts)
+    offsets = np.arange(L, dtype=np.int64)[:, None] * experts  # one bincount for all layers: layer l owns [l*E, (l+1)*E)
+    counts = np.bincount((flat + offsets)[valid], minlength=L * experts).reshape(L, experts)  # [L, E]
+    return counts / np.maximum(valid.sum(axis=1, keepdims=True), 1)
+
+
+def load_picture(load: np.ndarray, layers: list[int]) -> dict[str, Any]:
+    """Bin [L, E] load to at most PICTURE_MAX_ROWS x PICTURE_MAX_COLS cells, each the mean load of its experts
+    relative to a uniform router (1.0 = balanced), so the picture means the same for any expert count."""
+    L, E = load.shape
+    row_bins = _bins(L, PICTURE_MAX_ROWS)
+    col_bins = _bins(E, PICTURE_MAX_COLS)
+    relative = load * E  # [L, E]
+    cells = [[float(relative[r0:r1, c0:c1].mean()) for c0, c1 in col_bins] for r0, r1 in row_bins] if E else []
+    return {
+        "rows": [[layers[r0], layers[r1 - 1]] for r0, r1 in row_bins],  # first and last MoE layer of each row
+        "cols": [[c0, c1 - 1] for c0, c1 in col_bins],  # first and last expert of each column
+        "cells": [[round(v, 4) for v in row] for row in cells],  # [rows, cols] load / uniform load
+        "max": round(float(relative.max()), 4) if relative.size else 0.0,
+    }
+
+
+def _bins(n: int, most: int) -> list[tuple[int, int]]:
+    """[start, stop) ranges cutting range(n) into min(n, most) nearly equal consecutive bins."""
+    count = min(n, most)
+    edges = np.linspace(0, n, count + 1).round().astype(int)
+    return [(int(a), int(b)) for a, b in itertools.pairwise(edges)]
 
 
 def _rel(root: Path, path: Path) -> str:
