@@ -1,13 +1,18 @@
-"""Checkpoints: sharded round trips, FP8 block dequantization (partial blocks), MTP skip, meta, and bad files."""
+"""Checkpoints: sharded round trips, FP8 block dequantization (partial blocks), FP8 models saved in DeepSeek-V3's
+FP8 layout, MTP skip, meta, and bad files."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from tests.hf_models import VARIANTS, build_hf, save_hf
 from workbench.checkpoint import (
@@ -15,6 +20,7 @@ from workbench.checkpoint import (
     CheckpointReader,
     build_meta,
     dequantize_fp8_blocks,
+    hf_state_dict,
     load_checkpoint,
     save_checkpoint,
 )
@@ -206,3 +212,323 @@ def test_transformers_checkpoints_with_bf16_weights(tmp_path):
     assert m16.layers[1].mlp.gate.weight.dtype == torch.float32  # router stays fp32, as DeepSeek keeps it
     ids = _ids(m32)
     assert (m16(ids) - m32(ids)).abs().max() < 0.25 * m32(ids).abs().max()
+
+
+# ------------------------------------------------------------------------------------------------ FP8 models saved
+# Tiny configs for the FP8 layout. PARTIAL: every FP8 linear has a partial edge block and several have 2x2 grids
+# (as V3's kv_a_proj_with_mqa 576 x 7168 does). BLOCKS: every quantized dim a multiple of 128 and several grids
+# larger than 1x1, the shapes transformers' FP8 dequantization handles (it infers the block from the scale grid).
+PARTIAL = dataclasses.replace(PRESETS["tiny"], hidden_size=160, intermediate_size=264, moe_intermediate_size=136,
+                              q_lora_rank=144, num_attention_heads=6, num_key_value_heads=6)
+BLOCKS = dataclasses.replace(PRESETS["tiny"], hidden_size=256, intermediate_size=256, moe_intermediate_size=128,
+                             q_lora_rank=128, num_attention_heads=2, num_key_value_heads=2, qk_nope_head_dim=64,
+                             qk_rope_head_dim=64, v_head_dim=64, kv_lora_rank=64)
+V3_QUANT = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128], "activation_scheme": "dynamic"}
+
+
+def _quantize_blocks_ue8m0(w: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """As `_quantize_blocks`, with each scale rounded up to a power of two (DeepSeek-V3.1's `scale_fmt: ue8m0`)."""
+    s = torch.exp2(torch.ceil(torch.log2(_quantize_blocks(w, block)[1])))
+    return _requantize(w, s, block), s
+
+
+def _requantize(w: torch.Tensor, s: torch.Tensor, block: int) -> torch.Tensor:
+    scale = s.repeat_interleave(block, 0)[: w.shape[0]].repeat_interleave(block, 1)[:, : w.shape[1]]
+    return (w / scale).to(torch.float8_e4m3fn)
+
+
+def _write_fp8_source(model: DeepSeekModel, path: Path, ue8m0: bool = False) -> Path:
+    """A V3-style FP8 checkpoint built by hand (not by save_checkpoint's FP8 code): every linear of attention, MLPs,
+    shared and routed experts in e4m3 + fp32 weight_scale_inv; embeddings, norms, router and lm_head high."""
+    save_checkpoint(model, path)
+    fp8 = {}
+    for name, t in load_file(str(path / "model.safetensors")).items():
+        if name.endswith(("proj.weight", "proj_with_mqa.weight")):
+            fp8[name], fp8[name + "_scale_inv"] = (_quantize_blocks_ue8m0 if ue8m0 else _quantize_blocks)(t)
+        else:
+            fp8[name] = t
+    save_file(fp8, str(path / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["quantization_config"] = {**V3_QUANT, **({"scale_fmt": "ue8m0"} if ue8m0 else {})}
+    (path / "config.json").write_text(json.dumps(cfg))
+    return path
+
+
+@pytest.fixture(scope="module")
+def partial_source(tmp_path_factory):
+    return _write_fp8_source(DeepSeekModel.random(PARTIAL, seed=5), tmp_path_factory.mktemp("partial_fp8"))
+
+
+def _saved_tensors(path: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(path.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def _assert_same_tensors(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    assert sorted(got) == sorted(want)
+    for name, t in want.items():
+        assert got[name].dtype == t.dtype, name
+        assert torch.equal(got[name], t), name
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("shard", [None, 300_000])
+def test_keep_fp8_model_saves_the_fp8_checkpoint_it_was_read_from(tmp_path, partial_source, shard):
+    kept = load_checkpoint(partial_source, keep_fp8=True)
+    save_checkpoint(kept, tmp_path, max_shard_bytes=shard)
+    # the files hold exactly the source's tensors: names, dtypes and bits (codes and scales of every expert)
+    _assert_same_tensors(_saved_tensors(tmp_path), load_file(str(partial_source / "model.safetensors")))
+    assert json.loads((tmp_path / "config.json").read_text())["quantization_config"] == V3_QUANT
+    if shard:
+        index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+        assert len(set(index["weight_map"].values())) > 3
+        assert "model.layers.2.mlp.experts.15.down_proj.weight_scale_inv" in index["weight_map"]
+    # (a) our loader reads it back to the same model: every FP8 code and scale, and the logits
+    again = load_checkpoint(tmp_path, keep_fp8=True)
+    _assert_same_tensors(again.state_dict(), kept.state_dict())
+    assert again.layers[2].mlp.experts.down_proj.dtype == torch.float8_e4m3fn
+    assert torch.equal(again(_ids(kept)), kept(_ids(kept)))
+    # (b) dequantized, it gives the source's dequantized weights, and those are the blockwise products
+    dequantized = load_checkpoint(tmp_path)
+    _assert_same_tensors(dequantized.state_dict(), load_checkpoint(partial_source).state_dict())
+    save_checkpoint(dequantized, tmp_path / "dequantized")  # its config still carries the source's quantization
+    assert "quantization_config" not in json.loads((tmp_path / "dequantized" / "config.json").read_text())
+    source = load_file(str(partial_source / "model.safetensors"))
+    name = "model.layers.1.mlp.experts.9.down_proj.weight"
+    assert torch.equal(dequantized.layers[1].mlp.experts.down_proj[9],
+                       _blockwise_reference(source[name], source[name + "_scale_inv"]))
+
+
+def _v3_fp8_layout(c) -> dict[str, tuple[tuple[int, ...], str]]:
+    """name -> (shape, safetensors dtype) of a DeepSeek-V3 FP8 checkpoint with config `c`, written out from the
+    naming rules of DeepSeek's index (model.safetensors.index.json): every linear of attention, dense MLP, shared
+    and routed experts (one entry per expert) as F8_E4M3 + an F32 `weight_scale_inv` of ceil(N/128) x ceil(K/128);
+    embeddings, norms, router and lm_head in high precision (F32 here: the model is saved without a dtype)."""
+    out: dict[str, tuple[tuple[int, ...], str]] = {}
+
+    def fp8(name: str, n: int, k: int) -> None:
+        out[f"{name}.weight"] = ((n, k), "F8_E4M3")
+        out[f"{name}.weight_scale_inv"] = ((math.ceil(n / 128), math.ceil(k / 128)), "F32")
+
+    H, heads = c.hidden_size, c.num_attention_heads
+    out["model.embed_tokens.weight"] = ((c.vocab_size, H), "F32")
+    out["model.norm.weight"] = ((H,), "F32")
+    out["lm_head.weight"] = ((c.vocab_size, H), "F32")
+    for layer in range(c.num_hidden_layers):
+        p = f"model.layers.{layer}"
+        out[f"{p}.input_layernorm.weight"] = out[f"{p}.post_attention_layernorm.weight"] = ((H,), "F32")
+        q_dim = heads * (c.qk_nope_head_dim + c.qk_rope_head_dim)
+        if c.q_lora_rank:
+            fp8(f"{p}.self_attn.q_a_proj", c.q_lora_rank, H)
+            out[f"{p}.self_attn.q_a_layernorm.weight"] = ((c.q_lora_rank,), "F32")
+            fp8(f"{p}.self_attn.q_b_proj", q_dim, c.q_lora_rank)
+        else:
+            fp8(f"{p}.self_attn.q_proj", q_dim, H)
+        fp8(f"{p}.self_attn.kv_a_proj_with_mqa", c.kv_lora_rank + c.qk_rope_head_dim, H)
+        out[f"{p}.self_attn.kv_a_layernorm.weight"] = ((c.kv_lora_rank,), "F32")
+        fp8(f"{p}.self_attn.kv_b_proj", heads * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank)
+        fp8(f"{p}.self_attn.o_proj", H, heads * c.v_head_dim)
+        if layer < c.first_k_dense_replace:
+            for proj, (n, k) in {"gate_proj": (c.intermediate_size, H), "up_proj": (c.intermediate_size, H),
+                                 "down_proj": (H, c.intermediate_size)}.items():
+                fp8(f"{p}.mlp.{proj}", n, k)
+            continue
+        out[f"{p}.mlp.gate.weight"] = ((c.n_routed_experts, H), "F32")
+        out[f"{p}.mlp.gate.e_score_correction_bias"] = ((c.n_routed_experts,), "F32")
+        inner, shared = c.moe_intermediate_size, c.moe_intermediate_size * c.n_shared_experts
+        for proj, (n, k) in {"gate_proj": (inner, H), "up_proj": (inner, H), "down_proj": (H, inner)}.items():
+            for e in range(c.n_routed_experts):
+                fp8(f"{p}.mlp.experts.{e}.{proj}", n, k)
+        for proj, (n, k) in {"gate_proj": (shared, H), "up_proj": (shared, H), "down_proj": (H, shared)}.items():
+            fp8(f"{p}.mlp.shared_experts.{proj}", n, k)
+    return out
+
+
+@pytest.mark.parametrize("config", [PARTIAL, dataclasses.replace(PRESETS["tiny"], q_lora_rank=None)],
+                         ids=["partial-blocks-qlora", "tiny-no-qlora"])
+def test_fp8_save_has_deepseek_v3_names_shapes_and_dtypes(tmp_path, config):
+    source = _write_fp8_source(DeepSeekModel.random(config, seed=2), tmp_path / "source")
+    save_checkpoint(load_checkpoint(source, keep_fp8=True), tmp_path / "saved")
+    with safe_open(str(tmp_path / "saved" / "model.safetensors"), framework="pt") as f:  # the header, as written
+        # a safe_open handle has keys() but is not iterable
+        got = {n: (tuple(f.get_slice(n).get_shape()), f.get_slice(n).get_dtype()) for n in f.keys()}  # noqa: SIM118
+    assert got == _v3_fp8_layout(config)
+
+
+def test_v3_sized_fp8_names_and_scale_grids_match_the_published_index():
+    """DeepSeek-V3's real shapes on the meta device (no memory): the names and grids its published FP8 index
+    lists, e.g. kv_a_proj_with_mqa 576 x 7168 with a 5 x 56 scale grid (a partial last row block)."""
+    from workbench.model.fp8 import FP8Format, install_fp8_weights
+
+    cfg = dataclasses.replace(PRESETS["deepseek-v3"], num_hidden_layers=4)  # layers 0-2 dense, 3 MoE, as in V3
+    model = build_meta(cfg)
+    fp8 = {}
+    for name, p in model.named_parameters():
+        if name.startswith(("layers.0.", "layers.3.")) and name.endswith(("proj.weight", "proj_with_mqa.weight",
+                                                                           "_proj")):
+            *lead, n, k = p.shape
+            fp8[name] = (torch.empty(p.shape, dtype=torch.float8_e4m3fn, device="meta"),
+                         torch.empty(*lead, math.ceil(n / 128), math.ceil(k / 128), device="meta"))
+    install_fp8_weights(model, fp8, FP8Format())
+    saved = {n: (tuple(t.shape), t.dtype) for n, t in hf_state_dict(model).items()}
+    e4m3, f32 = torch.float8_e4m3fn, torch.float32
+    published = {  # DeepSeek-V3 / R1 model.safetensors.index.json + shard headers
+        "model.layers.0.self_attn.q_a_proj.weight": ((1536, 7168), e4m3),
+        "model.layers.0.self_attn.q_a_proj.weight_scale_inv": ((12, 56), f32),
+        "model.layers.0.self_attn.q_b_proj.weight_scale_inv": ((192, 12), f32),
+        "model.layers.0.self_attn.kv_a_proj_with_mqa.weight": ((576, 7168), e4m3),
+        "model.layers.0.self_attn.kv_a_proj_with_mqa.weight_scale_inv": ((5, 56), f32),
+        "model.layers.0.self_attn.kv_b_proj.weight_scale_inv": ((256, 4), f32),
+        "model.layers.0.self_attn.o_proj.weight_scale_inv": ((56, 128), f32),
+        "model.layers.0.mlp.gate_proj.weight_scale_inv": ((144, 56), f32),
+        "model.layers.0.mlp.down_proj.weight_scale_inv": ((56, 144), f32),
+        "model.layers.3.mlp.experts.0.gate_proj.weight": ((2048, 7168), e4m3),
+        "model.layers.3.mlp.experts.0.gate_proj.weight_scale_inv": ((16, 56), f32),
+        "model.layers.3.mlp.experts.255.down_proj.weight": ((7168, 2048), e4m3),
+        "model.layers.3.mlp.experts.255.down_proj.weight_scale_inv": ((56, 16), f32),
+        "model.layers.3.mlp.shared_experts.up_proj.weight_scale_inv": ((16, 56), f32),
+        "model.layers.3.mlp.gate.e_score_correction_bias": ((256,), f32),
+    }
+    assert {n: saved.get(n) for n in published} == published
+    assert not any(n.endswith("_proj_scale_inv") or ".experts.gate_proj" in n for n in saved)  # no stacked names
+    assert sum(n.startswith("model.layers.3.mlp.experts.") for n in saved) == 256 * 3 * 2
+    assert saved["model.layers.1.self_attn.o_proj.weight"] == ((7168, 16384), f32)  # layers 1-2 left high precision
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("high_precision_layer", [None, 1], ids=["all-fp8", "layer1-attn-experts-high"])
+def test_transformers_reads_our_fp8_checkpoint(tmp_path, high_precision_layer):
+    """transformers (without a GPU it dequantizes FP8 checkpoints on load) gets the weights our loader gets, also
+    when some linears were saved in high precision (listed in modules_to_not_convert)."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate", reason="transformers loads FP8 checkpoints only with accelerate installed")
+    from workbench.model.fp8 import disable_fp8
+
+    source = _write_fp8_source(DeepSeekModel.random(BLOCKS, seed=4), tmp_path / "source")
+    kept = load_checkpoint(source, keep_fp8=True)
+    if high_precision_layer is not None:
+        disable_fp8(kept, layers=[high_precision_layer], sites=["attn", "experts"])
+    save_checkpoint(kept, tmp_path / "saved")
+    ours = load_checkpoint(tmp_path / "saved")  # dequantized by our loader
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "saved"), attn_implementation="eager",
+                                                           dtype=torch.float32).eval()
+    state = hf.state_dict()
+    for L in (0, 1, 2):
+        for proj in ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"):
+            assert torch.equal(state[f"model.layers.{L}.self_attn.{proj}.weight"],
+                               getattr(ours.layers[L].self_attn, proj).weight), (L, proj)
+    experts = ours.layers[1].mlp.experts  # transformers fuses gate and up in memory: [E, 2I, H]
+    assert torch.equal(state["model.layers.1.mlp.experts.gate_up_proj"],
+                       torch.cat([experts.gate_proj, experts.up_proj], dim=1))
+    assert torch.equal(state["model.layers.1.mlp.experts.down_proj"], experts.down_proj)
+    torch.testing.assert_close(hf(_ids(ours)).logits, ours(_ids(ours)), atol=1e-4, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_partly_dequantized_model_names_its_high_precision_linears(tmp_path, partial_source):
+    from workbench.model.fp8 import disable_fp8
+
+    kept = load_checkpoint(partial_source, keep_fp8=True)
+    disable_fp8(kept, layers=[1], sites=["attn", "experts"])
+    save_checkpoint(kept, tmp_path / "mixed")
+    quant = json.loads((tmp_path / "mixed" / "config.json").read_text())["quantization_config"]
+    assert quant == {**V3_QUANT, "modules_to_not_convert": [
+        "model.layers.1.mlp.experts", "model.layers.1.self_attn.kv_a_proj_with_mqa", "model.layers.1.self_attn.kv_b_proj",
+        "model.layers.1.self_attn.o_proj", "model.layers.1.self_attn.q_a_proj", "model.layers.1.self_attn.q_b_proj"]}
+    again = load_checkpoint(tmp_path / "mixed", keep_fp8=True)
+    _assert_same_tensors(again.state_dict(), kept.state_dict())
+    assert torch.equal(again(_ids(kept)), kept(_ids(kept)))
+    # all of it dequantized: a plain checkpoint, with no quantization_config left to mislead a reader
+    disable_fp8(kept)
+    save_checkpoint(kept, tmp_path / "plain")
+    assert "quantization_config" not in json.loads((tmp_path / "plain" / "config.json").read_text())
+    assert all(t.dtype == torch.float32 for t in _saved_tensors(tmp_path / "plain").values())
+
+
+def test_fp8_save_with_a_dtype_converts_only_the_high_precision_tensors(tmp_path, partial_source):
+    save_checkpoint(load_checkpoint(partial_source, keep_fp8=True), tmp_path, dtype=torch.bfloat16)
+    source, saved = load_file(str(partial_source / "model.safetensors")), _saved_tensors(tmp_path)
+    for name, t in saved.items():
+        if source[name].dtype == torch.float8_e4m3fn or name.endswith("_scale_inv"):
+            assert torch.equal(t, source[name]), name  # codes and scales untouched
+        elif name.endswith(("mlp.gate.weight", "e_score_correction_bias")):
+            assert t.dtype == torch.float32, name  # the router stays fp32, as DeepSeek keeps it
+        else:
+            assert t.dtype == torch.bfloat16, name
+
+
+@torch.no_grad()
+def test_ue8m0_scales_keep_their_format(tmp_path):
+    from workbench.model.fp8 import FP8Linear
+
+    source = _write_fp8_source(DeepSeekModel.random(PRESETS["tiny"], seed=6), tmp_path / "source", ue8m0=True)
+    kept = load_checkpoint(source, keep_fp8=True)
+    save_checkpoint(kept, tmp_path / "saved")
+    assert json.loads((tmp_path / "saved" / "config.json").read_text())["quantization_config"] == {
+        **V3_QUANT, "scale_fmt": "ue8m0"}
+    again = load_checkpoint(tmp_path / "saved", keep_fp8=True)
+    assert isinstance(again.layers[0].self_attn.o_proj, FP8Linear) and again.layers[0].self_attn.o_proj.fmt.ue8m0
+    assert again.layers[1].mlp.experts.fp8 is not None and again.layers[1].mlp.experts.fp8.ue8m0
+    _assert_same_tensors(_saved_tensors(tmp_path / "saved"), load_file(str(source / "model.safetensors")))
+    assert torch.equal(again(_ids(kept)), kept(_ids(kept)))
+
+
+# ------------------------------------------------------------------------------------------------ bad FP8 input
+def test_fp8_save_refuses_a_scale_off_its_grid_and_writes_nothing(tmp_path, partial_source):
+    kept = load_checkpoint(partial_source, keep_fp8=True)
+    kept.layers[1].self_attn.o_proj.weight_scale_inv = torch.ones(1, 1)  # o_proj is 160 x 96: needs 2 x 1
+    with pytest.raises(CheckpointError, match=r"model.layers.1.self_attn.o_proj.weight: torch.float8_e4m3fn "
+                                              r"\(160, 96\) needs a float32 model.layers.1.self_attn.o_proj."
+                                              r"weight_scale_inv of shape \(2, 1\).*holds torch.float32 \(1, 1\)"):
+        save_checkpoint(kept, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    save_checkpoint(DeepSeekModel.random(PRESETS["tiny"], seed=0), tmp_path / "existing")
+    before = {f.name: f.read_bytes() for f in (tmp_path / "existing").iterdir()}
+    experts = kept.layers[2].mlp.experts
+    kept.layers[1].self_attn.o_proj.weight_scale_inv = torch.ones(2, 1)
+    experts.down_proj_scale_inv = experts.down_proj_scale_inv[:, :1]  # per expert [1, 2]; 160 x 136 needs [2, 2]
+    with pytest.raises(CheckpointError, match=r"model.layers.2.mlp.experts.0.down_proj.weight: .* of shape \(2, 2\)"):
+        save_checkpoint(kept, tmp_path / "existing")
+    assert {f.name: f.read_bytes() for f in (tmp_path / "existing").iterdir()} == before  # nothing lost
+
+
+def test_fp8_save_refuses_what_one_quantization_config_cannot_describe(tmp_path, partial_source):
+    from workbench.model.fp8 import FP8Format
+
+    kept = load_checkpoint(partial_source, keep_fp8=True)
+    linear = kept.layers[0].self_attn.q_b_proj
+    codes = linear.weight
+    linear.weight = nn.Parameter(codes.float().to(torch.float8_e5m2), requires_grad=False)
+    with pytest.raises(CheckpointError, match="FP8 weights in more than one format .*float8_e5m2: "
+                                              "'model.layers.0.self_attn.q_b_proj.weight'"):
+        save_checkpoint(kept, tmp_path / "out")
+    linear.weight = codes
+    linear.fmt = FP8Format("e4m3", ue8m0=True)
+    with pytest.raises(CheckpointError, match="fp32 and with ue8m0"):
+        save_checkpoint(kept, tmp_path / "out")
+    linear.weight = nn.Parameter(codes.float())  # high precision, with the scale of the codes left behind
+    with pytest.raises(CheckpointError, match=r"model.layers.0.self_attn.q_b_proj.weight_scale_inv: a scale without "
+                                              r"an FP8 weight"):
+        save_checkpoint(kept, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_keep_fp8_load_names_a_scale_off_its_grid_or_missing(tmp_path, partial_source):
+    tensors = load_file(str(partial_source / "model.safetensors"))
+    cfg = (partial_source / "config.json").read_text()
+    (tmp_path / "config.json").write_text(cfg)
+    bad = dict(tensors)
+    bad["model.layers.2.mlp.experts.4.up_proj.weight_scale_inv"] = torch.ones(1, 2)
+    save_file(bad, str(tmp_path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"model.layers.2.mlp.experts.4.up_proj.weight: shape \(136, 160\), "
+                                              r"scale \(1, 2\) \(expert 4\) do not fit"):
+        load_checkpoint(tmp_path, keep_fp8=True)
+    with pytest.raises(CheckpointError, match="model.layers.2.mlp.experts.4.up_proj.weight.*does not tile"):
+        load_checkpoint(tmp_path)
+    del bad["model.layers.2.mlp.experts.4.up_proj.weight_scale_inv"]
+    save_file(bad, str(tmp_path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="experts.4.up_proj.weight is torch.float8_e4m3fn but .*_scale_inv is "
+                                              "missing"):
+        load_checkpoint(tmp_path, keep_fp8=True)
