@@ -1,0 +1,140 @@
+"""The dashboard in a real JupyterLab, in headless Chromium: every view renders its content, moving a control
+changes what the page shows, the static export renders on its own, a 100k-token trace is paged, and no request
+leaves the machine (the `page`
+fixture fails the test otherwise). Screenshots: artifacts/browser/views-*.png."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from tests.browser.harness import LabServer, open_notebook, run_all_cells, shot
+
+# the notebook states the facts the checks need, so the test holds for whatever model "default" is
+CELLS = [
+    "import json\nfrom workbench.widgets import Workbench\n"
+    "wb = Workbench(prompt='def add(a, b):\\n    return a + b\\n')\ncfg = wb.live.config\n"
+    "print('FACTS', json.dumps({'S': wb.live.input_ids.shape[1], 'layers': list(cfg.moe_layers), "
+    "'k': cfg.num_experts_per_tok, 'E': cfg.n_routed_experts, 'C': cfg.kv_lora_rank}))",
+    "wb",
+    "wb.save_html('views-export.html')\nprint('exported')",
+]
+
+
+def _tab(page: Any, title: str) -> None:
+    page.locator(".widget-tab .lm-TabBar-tab", has_text=title).first.click()
+
+
+def _slider_handle(page: Any, label: str) -> Any:
+    return page.locator(".widget-slider", has=page.locator(".widget-label", has_text=re.compile(f"^{label}$"))) \
+        .locator(".noUi-handle").first
+
+
+def _painted_pixels(page: Any, selector: str) -> int:
+    return int(page.evaluate("""(sel) => { const c = document.querySelector(sel); const g = c.getContext('2d');
+        const d = g.getImageData(0, 0, c.width, c.height).data; let n = 0;
+        for (let i = 3; i < d.length; i += 4) if (d[i] > 0) n++; return n; }""", selector))
+
+
+def test_dashboard_renders_and_reacts(lab: LabServer, page: Any) -> None:
+    name = lab.make_notebook("views.ipynb", CELLS)
+    open_notebook(page, lab, name)
+    assert run_all_cells(page) == []
+    facts = json.loads(page.locator(".jp-OutputArea-output", has_text="FACTS").first.inner_text().split("FACTS", 1)[1])
+    S, layers, k, E = facts["S"], facts["layers"], facts["k"], facts["E"]
+    caption = page.locator(".wb-routing-caption").first
+    caption.wait_for(timeout=60_000)
+    assert caption.inner_text().startswith(f"live: tokens 0-{S - 1} of {S} (page 1/1) x {len(layers)} MoE layers, "
+                                           f"top-{k} of {E}")
+    assert _painted_pixels(page, "canvas.wb-routing-grid") > 1000
+    assert page.locator(".wb-routing-load-stat").count() == len(layers)
+
+    # hover a token: its top-k experts in every MoE layer; click: the detail table
+    box = page.locator("canvas.wb-routing-grid").first.bounding_box()
+    page.mouse.move(box["x"] + 44 + 3 * 14 + 7, box["y"] + 9)
+    tip = page.locator(".wb-routing-tip").first
+    assert tip.is_visible() and tip.inner_text().startswith('token 3 "')
+    assert all(re.search(rf"L{layer}: e\d+ \d\.\d\d  e\d+", tip.inner_text()) for layer in layers)
+    page.mouse.click(box["x"] + 44 + 3 * 14 + 7, box["y"] + 9)
+    rows = page.locator(".wb-routing-detail-table tr[data-layer]")
+    assert rows.count() == len(layers)
+    assert re.fullmatch(rf"L{layers[0]}\s+e\d+ \d\.\d{{3}}(\s+e\d+ \d\.\d{{3}}){{{k - 1}}}", rows.first.inner_text().strip())
+    shot(page, "views-routing")
+
+    _tab(page, "Specialisation")
+    spec = page.locator(".wb-spec").first
+    spec.wait_for()
+    assert re.search(rf"layer {layers[0]}, expert \d+: chosen [1-9]\d* times", spec.inner_text())  # the busiest
+    assert page.locator(".wb-spec-partners tr").count() >= 2
+    shot(page, "views-specialisation")
+
+    _tab(page, "KV compression")
+    costs = page.locator(".wb-kv-row")
+    costs.first.wait_for()
+    assert costs.count() == 4 and "deepseek-v3" in costs.last.inner_text() and "68.6 KiB" in costs.last.inner_text()
+    assert page.locator("svg.wb-kv-spectrum circle").count() == 2 * facts["C"]
+    shot(page, "views-kv")
+
+    _tab(page, "FP8 error")
+    page.locator(".wb-fp8-heat-cell").first.wait_for()
+    values = [float(v) for v in page.locator(".wb-fp8-heat-cell").evaluate_all("els => els.map(e => e.dataset.value)")
+              if v != "nan"]
+    assert len(values) >= 10 and all(0.001 < v < 0.2 for v in values)
+    assert page.locator(".wb-fp8-flip").count() == len(layers)
+    shot(page, "views-fp8")
+
+    # move the top-k slider: the tuner's report and then the routing grid change
+    _tab(page, "Live tuner")
+    report = page.locator(".wb-tuner-report").first
+    report.wait_for()
+    assert report.get_attribute("data-generation") == "0"
+    handle = _slider_handle(page, "top-k")
+    handle.focus()
+    handle.press("ArrowLeft")
+    page.wait_for_function("""() => { const r = document.querySelector('.wb-tuner-report');
+        return r && r.dataset.generation !== '0'; }""", timeout=30_000)
+    controls = json.loads(page.locator(".wb-tuner-report").first.get_attribute("data-controls"))
+    assert controls == {"latent": {}, "routing": {"all": {"top_k": k - 1}}}
+    assert float(page.locator(".wb-tuner-report").first.get_attribute("data-kl")) > 0
+    shot(page, "views-tuner")
+    _tab(page, "Routing")
+    page.locator(".wb-routing-caption", has_text=f"top-{k - 1} of {E}").first.wait_for(timeout=30_000)
+    _check_static_export(lab, page, facts)
+
+
+def _check_static_export(lab: LabServer, page: Any, facts: dict[str, Any]) -> None:
+    """The export the notebook's second cell wrote (before the slider moved) renders on its own."""
+    page.goto(lab.url("files/views-export.html"), wait_until="load")
+    caption = page.locator(".wb-routing-caption").first
+    caption.wait_for(timeout=30_000)
+    S, k, E = facts["S"], facts["k"], facts["E"]
+    assert caption.inner_text().startswith(f"live: tokens 0-{S - 1} of {S}") and f"top-{k} of {E}" in caption.inner_text()
+    assert _painted_pixels(page, "canvas.wb-routing-grid") > 1000
+    assert page.locator(".wb-fp8-heat-cell").count() > 0 and page.locator(".wb-kv-row").count() == 4
+    box = page.locator("canvas.wb-routing-grid").first.bounding_box()
+    page.mouse.click(box["x"] + 44 + 7, box["y"] + 9)
+    assert page.locator(".wb-routing-detail-table tr[data-layer]").count() == len(facts["layers"])
+    shot(page, "views-export")
+
+
+def test_large_trace_is_paged(lab: LabServer, page: Any) -> None:
+    """A 100k-token trace: the browser gets one page of 256 tokens, and the page slider moves through it."""
+    cells = ["import numpy as np\nfrom workbench.trace import from_vllm_routed_experts\n"
+             "from workbench.widgets import RoutingExplorer\n"
+             "routed = np.argsort(np.random.default_rng(0).random((100_000, 2, 16)), axis=2)[:, :, :4]\n"
+             "rx = RoutingExplorer(trace=from_vllm_routed_experts(routed, moe_layers=[1, 2], n_experts=16))\nrx"]
+    name = lab.make_notebook("large.ipynb", cells)
+    open_notebook(page, lab, name)
+    assert run_all_cells(page) == []
+    root = page.locator(".wb-routing").first
+    root.wait_for(timeout=60_000)
+    assert root.get_attribute("data-tokens") == "256"
+    assert page.locator(".wb-routing-caption").first.inner_text().startswith(
+        "trace: tokens 0-255 of 100000 (page 1/391)")
+    handle = page.locator(".widget-slider", has=page.locator(".widget-label", has_text="page")).locator(".noUi-handle")
+    handle.first.focus()
+    handle.first.press("ArrowRight")
+    page.wait_for_function("() => document.querySelector('.wb-routing').dataset.start === '256'", timeout=30_000)
+    assert page.locator(".wb-routing-caption").first.inner_text().startswith("trace: tokens 256-511 of 100000 (page 2/391)")
+    shot(page, "views-large-trace")

@@ -1,0 +1,79 @@
+"""Workbench: one live session behind all five views; set_prompt refreshes them all; a foreign trace is refused
+before anything slow runs; the static export is self-contained."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import xarray as xr
+
+from workbench.controls import Controls, RoutingControl
+from workbench.loader import LoadedModel
+from workbench.model.transformer import DeepSeekModel
+from workbench.tokenizer import ByteTokenizer
+from workbench.trace.recorder import trace as record_trace
+from workbench.widgets import ExpertSpecialisation, FP8Error, KVCompression, LiveTuner, RoutingExplorer, Workbench
+from workbench.widgets.html_export import export_html
+from workbench.widgets.trace_source import TraceMismatchError
+
+
+@pytest.fixture(scope="module")
+def wb(loaded: LoadedModel, corpus_trace: xr.Dataset) -> Workbench:
+    return Workbench(loaded, trace=corpus_trace, prompt="hello experts", debounce_s=0)
+
+
+def test_views_share_one_session(wb: Workbench) -> None:
+    assert isinstance(wb.routing, RoutingExplorer) and isinstance(wb.tuner, LiveTuner)
+    assert isinstance(wb.specialisation, ExpertSpecialisation) and isinstance(wb.kv, KVCompression)
+    assert isinstance(wb.fp8, FP8Error)
+    assert {v.live for v in (wb.routing, wb.specialisation, wb.kv, wb.fp8, wb.tuner)} == {wb.live}
+    assert wb.routing.source_picker.options == ("live", "trace") and wb.routing.source == "trace"
+    wb.routing.set_source("live")
+    wb.tuner.top_k.value = 1
+    assert wb.routing.grid.data["top_k"] == 1  # the grid follows the tuner
+    assert wb.kv.error.value.count("data-kl") == 1 and f'{wb.live.result.kl:.6g}' in wb.kv.error.value
+    wb.tuner.reset()
+    assert wb.live.result.controls == Controls()
+
+
+def test_set_prompt_refreshes_every_view(wb: Workbench) -> None:
+    wb.tuner.top_k.value = 2
+    wb.set_prompt("a new prompt")
+    S = len("a new prompt") + 1
+    assert wb.routing.grid.data["n_total"] == S and wb.routing.grid.data["top_k"] == 2
+    assert wb.fp8.comparison is not None and len(wb.fp8.comparison.kl_per_token) == S
+    assert wb.prompt_box.value == "a new prompt"
+    assert wb.live.result.controls == Controls(routing={"all": RoutingControl(top_k=2)})
+    wb.prompt_box.value = ""
+    wb.prompt_button.click()
+    assert "non-empty string" in wb.prompt_error.value and wb.live.prompt == "a new prompt"
+    wb.tuner.reset()
+
+
+def test_foreign_trace_is_refused(loaded: LoadedModel) -> None:
+    other = DeepSeekModel.random(loaded.model.config.replace(n_routed_experts=8, n_group=2, topk_group=1), seed=1)
+    with record_trace(other, sites=["expert_ids"], checkpoint="random:other") as t:
+        other(torch.tensor([[0, 3, 4, 5]]))
+    with pytest.raises(TraceMismatchError, match=r"config fields .*n_routed_experts"):
+        Workbench(loaded, trace=t.to_xarray())
+    foreign = LoadedModel(other, ByteTokenizer(), "other", "random:other")
+    assert foreign.digest != loaded.digest
+
+
+def test_save_html_is_self_contained(wb: Workbench, tmp_path: Path) -> None:
+    path = wb.save_html(tmp_path / "dash.html")
+    page = path.read_text()
+    assert not re.search(r"""(?:src|href)\s*=\s*["']?(?:https?:)?//""", page)
+    assert "http://" not in page and "https://" not in page
+    state = json.loads(re.search(r"window.__WB_STATE__ = (.*?);</script>", page, re.S).group(1))  # type: ignore[union-attr]
+    assert state["v0"]["data"] == wb.routing.grid.data
+    for text in ("Routing explorer", "Expert specialisation", "KV compression", "FP8 error", "Live tuner",
+                 "wb-fp8-heat-cell", "wb-kv-costs", "wb-tuner-report"):
+        assert text in page
+    assert export_html(wb.routing, "t").count('data-wb-esm="routing_grid"') == 1
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        wb.save_html(tmp_path / "no" / "dir.html")

@@ -1,0 +1,74 @@
+"""Workbench: the five views on one live session (one model, one prompt, one set of controls) as tabs.
+
+The tuner and the KV view write controls into the shared session; the routing explorer and the specialisation view
+follow it when their source is "live"; the FP8 view compares on the same prompt. `set_prompt` swaps the prompt for
+all of them at once.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import ipywidgets as widgets
+import xarray as xr
+
+from workbench.widgets.fp8_error import FP8Error
+from workbench.widgets.kv_compression import KVCompression
+from workbench.widgets.live import LiveSession
+from workbench.widgets.routing import RoutingExplorer
+from workbench.widgets.routing_page import DEFAULT_PAGE_TOKENS
+from workbench.widgets.specialisation import ExpertSpecialisation
+from workbench.widgets.trace_source import check_trace_matches, load_trace
+from workbench.widgets.tuner import LiveTuner
+from workbench.widgets.view import ModelArg, View, resolve_model
+
+
+class Workbench(View):
+    """The dashboard. `model`: a name, checkpoint path or LoadedModel; `trace`: a store path or Dataset recorded
+    with that model (optional); `prompt`: the live session's text (default: a short mixed prose/code prompt)."""
+
+    title = "dashboard"
+
+    def __init__(self, model: ModelArg = "default", *, trace: str | Path | xr.Dataset | None = None,
+                 prompt: str | None = None, debounce_s: float = 0.05, page_tokens: int = DEFAULT_PAGE_TOKENS) -> None:
+        loaded = resolve_model(model)
+        ds = None
+        if trace is not None:
+            ds = load_trace(trace)
+            check_trace_matches(ds, loaded)  # before anything slow runs
+        self.live = LiveSession(loaded, prompt, debounce_s=debounce_s)
+        self.tuner = LiveTuner(live=self.live)  # first, so its report is the first listener a result reaches
+        self.routing = RoutingExplorer(trace=ds, live=self.live, page_tokens=page_tokens)
+        self.specialisation = ExpertSpecialisation(trace=ds, live=self.live)
+        self.kv = KVCompression(trace=ds, live=self.live)
+        self.fp8 = FP8Error(trace=ds, live=self.live)
+        self.prompt_box = widgets.Textarea(self.live.prompt, description="prompt", rows=2,
+                                           layout=widgets.Layout(width="70%"))
+        self.prompt_button = widgets.Button(description="run prompt")
+        self.prompt_error = widgets.HTML()
+        self.tabs = widgets.Tab(children=[self.routing, self.specialisation, self.kv, self.fp8, self.tuner],
+                                titles=["Routing", "Specialisation", "KV compression", "FP8 error", "Live tuner"])
+        cfg = loaded.model.config
+        header = widgets.HTML(
+            f'<div class="wb-header"><b>MoE Workbench</b> · {loaded.name} · {cfg.num_hidden_layers} layers, '
+            f"{cfg.n_routed_experts} routed experts (top-{cfg.num_experts_per_tok}), kv_lora_rank "
+            f"{cfg.kv_lora_rank}" + (f" · trace: {int(ds.sizes['token'])} tokens" if ds is not None else "") + "</div>")
+        super().__init__([header, widgets.HBox([self.prompt_box, self.prompt_button]), self.prompt_error, self.tabs])
+        self.prompt_button.on_click(lambda _: self._prompt_clicked())
+
+    def set_prompt(self, text: str) -> None:
+        """Re-run the live session on `text` and refresh every view."""
+        self.live.set_prompt(text)
+        self.prompt_box.value = text
+
+    def _prompt_clicked(self) -> None:
+        try:
+            self.set_prompt(self.prompt_box.value)
+        except ValueError as e:
+            self.prompt_error.value = f'<div class="wb-error" style="color:#b00">prompt: {e}</div>'
+            return
+        self.prompt_error.value = ""
+
+    def save_html(self, path: str | Path) -> Path:
+        self.live.debouncer.flush()
+        return super().save_html(path)

@@ -1,0 +1,217 @@
+"""LiveSession: the one `Session` the views share, with the controls each view owns composed into one `Controls`.
+
+Design choices:
+- The tuner owns the routing controls, the KV view the latent ones; both go through `update`, which validates the
+  composed controls before anything runs, so an impossible setting raises `ControlError` and the session keeps
+  showing the last valid state (nothing is lost).
+- A slider fires many changes per second. `Debouncer` coalesces them: only the last change of a burst runs, after
+  `debounce_s` of quiet, on a timer thread; `Session.apply` serialises runs and drops superseded ones. With
+  `debounce_s=0` everything runs synchronously, which is what tests and scripts want.
+- Whoever changes the model's modules (the FP8 view swaps linears) holds `lock`, so no session run sees a half
+  swapped model.
+Shape legend: S prompt tokens, L MoE layers, k top-k.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+import xarray as xr
+
+from workbench.controls import Controls, LatentControl, LayerKey, RoutingControl
+from workbench.loader import LoadedModel
+from workbench.session import ApplyResult, Session
+from workbench.trace.recorder import trace as record_trace
+from workbench.trace.schema import SCHEMA_VERSION, Layout, build_dataset
+
+DEFAULT_PROMPT = ('def add(a, b):\n    """Return the sum of a and b."""\n    return a + b\n\n'
+                  "for i in range(3):\n    print(add(i, i))\n")
+
+ResultListener = Callable[[ApplyResult], None]
+
+
+class Debouncer:
+    """Run `fn` once `delay_s` after the last `trigger()` (at once, in the caller's thread, when delay_s is 0)."""
+
+    def __init__(self, fn: Callable[[], Any], delay_s: float) -> None:
+        if delay_s < 0:
+            raise ValueError(f"debounce delay must be >= 0 seconds, got {delay_s}")
+        self.fn, self.delay_s = fn, delay_s
+        self._timer: threading.Timer | None = None
+        self._lock = threading.Lock()
+
+    def trigger(self) -> None:
+        if self.delay_s == 0:
+            self.fn()
+            return
+        with self._lock:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = threading.Timer(self.delay_s, self.fn)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def flush(self) -> None:
+        """Wait for a pending run (tests and exports want the settled state)."""
+        with self._lock:
+            timer = self._timer
+        if timer is not None:
+            timer.join()
+
+
+class LiveSession:
+    """A model + prompt kept warm for the views; see the module docstring."""
+
+    def __init__(self, loaded: LoadedModel, prompt: str | None = None, *, continuation: int = 4,
+                 debounce_s: float = 0.0) -> None:
+        self.loaded = loaded
+        self.model, self.tokenizer, self.config = loaded.model, loaded.tokenizer, loaded.model.config
+        self.continuation = continuation
+        self.lock = threading.RLock()
+        self.routing: dict[LayerKey, RoutingControl] = {}
+        self.latent: dict[LayerKey, LatentControl] = {}
+        self._result_listeners: list[ResultListener] = []
+        self._prompt_listeners: list[Callable[[], None]] = []
+        self._error_listeners: list[Callable[[str], None]] = []
+        self._routing_cache: tuple[tuple[int, int], xr.Dataset] | None = None
+        self.debouncer = Debouncer(self._run, debounce_s)
+        self.session = self._new_session(prompt if prompt is not None else DEFAULT_PROMPT)
+
+    # ------------------------------------------------------------------ state
+    @property
+    def prompt(self) -> str:
+        return self._prompt
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return self.session.input_ids  # [1, S]
+
+    @property
+    def result(self) -> ApplyResult:
+        return self.session.result
+
+    def controls(self) -> Controls:
+        return Controls(routing=dict(self.routing), latent=dict(self.latent))
+
+    def _new_session(self, prompt: str) -> Session:
+        if not isinstance(prompt, str) or not prompt:
+            raise ValueError(f"the prompt must be a non-empty string, got {prompt!r}")
+        with self.lock:
+            session = Session(self.model, prompt, self.tokenizer, continuation=self.continuation)
+        self._prompt = prompt
+        return session
+
+    # ------------------------------------------------------------------ listeners
+    def on_result(self, fn: ResultListener) -> None:
+        self._result_listeners.append(fn)
+
+    def on_prompt(self, fn: Callable[[], None]) -> None:
+        self._prompt_listeners.append(fn)
+
+    def on_error(self, fn: Callable[[str], None]) -> None:
+        self._error_listeners.append(fn)
+
+    # ------------------------------------------------------------------ changes
+    def update(self, *, routing: Mapping[LayerKey, RoutingControl | None] | None = None,
+               latent: Mapping[LayerKey, LatentControl | None] | None = None) -> Controls:
+        """Set (or, with None, clear) routing / latent entries; validates the composed controls first and raises
+        ControlError without changing anything when they are impossible. The run itself is debounced."""
+        new_routing, new_latent = dict(self.routing), dict(self.latent)
+        for target, changes in ((new_routing, routing), (new_latent, latent)):
+            for key, value in (changes or {}).items():
+                if value is None:
+                    target.pop(key, None)
+                else:
+                    target[key] = value  # type: ignore[assignment]
+        controls = Controls(routing=new_routing, latent=new_latent).validate(self.config)
+        self.routing, self.latent = new_routing, new_latent
+        self.debouncer.trigger()
+        return controls
+
+    def _run(self) -> None:
+        try:
+            with self.lock:
+                result = self.session.apply(self.controls())
+        except ValueError as e:  # a control the session refused at run time (e.g. no SVD basis)
+            for on_error in self._error_listeners:
+                on_error(str(e))
+            return
+        if result is None:  # superseded: a newer request will report
+            return
+        for on_result in self._result_listeners:
+            on_result(result)
+
+    def set_prompt(self, prompt: str) -> None:
+        """A new prompt: a fresh session (new baseline), the current controls re-applied, every view refreshed."""
+        self.debouncer.flush()
+        session = self._new_session(prompt)
+        with self.lock:
+            self.session = session
+            self._routing_cache = None
+            if self.routing or self.latent:
+                session.apply(self.controls())
+        for fn in self._prompt_listeners:
+            fn()
+        for listener in self._result_listeners:
+            listener(self.session.result)
+
+    # ------------------------------------------------------------------ traces of the prompt
+    def routing_trace(self) -> xr.Dataset:
+        """Routing of the prompt under the current controls as a trace Dataset (cached per session generation)."""
+        with self.lock:
+            key = (id(self.session), self.session.generation)
+            if self._routing_cache is not None and self._routing_cache[0] == key:
+                return self._routing_cache[1]
+            ds = self._capture_routing(self.controls())
+            self._routing_cache = (key, ds)
+            return ds
+
+    @torch.no_grad()
+    def _capture_routing(self, controls: Controls) -> xr.Dataset:
+        """Expert ids and weights straight from the probes. Not through the recorder: its layout fixes k to the
+        config's top-k, and a top_k control changes k (per layer, even), so slots are padded to the widest layer."""
+        cfg = self.config
+        got: dict[str, torch.Tensor] = {}
+        names = [f"blocks.{layer}.mlp.hook_expert_{what}" for layer in cfg.moe_layers for what in ("indices", "weights")]
+        resolved = controls.resolve(cfg, svd_bases=self.session.svd_bases, dtype=next(self.model.parameters()).dtype,
+                                    device=self.input_ids.device)
+        with self.lock, self.model.probes.listen(names, lambda name, v: got.__setitem__(name, v.detach().cpu())):
+            self.model(self.input_ids, controls=resolved)
+        S = self.input_ids.shape[1]
+        k = max(got[f"blocks.{layer}.mlp.hook_expert_indices"].shape[-1] for layer in cfg.moe_layers)
+        ids = np.full((S, len(cfg.moe_layers), k), -1, dtype=np.int16)  # [S, L, k]
+        weights = np.full((S, len(cfg.moe_layers), k), np.nan, dtype=np.float32)  # [S, L, k]
+        for i, layer in enumerate(cfg.moe_layers):
+            layer_ids = got[f"blocks.{layer}.mlp.hook_expert_indices"].reshape(S, -1)  # [S, k_layer]
+            ids[:, i, : layer_ids.shape[1]] = layer_ids.numpy()
+            weights[:, i, : layer_ids.shape[1]] = got[f"blocks.{layer}.mlp.hook_expert_weights"].reshape(S, -1).float().numpy()
+        token_ids = self.input_ids[0].cpu().numpy().astype(np.int32)  # [S]
+        layout = Layout(("expert_ids", "expert_weights"), tuple(cfg.moe_layers), cfg.num_hidden_layers, k,
+                        cfg.n_routed_experts, cfg.kv_lora_rank, ())
+        zeros = np.zeros(S, dtype=np.int32)
+        arrays: dict[str, tuple[tuple[str, ...], Any]] = {
+            "token_id": (("token",), token_ids), "doc": (("token",), zeros), "seq": (("token",), zeros),
+            "pos": (("token",), np.arange(S, dtype=np.int32)),
+            "text": (("token",), np.array([self.tokenizer.token_text(int(t)) for t in token_ids], dtype=object)),
+            "expert_ids": (("token", "layer", "slot"), ids), "expert_weights": (("token", "layer", "slot"), weights)}
+        return build_dataset(arrays, layout, {"schema_version": SCHEMA_VERSION, "complete": True,
+                                              "layout": json.dumps(layout.to_json(), sort_keys=True),
+                                              "model_config": json.dumps(cfg.to_hf_dict(), sort_keys=True),
+                                              "checkpoint": self.loaded.digest, "controls": controls.to_json()})
+
+    @torch.no_grad()
+    def trace_prompt(self, sites: list[str], controls: Controls | None = None) -> xr.Dataset:
+        """Run the prompt once under `controls` (default: none) with the trace recorder on `sites`."""
+        resolved = (controls or Controls()).resolve(self.config, svd_bases=self.session.svd_bases,
+                                                    dtype=next(self.model.parameters()).dtype,
+                                                    device=self.input_ids.device)
+        with self.lock, record_trace(self.model, sites=sites, tokenizer=self.tokenizer,
+                                        checkpoint=self.loaded.digest,
+                                        controls=(controls or Controls()).to_dict()) as t:
+            self.model(self.input_ids, controls=resolved)
+        return t.to_xarray()

@@ -1,0 +1,88 @@
+"""What the routing grid sends to the browser: one page of tokens plus per-layer aggregates, never the whole trace.
+
+Bound: a page carries `page_tokens` x L x k expert ids and weights and `page_tokens` token texts; the aggregates are
+the [L, E] expert loads over the whole source. So the payload is O(page_tokens·L·k + L·E) whatever the trace's
+length; a 100k-token trace costs the browser what a 256-token one does (benchmarks/bench_ui.py prints the bytes).
+Shape legend: N tokens in the source, n on the page, L MoE layers, k top-k, E routed experts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from workbench import analysis
+
+DEFAULT_PAGE_TOKENS = 256
+
+
+def n_pages(n_tokens: int, page_tokens: int) -> int:
+    return max(1, math.ceil(n_tokens / page_tokens))
+
+
+def n_experts(ds: xr.Dataset) -> int:
+    """Routed experts of the model that wrote `ds`: its `expert` axis, else the layout attrs, else the ids seen."""
+    if "expert" in ds.sizes:
+        return int(ds.sizes["expert"])
+    layout = json.loads(ds.attrs.get("layout", "{}"))
+    if "n_experts" in layout:
+        return int(layout["n_experts"])
+    return int(ds["expert_ids"].max().compute()) + 1
+
+
+def load_per_layer(ds: xr.Dataset) -> np.ndarray:
+    """Expert load [L, E] over the whole source (chunk by chunk on a lazy store)."""
+    load = analysis.expert_load(ds)
+    return np.asarray(load.data.compute() if hasattr(load.data, "compute") else load.data, dtype=np.int64)
+
+
+def _finite_or_none(values: np.ndarray, decimals: int) -> list[float | None]:
+    rounded = np.round(values.astype(np.float64), decimals)
+    return [None if not math.isfinite(v) else v for v in rounded.tolist()]
+
+
+def routing_page(ds: xr.Dataset, page: int, *, page_tokens: int = DEFAULT_PAGE_TOKENS, load: np.ndarray | None = None,
+                 source: str = "trace") -> dict[str, Any]:
+    """The grid's data for page `page` of `ds` (JSON-ready; NaN weights become null)."""
+    if page_tokens < 1:
+        raise ValueError(f"page_tokens must be >= 1, got {page_tokens}")
+    N = int(ds.sizes["token"])
+    pages = n_pages(N, page_tokens)
+    if isinstance(page, bool) or not isinstance(page, (int, np.integer)) or not 0 <= page < pages:
+        raise ValueError(f"page {page!r} is outside 0..{pages - 1} ({N} tokens, {page_tokens} per page)")
+    start, stop = int(page) * page_tokens, min(N, (int(page) + 1) * page_tokens)
+    part = ds.isel(token=slice(start, stop))
+    ids = np.asarray(part["expert_ids"].transpose("token", "layer", "slot").values)  # [n, L, k]
+    if "expert_weights" in part:
+        weights = np.asarray(part["expert_weights"].transpose("token", "layer", "slot").values)  # [n, L, k]
+    else:
+        weights = np.full(ids.shape, np.nan, dtype=np.float32)
+    E = n_experts(ds)
+    if load is None:
+        load = load_per_layer(ds)
+    text = [str(t) for t in np.asarray(part["text"].values).tolist()] if "text" in part else [""] * len(ids)
+    return {
+        "source": source, "start": start, "n_total": N, "page": int(page), "n_pages": pages,
+        "layers": [int(x) for x in ds["layer"].values], "n_experts": E, "top_k": int(ids.shape[2]),
+        "text": text,
+        "expert_ids": ids.astype(np.int64).reshape(-1).tolist(),  # [n*L*k] token-major
+        "weights": _finite_or_none(weights.reshape(-1), 4),  # [n*L*k]
+        "load": np.asarray(load, dtype=np.int64).reshape(-1).tolist(),  # [L*E]
+    }
+
+
+def token_choices(ds: xr.Dataset, token: int) -> list[dict[str, Any]]:
+    """Top-k experts and weights of one token in every MoE layer: [{layer, experts, weights}]."""
+    N = int(ds.sizes["token"])
+    if not 0 <= token < N:
+        raise ValueError(f"token {token} is outside 0..{N - 1}")
+    one = ds.isel(token=token)
+    ids = np.asarray(one["expert_ids"].transpose("layer", "slot").values)  # [L, k]
+    w = (np.asarray(one["expert_weights"].transpose("layer", "slot").values) if "expert_weights" in one
+         else np.full(ids.shape, np.nan))
+    return [{"layer": int(layer), "experts": ids[i].tolist(), "weights": _finite_or_none(w[i], 4)}
+            for i, layer in enumerate(ds["layer"].values)]

@@ -1,0 +1,40 @@
+"""What every view shares: it is an ipywidgets VBox (display it as a cell's last expression), it can be built
+alone from a model name or on a dashboard's shared live session, and it exports itself as static HTML."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import ipywidgets as widgets
+
+from workbench.loader import LoadedModel, load_model
+from workbench.widgets.html_export import save_html
+from workbench.widgets.live import LiveSession
+
+ModelArg = str | Path | LoadedModel
+
+
+def resolve_model(model: ModelArg) -> LoadedModel:
+    return model if isinstance(model, LoadedModel) else load_model(model)
+
+
+def resolve_live(model: ModelArg | None, prompt: str | None, live: LiveSession | None) -> LiveSession:
+    """The dashboard's session when given, else a new one on `model` (default: the bundled model)."""
+    if live is not None:
+        if model is not None or prompt is not None:
+            raise ValueError("pass either live= (a shared session) or model=/prompt=, not both")
+        return live
+    return LiveSession(resolve_model(model if model is not None else "default"), prompt)
+
+
+def heading(text: str, note: str = "") -> widgets.HTML:
+    extra = f' <span style="color:#666;font-weight:normal;font-size:12px">{note}</span>' if note else ""
+    return widgets.HTML(f'<h3 style="margin:4px 0">{text}{extra}</h3>')
+
+
+class View(widgets.VBox):
+    title = "view"
+
+    def save_html(self, path: str | Path) -> Path:
+        """A static, self-contained HTML page of what the view shows now (no kernel, no network needed)."""
+        return save_html(self, path, title=f"MoE Workbench: {self.title}")
