@@ -10,6 +10,8 @@ import sys
 SUBCOMMANDS = {
     "demo": "workbench.demo",
     "trace": "workbench.trace.command",
+    "train": "workbench.training.command",
+    "serve": "workbench.serve",
 }
 
 
