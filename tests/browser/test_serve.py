@@ -57,9 +57,16 @@ def test_served_dashboard_renders_and_reacts(served: str, page: Any) -> None:
         .getImageData(0, 0, c.width, c.height).data; let n = 0; for (let i = 3; i < d.length; i += 4) if (d[i]) n++;
         return n; }""")
     assert painted > 1000
+    # the token texts are on the axis, whitespace made visible (the prompt has spaces and newlines)
+    labels = page.locator(".wb-routing-tokens li").evaluate_all("els => els.map(e => e.textContent)")
+    assert len(labels) == S and "\u21b5" in "".join(labels) and "\u00b7" in "".join(labels)
+    geo = page.locator("canvas.wb-routing-grid").first.evaluate("c => ({...c.dataset})")
     box = page.locator("canvas.wb-routing-grid").first.bounding_box()
-    page.mouse.click(box["x"] + 44 + 2 * 14 + 7, box["y"] + 9)
+    page.mouse.click(box["x"] + float(geo["gridX"]) + 2.5 * float(geo["cellW"]),
+                     box["y"] + float(geo["gridY"]) + 0.5 * float(geo["cellH"]))
     assert page.locator(".wb-routing-detail-table tr[data-layer]").count() == L
+    assert page.locator('.wb-routing-tokens li[aria-current="true"]').first.get_attribute("data-token") == "2"
+    page.locator(".wb-routing-legend-item").first.hover()  # off the grid: the tooltip no longer hides the labels
     shot(page, "serve-routing")
 
     _tab(page, "Specialisation")

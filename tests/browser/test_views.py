@@ -16,7 +16,8 @@ CELLS = [
     "import json\nfrom workbench.widgets import Workbench\n"
     "wb = Workbench(prompt='def add(a, b):\\n    return a + b\\n')\ncfg = wb.live.config\n"
     "print('FACTS', json.dumps({'S': wb.live.input_ids.shape[1], 'layers': list(cfg.moe_layers), "
-    "'k': cfg.num_experts_per_tok, 'E': cfg.n_routed_experts, 'C': cfg.kv_lora_rank}))",
+    "'k': cfg.num_experts_per_tok, 'E': cfg.n_routed_experts, 'C': cfg.kv_lora_rank, "
+    "'text': wb.routing.grid.data['text']}))",
     "wb",
     "wb.save_html('views-export.html')\nprint('exported')",
 ]
@@ -31,10 +32,50 @@ def _slider_handle(page: Any, label: str) -> Any:
         .locator(".noUi-handle").first
 
 
-def _painted_pixels(page: Any, selector: str) -> int:
-    return int(page.evaluate("""(sel) => { const c = document.querySelector(sel); const g = c.getContext('2d');
-        const d = g.getImageData(0, 0, c.width, c.height).data; let n = 0;
-        for (let i = 3; i < d.length; i += 4) if (d[i] > 0) n++; return n; }""", selector))
+def _painted_pixels(page: Any, selector: str, box: tuple[float, float, float, float] | None = None) -> int:
+    """Non-transparent pixels of the canvas `selector`, or of the CSS-pixel rectangle `box` (x, y, w, h) in it."""
+    return int(page.locator(selector).first.evaluate("""(c, box) => { const g = c.getContext('2d');
+        const s = c.width / c.clientWidth; const [x, y, w, h] = box || [0, 0, c.clientWidth, c.clientHeight];
+        const d = g.getImageData(Math.round(x * s), Math.round(y * s), Math.round(w * s), Math.round(h * s)).data;
+        let n = 0; for (let i = 3; i < d.length; i += 4) if (d[i] > 0) n++; return n; }""", box))
+
+
+def _grid_geometry(page: Any) -> dict[str, float]:
+    """The grid's layout as the page states it (canvas data attributes), in CSS pixels."""
+    ds = page.locator("canvas.wb-routing-grid").first.evaluate("c => ({...c.dataset})")
+    return {**{k: float(ds[k]) for k in ("cellW", "cellH", "gridX", "gridY", "labelY")}, "mode": ds["labelMode"]}
+
+
+def _cell_point(page: Any, token: int, layer_row: int) -> tuple[float, float]:
+    """Page coordinates of the centre of cell (token column, layer row) of the first grid."""
+    geo, box = _grid_geometry(page), page.locator("canvas.wb-routing-grid").first.bounding_box()
+    return (box["x"] + geo["gridX"] + (token + 0.5) * geo["cellW"],
+            box["y"] + geo["gridY"] + (layer_row + 0.5) * geo["cellH"])
+
+
+def _cell_ink(page: Any, token: int, layer_row: int) -> int:
+    """Pixels in the top part of a cell that differ from its fill colour: the expert number drawn in it, if any."""
+    geo = _grid_geometry(page)
+    x, y = geo["gridX"] + token * geo["cellW"] + 3, geo["gridY"] + layer_row * geo["cellH"] + 2
+    return int(page.locator("canvas.wb-routing-grid").first.evaluate("""(c, [x, y, w, h]) => {
+        const s = c.width / c.clientWidth, g = c.getContext('2d');
+        const d = g.getImageData(Math.round(x * s), Math.round(y * s), Math.round(w * s), Math.round(h * s)).data;
+        const key = (i) => `${d[i]},${d[i + 1]},${d[i + 2]}`, counts = new Map();
+        for (let i = 0; i < d.length; i += 4) counts.set(key(i), (counts.get(key(i)) || 0) + 1);
+        return d.length / 4 - Math.max(...counts.values()); }""",
+        [x, y, geo["cellW"] - 6, geo["cellH"] * 0.5]))
+
+
+# how the grid shows whitespace in token labels (the part of routing_grid.js's visibleToken a prompt exercises)
+VISIBLE_WHITESPACE = {" ": "\u00b7", "\n": "\u21b5", "\t": "\u21e5"}
+
+
+def _visible(text: str) -> str:
+    return "".join(VISIBLE_WHITESPACE.get(ch, ch) for ch in text) or "\u2205"
+
+
+def _token_labels(page: Any) -> list[str]:
+    return [str(t) for t in page.locator(".wb-routing-tokens li").evaluate_all("els => els.map(e => e.textContent)")]
 
 
 def test_dashboard_renders_and_reacts(lab: LabServer, page: Any) -> None:
@@ -50,16 +91,37 @@ def test_dashboard_renders_and_reacts(lab: LabServer, page: Any) -> None:
     assert _painted_pixels(page, "canvas.wb-routing-grid") > 1000
     assert page.locator(".wb-routing-load-stat").count() == len(layers)
 
-    # hover a token: its top-k experts in every MoE layer; click: the detail table
-    box = page.locator("canvas.wb-routing-grid").first.bounding_box()
-    page.mouse.move(box["x"] + 44 + 3 * 14 + 7, box["y"] + 9)
+    # a short prompt gets wide cells with the expert number in them, the token texts along the x axis
+    geo = _grid_geometry(page)
+    assert geo["cellW"] == 36 and geo["cellH"] >= 24
+    assert _token_labels(page) == [_visible(t) for t in facts["text"]]  # whitespace made visible
+    assert "\u21b5" in "".join(_token_labels(page)) and "\u00b7" in "".join(_token_labels(page))
+    band = (geo["gridX"], geo["labelY"], S * geo["cellW"], 20)
+    assert _painted_pixels(page, "canvas.wb-routing-grid", band) > 8 * S  # the labels are painted, not only listed
+    assert all(_cell_ink(page, i, 0) > 5 for i in range(3))  # expert numbers drawn in the cells
+    legend = page.locator(".wb-routing-legend-item").evaluate_all(
+        "els => els.map(e => [Number(e.dataset.expert), Number(e.dataset.count)])")
+    assert sum(c for _, c in legend) == S * len(layers) and all(0 <= e < E for e, _ in legend)
+
+    # hover a token: its top-k experts in every MoE layer, its row and column highlighted; click: the detail table
+    x, y = _cell_point(page, 3, 0)
+    page.mouse.move(x, y)
     tip = page.locator(".wb-routing-tip").first
-    assert tip.is_visible() and tip.inner_text().startswith('token 3 "')
+    assert tip.is_visible() and tip.inner_text().startswith(f'token 3 {json.dumps(facts["text"][3])}')
     assert all(re.search(rf"L{layer}: e\d+ \d\.\d\d  e\d+", tip.inner_text()) for layer in layers)
-    page.mouse.click(box["x"] + 44 + 3 * 14 + 7, box["y"] + 9)
+    root = page.locator(".wb-routing").first
+    assert (root.get_attribute("data-hover-token"), root.get_attribute("data-hover-layer")) == ("3", str(layers[0]))
+    assert _painted_pixels(page, "canvas.wb-routing-overlay") > 0
+    page.mouse.click(x, y)
     rows = page.locator(".wb-routing-detail-table tr[data-layer]")
     assert rows.count() == len(layers)
     assert re.fullmatch(rf"L{layers[0]}\s+e\d+ \d\.\d{{3}}(\s+e\d+ \d\.\d{{3}}){{{k - 1}}}", rows.first.inner_text().strip())
+    assert root.get_attribute("data-selected") == "3"
+    assert page.locator('.wb-routing-tokens li[aria-current="true"]').first.get_attribute("data-token") == "3"
+    # hover a legend entry: the cells of every other top-1 expert fade (and the cursor has left the grid)
+    page.locator(".wb-routing-legend-item").first.hover()
+    assert root.get_attribute("data-hover-token") == ""
+    assert _painted_pixels(page, "canvas.wb-routing-overlay") > 0.5 * (S * len(layers) - legend[0][1]) * 36 * 24
     shot(page, "views-routing")
 
     _tab(page, "Specialisation")
@@ -112,8 +174,8 @@ def _check_static_export(lab: LabServer, page: Any, facts: dict[str, Any]) -> No
     assert caption.inner_text().startswith(f"live: tokens 0-{S - 1} of {S}") and f"top-{k} of {E}" in caption.inner_text()
     assert _painted_pixels(page, "canvas.wb-routing-grid") > 1000
     assert page.locator(".wb-fp8-heat-cell").count() > 0 and page.locator(".wb-kv-row").count() == 4
-    box = page.locator("canvas.wb-routing-grid").first.bounding_box()
-    page.mouse.click(box["x"] + 44 + 7, box["y"] + 9)
+    assert _token_labels(page)[0] == _visible(facts["text"][0])
+    page.mouse.click(*_cell_point(page, 0, 0))
     assert page.locator(".wb-routing-detail-table tr[data-layer]").count() == len(facts["layers"])
     shot(page, "views-export")
 
@@ -130,6 +192,10 @@ def test_large_trace_is_paged(lab: LabServer, page: Any) -> None:
     root = page.locator(".wb-routing").first
     root.wait_for(timeout=60_000)
     assert root.get_attribute("data-tokens") == "256"
+    geo = _grid_geometry(page)
+    assert geo["cellW"] == 14 and geo["mode"] in ("flat", "vertical")  # a full page keeps the dense layout
+    assert _cell_ink(page, 0, 0) == 0  # colour only: no room for numbers
+    assert _token_labels(page)[:2] == ["0", "1"] and len(_token_labels(page)) == 256  # no text stored: positions
     assert page.locator(".wb-routing-caption").first.inner_text().startswith(
         "trace: tokens 0-255 of 100000 (page 1/391)")
     handle = page.locator(".widget-slider", has=page.locator(".widget-label", has_text="page")).locator(".noUi-handle")
@@ -137,4 +203,5 @@ def test_large_trace_is_paged(lab: LabServer, page: Any) -> None:
     handle.first.press("ArrowRight")
     page.wait_for_function("() => document.querySelector('.wb-routing').dataset.start === '256'", timeout=30_000)
     assert page.locator(".wb-routing-caption").first.inner_text().startswith("trace: tokens 256-511 of 100000 (page 2/391)")
+    assert _token_labels(page)[0] == "256"
     shot(page, "views-large-trace")

@@ -1,7 +1,8 @@
 """RoutingExplorer: which experts each token chose in every MoE layer, for a stored trace or the live prompt.
 
-The grid is an anywidget whose ESM (static/routing_grid.js) draws a page of tokens on a canvas; hover shows a
-token's top-k experts and weights in every layer, click selects it (`selected`, a global token index). Only a page
+The grid is an anywidget whose ESM (static/routing_grid.js) draws a page of tokens on a canvas: cells coloured (and,
+when wide enough, numbered) by top-1 expert, token texts along the x axis, a legend of experts; hover shows a token's
+top-k experts and weights in every layer, click selects it (`selected`, a global token index). Only a page
 and the per-layer loads travel to the browser (see routing_page.py), so a 100k-token store pages instead of
 freezing the tab. With the live source, every change the tuner makes redraws the grid.
 """
