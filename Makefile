@@ -22,7 +22,7 @@ demo: install
 	$(BIN)/workbench demo
 
 lint:
-	$(BIN)/ruff check workbench kernels tests benchmarks
+	$(BIN)/ruff check workbench kernels tests benchmarks examples
 	$(BIN)/mypy
 	test -d extensions/node_modules || (cd extensions && npm ci --no-audit --no-fund)
 	cd extensions && npm run lint
