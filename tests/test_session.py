@@ -35,9 +35,9 @@ def assert_same_run(a, b):
 def test_baseline_result(session):
     r = session.result
     assert r.generation == 0 and r.kl == 0.0 and r.top_before == r.top_after
-    assert set(r.expert_change) == {1, 2} and all(v == 0.0 for v in r.expert_change.values())
+    assert set(r.expert_change) == set(session.config.moe_layers) and all(v == 0.0 for v in r.expert_change.values())
     assert len(r.continuation_before) == 4 and r.continuation_before == r.continuation_after
-    assert r.loss_delta.shape == (len(PROMPT),) and not r.loss_delta.any()  # BOS + bytes: S - 1 = len(PROMPT)
+    assert r.loss_delta.shape == (session.input_ids.shape[1] - 1,) and not r.loss_delta.any()
 
 
 def test_ablated_expert_is_never_chosen(session, loaded):
@@ -78,7 +78,8 @@ def test_rerun_starts_at_the_first_changed_layer(session):
     assert r is not None and r.start_layer == 2  # layers 0-1 reused from the current (truncated) state
     assert_same_run(r, session.full_run(second))
     again = session.apply(second)
-    assert again is not None and again.start_layer == 3 and torch.equal(again.logits, r.logits)
+    assert again is not None and again.start_layer == session.config.num_hidden_layers  # nothing to re-run
+    assert torch.equal(again.logits, r.logits)
     back = session.reset()
     assert back is not None and back.start_layer == 0 and back.kl == 0.0
     assert torch.equal(back.logits, session.baseline.logits)
@@ -88,7 +89,7 @@ def test_rerun_starts_at_the_first_changed_layer(session):
     (Controls(routing={5: RoutingControl(top_k=1)}), "unknown layer"),
     (Controls(routing={1: RoutingControl(top_k=0)}), "top_k=0"),
     (Controls(routing={1: RoutingControl(top_k=13, ablate=(0, 1, 2, 3))}), r"top_k=13 must be in 1..12"),
-    (Controls(latent={1: LatentControl(64)}), "rank=64 must be in 1..kv_lora_rank=32"),
+    (Controls(latent={1: LatentControl(1000)}), r"rank=1000 must be in 1..kv_lora_rank=\d+"),
     ('{"routing": {"all": {"top_k": "many"}}}', "top_k must be int, got 'many'"),
 ])
 def test_impossible_settings_leave_the_session_as_it_was(session, request_, message):
@@ -141,3 +142,159 @@ def test_rapid_updates_from_threads_end_consistent(session):
     assert session.result.generation == session.generation == len(requests)
     assert session.controls in requests
     assert_same_run(session.result, session.full_run(session.controls))
+
+
+# ---------------------------------------------------------------------- FP8 per run
+def _fp8_copy(loaded, **enable):
+    import copy
+
+    from workbench.model.fp8 import enable_fp8
+
+    model = copy.deepcopy(loaded.model)
+    for kwargs in enable.get("calls", []):
+        enable_fp8(model, **kwargs)
+    return model
+
+
+@pytest.mark.parametrize(("fp8", "calls"), [
+    ({1: ["experts"]}, [{"layers": [1], "sites": ["experts"]}]),
+    ({2: "all", 0: ["attn", "mlp"]}, [{"layers": [2]}, {"layers": [0], "sites": ["attn", "mlp"]}]),
+    ({"all": ["o_proj", "shared_experts"]}, [{"sites": ["o_proj", "shared_experts"]}]),
+])
+def test_fp8_controls_equal_enable_fp8_on_a_copy_and_leave_the_shared_model_alone(session, loaded, fp8, calls):
+    from workbench.model.fp8 import FP8Linear, fp8_sites
+
+    before = loaded.model(session.input_ids)
+    r = session.apply(Controls(fp8=fp8))
+    assert r.start_layer == min(k for k in fp8 if k != "all") if "all" not in fp8 else r.start_layer == 0
+    want = Session(_fp8_copy(loaded, calls=calls), PROMPT, loaded.tokenizer, continuation=4).result
+    assert torch.equal(r.logits, want.logits) and r.continuation_after == want.continuation_after
+    assert r.kl > 0  # FP8 changes the numbers
+    assert list(fp8_sites(loaded.model)) == [] and not any(isinstance(m, FP8Linear) for m in loaded.model.modules())
+    assert torch.equal(loaded.model(session.input_ids), before)  # other users see the untouched model
+    assert_same_run(r, session.full_run(Controls(fp8=fp8)))  # incremental == full re-run
+    assert session.reset().kl == 0.0
+
+
+def test_fp8_controls_switch_off_sites_of_a_model_in_fp8(loaded):
+    """On a model with FP8 on everywhere, a control keeping only layer 2's experts in FP8 equals a model with
+    FP8 only there: sites a control leaves out run in high precision."""
+    everywhere = _fp8_copy(loaded, calls=[{}])
+    s = Session(everywhere, PROMPT, loaded.tokenizer, continuation=2)
+    r = s.apply(Controls(fp8={"all": [], 2: ["experts"]}))
+    want = Session(_fp8_copy(loaded, calls=[{"layers": [2], "sites": ["experts"]}]), PROMPT, loaded.tokenizer,
+                   continuation=2).result
+    assert torch.equal(r.logits, want.logits)
+
+
+def test_fp8_control_runs_are_private_to_their_thread(session, loaded):
+    """While a thread runs under FP8 controls, a plain forward in another thread sees high precision."""
+    from workbench.model.fp8 import RUN_SITES
+
+    plain = loaded.model(session.input_ids)
+    seen = {}
+
+    def other() -> None:
+        seen["sites"] = RUN_SITES.get()
+        seen["logits"] = loaded.model(session.input_ids)
+
+    from workbench.model.fp8 import run_fp8_sites
+
+    with run_fp8_sites(frozenset({"experts", "o_proj"})):
+        t = threading.Thread(target=other)
+        t.start()
+        t.join()
+    assert seen["sites"] is None and torch.equal(seen["logits"], plain)
+
+
+@pytest.mark.parametrize(("fp8", "message"), [
+    ({7: ["experts"]}, r"fp8\[7\]: unknown layer"),
+    ({0: ["experts"]}, r"fp8\[0\]: layer 0 has no \['experts'\]"),
+    ({1: ["mlp"]}, r"fp8\[1\]: layer 1 has no \['mlp'\]"),
+    ({1: ["q_proj"]}, r"has no \['q_proj'\]"),
+    ({1: ["ffn"]}, r"fp8\[1\]: unknown site 'ffn'"),
+    ({1: 3}, r"fp8\[1\] must be 'all' or a list of site names"),
+])
+def test_bad_fp8_controls_are_named_and_change_nothing(session, fp8, message):
+    state = session._state
+    with pytest.raises(ControlError, match=message):
+        session.apply(Controls(fp8=fp8))
+    assert session._state is state
+
+
+def test_fp8_kv_b_proj_cannot_be_switched_per_run_in_absorb_mode(loaded):
+    s = Session(loaded.model, PROMPT, loaded.tokenizer, continuation=0, mode="absorb")
+    with pytest.raises(ControlError, match="kv_b_proj cannot be switched per run in absorb mode"):
+        s.apply(Controls(fp8={1: ["kv_b_proj"]}))
+    assert s.apply(Controls(fp8={1: ["experts", "o_proj"]})).kl > 0
+
+
+# ---------------------------------------------------------------------- routing replay
+def _record(loaded, prompt_ids, controls, path=None):
+    """Trace `prompt_ids` under `controls` (the model's own routing bent by them) into a store at `path`."""
+    from workbench.trace import Trace, TraceStore
+
+    resolved = controls.resolve(loaded.model.config)
+    t = Trace(loaded.model, ["expert_ids", "expert_weights"], tokenizer=loaded.tokenizer, checkpoint=loaded.digest)
+    real = loaded.model.forward
+
+    def with_controls(ids, cache=None, mode="naive", controls=None):
+        return real(ids, cache=cache, mode=mode, controls=resolved)
+
+    loaded.model.forward = with_controls  # the recorder's module hooks still fire around it
+    try:
+        with t:
+            batch = t.forward(prompt_ids)
+    finally:
+        del loaded.model.forward
+    logits = real(prompt_ids, controls=resolved)[0]
+    if path is not None:
+        store = TraceStore.create(path, t.attrs(), t.layout, chunk_tokens=16, vocab=t.vocab())
+        store.append(batch, windows=1)
+        store.close()
+    return t.to_xarray(), logits
+
+
+def test_replaying_a_recorded_routing_reproduces_the_recorded_forward_exactly(tmp_path, session, loaded):
+    bent = Controls(routing={"all": RoutingControl(bias_offset={3: 0.5, 7: -0.2}, ablate=(0, 5)),
+                             2: RoutingControl(force=(9,), routed_scaling_factor=1.7)})
+    ds, recorded = _record(loaded, session.input_ids, bent, tmp_path / "t.zarr")
+    assert not torch.equal(recorded, session.result.logits)  # the controls did change the run
+    for source in (tmp_path / "t.zarr", ds):  # a store on disk, or an in-memory trace
+        r = session.apply(Controls.replay(source, seq=0))
+        assert torch.equal(r.logits, recorded)
+        for layer in (1, 2):
+            want = torch.from_numpy(ds.expert_ids.sel(layer=layer).values.astype("int64"))
+            assert torch.equal(session.expert_ids[layer], want)
+        assert_same_run(r, session.full_run(Controls.replay(source, seq=0)))
+    # JSON keeps the store path and reloads it
+    c = Controls.from_json(Controls.replay(tmp_path / "t.zarr").to_json())
+    assert torch.equal(session.apply(c).logits, recorded)
+    # replaying one layer only: layer 1 forced, layer 2 routed by the gate again
+    part = session.apply(Controls.replay(tmp_path / "t.zarr", layers=[1]))
+    assert torch.equal(session.expert_ids[1], torch.from_numpy(ds.expert_ids.sel(layer=1).values.astype("int64")))
+    assert part.start_layer == 1 and not torch.equal(part.logits, recorded)
+
+
+def test_replay_refuses_another_prompt_model_or_trace(tmp_path, session, loaded):
+    from workbench.model.transformer import DeepSeekModel
+
+    path = tmp_path / "t.zarr"
+    _record(loaded, session.input_ids, Controls(), path)
+    state = session._state
+    other = Session(loaded.model, "another prompt entirely", loaded.tokenizer, continuation=0)
+    with pytest.raises(ControlError, match=r"it recorded \d+ tokens .* this session's prompt is"):
+        other.apply(Controls.replay(path))
+    cfg = loaded.model.config.replace(n_routed_experts=8, n_group=2, topk_group=1)
+    with pytest.raises(ControlError, match="recorded with another model"):
+        Session(DeepSeekModel.random(cfg), session.input_ids[0], continuation=0).apply(Controls.replay(path))
+    with pytest.raises(ControlError, match="has no tokens of seq 5"):
+        Controls.replay(path, seq=5)
+    with pytest.raises(ControlError, match=r"layers \[0\] are not MoE layers"):
+        Controls.replay(path, layers=[0])
+    with pytest.raises(ControlError, match=r"routing fields \['ablate'\] cannot apply"):
+        session.apply(Controls.replay(path, routing={1: RoutingControl(ablate=(2,))}))
+    ds, _ = _record(loaded, session.input_ids, Controls())
+    with pytest.raises(ControlError, match="in-memory trace, so JSON cannot bring it back"):
+        Controls.from_json(Controls.replay(ds).to_json())
+    assert session._state is state

@@ -10,6 +10,11 @@ Design choices:
   layer and field, before anything runs; `resolve()` then turns them into the model's `LayerControls`.
 - Latent truncation keeps the first r directions of a basis: the raw first r dims of c_kv, or the right singular
   vectors of a calibration run's latents (`svd_basis`; uncentred, so the projection stays linear and absorb-safe).
+- FP8 per layer and site (`fp8={layer or "all": [sites] or "all"}`): the listed sites of that layer compute in FP8
+  for this run, the others in high precision; read by the model through a per-thread scope, so the shared model's
+  modules are never swapped (see `workbench.model.fp8`).
+- Routing replay (`Controls.replay(store, seq=...)`): the experts and the fp32 weights a trace recorded for one
+  sequence are used as they are, never recomputed, so a replay reproduces the recorded forward bit for bit.
 
 Shape legend: E routed experts, C kv_lora_rank, r kept latent directions, N calibration tokens.
 """
@@ -19,15 +24,20 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
+import numpy as np
 import torch
 
 from workbench.config import ModelConfig
 from workbench.model.moe import RouteOverride, RoutingParams
 from workbench.model.transformer import LayerControls
+
+if TYPE_CHECKING:
+    import xarray as xr
 
 LayerKey = int | Literal["all"]
 LatentBasis = Literal["svd", "raw"]
@@ -124,16 +134,87 @@ class LatentControl:
         return cls(d["rank"], d.get("basis", "svd"))
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class RoutingReplay:
+    """The routing a trace recorded for one sequence: per MoE layer the chosen experts and the weights applied.
+
+    Equal only to itself (the arrays are not compared); JSON keeps the store path and seq, from which it reloads.
+    """
+
+    token_ids: tuple[int, ...]  # the recorded sequence: the prompt a replay must run
+    expert_ids: Mapping[int, torch.Tensor]  # MoE layer -> [S, k] int64
+    expert_weights: Mapping[int, torch.Tensor]  # MoE layer -> [S, k] fp32, bit for bit as stored
+    model_config: str  # the recording model's HF config, JSON
+    source: str  # the store path ("" for an in-memory Dataset)
+    seq: int
+
+    @classmethod
+    def from_trace(cls, trace: str | Path | xr.Dataset, seq: int = 0, layers: Iterable[int] | None = None
+                   ) -> RoutingReplay:
+        """Read sequence `seq` of a trace store (path) or Dataset; `layers` (MoE layers) limits what is replayed."""
+        import xarray as xr
+
+        from workbench.trace import open_trace
+
+        where = "an in-memory trace" if isinstance(trace, xr.Dataset) else str(trace)
+        ds = trace if isinstance(trace, xr.Dataset) else open_trace(trace)
+        missing = [v for v in ("expert_ids", "expert_weights") if v not in ds]
+        if missing:
+            raise ControlError(f"replay: {where} holds no {missing}; record it with sites expert_ids expert_weights")
+        rows = np.nonzero(np.asarray(ds["seq"].values) == seq)[0]
+        if len(rows) == 0:
+            raise ControlError(f"replay: {where} has no tokens of seq {seq}")
+        one = ds.isel(token=rows).sortby("pos")
+        moe_layers = [int(v) for v in one["layer"].values]
+        chosen = moe_layers if layers is None else [int(v) for v in layers]
+        unknown = [v for v in chosen if v not in moe_layers]
+        if unknown:
+            raise ControlError(f"replay: layers {unknown} are not MoE layers of {where} ({moe_layers})")
+        ids = np.asarray(one["expert_ids"].transpose("token", "layer", "slot").values)  # [S, L, k]
+        weights = np.asarray(one["expert_weights"].transpose("token", "layer", "slot").values)  # [S, L, k]
+        lost = [v for v in chosen if (ids[:, moe_layers.index(v)] < 0).any()]
+        if lost:
+            raise ControlError(f"replay: {where} did not capture the routing of layers {lost} for seq {seq}")
+        return cls(tuple(int(t) for t in one["token_id"].values),
+                   MappingProxyType({v: torch.from_numpy(ids[:, moe_layers.index(v)].astype(np.int64))
+                                     for v in chosen}),
+                   MappingProxyType({v: torch.from_numpy(weights[:, moe_layers.index(v)].astype(np.float32))
+                                     for v in chosen}),
+                   str(ds.attrs.get("model_config", "")), "" if isinstance(trace, xr.Dataset) else str(trace), seq)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"source": self.source, "seq": self.seq, "layers": sorted(self.expert_ids)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> RoutingReplay:
+        if not d.get("source"):
+            raise ControlError("replay: recorded from an in-memory trace, so JSON cannot bring it back; "
+                               "replay from a store path")
+        return cls.from_trace(d["source"], int(d.get("seq", 0)), d.get("layers"))
+
+
 @dataclasses.dataclass(frozen=True)
 class Controls:
     """Every intervention of one run. `Controls()` is the baseline."""
 
     routing: Mapping[LayerKey, RoutingControl] = dataclasses.field(default_factory=dict)
     latent: Mapping[LayerKey, LatentControl] = dataclasses.field(default_factory=dict)
+    # layer or "all" -> the sites computing in FP8 there ("all", or names/groups from workbench.model.fp8.SITES)
+    fp8: Mapping[LayerKey, Sequence[str] | str] = dataclasses.field(default_factory=dict)
+    routing_replay: RoutingReplay | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "routing", _frozen_by_layer(self.routing, "routing"))
         object.__setattr__(self, "latent", _frozen_by_layer(self.latent, "latent"))
+        object.__setattr__(self, "fp8", _frozen_fp8(self.fp8))
+        if self.routing_replay is not None and not isinstance(self.routing_replay, RoutingReplay):
+            raise ControlError(f"routing_replay must be a RoutingReplay, got {type(self.routing_replay).__name__}")
+
+    @classmethod
+    def replay(cls, trace: str | Path | xr.Dataset, seq: int = 0, layers: Iterable[int] | None = None,
+               **others: Any) -> Controls:
+        """Controls that force the routing recorded for `seq` in a trace store or Dataset (see RoutingReplay)."""
+        return cls(routing_replay=RoutingReplay.from_trace(trace, seq, layers), **others)
 
     # ------------------------------------------------------------------ per layer
     def routing_for(self, layer: int) -> RoutingControl | None:
@@ -144,17 +225,29 @@ class Controls:
         own = self.latent.get(layer)
         return own if own is not None else self.latent.get("all")
 
+    def fp8_for(self, layer: int) -> tuple[str, ...] | None:
+        """The sites this run asks to compute in FP8 in `layer` (None: as the model is)."""
+        own = self.fp8.get(layer)
+        return tuple(own) if own is not None else (tuple(self.fp8["all"]) if "all" in self.fp8 else None)
+
+    def replayed(self, layer: int) -> bool:
+        return self.routing_replay is not None and layer in self.routing_replay.expert_ids
+
     def first_difference(self, other: Controls, config: ModelConfig) -> int:
         """The first layer whose effective controls differ from `other`'s (num_hidden_layers when none do).
 
         Controls are compared as written: restating the model's own value (top_k=k) counts as a change.
         """
         for layer in range(config.num_hidden_layers):
-            if self.latent_for(layer) != other.latent_for(layer):
+            if self.latent_for(layer) != other.latent_for(layer) or self.fp8_for(layer) != other.fp8_for(layer):
                 return layer
-            if config.is_moe_layer(layer) and self.routing_for(layer) != other.routing_for(layer):
+            if config.is_moe_layer(layer) and (self.routing_for(layer) != other.routing_for(layer)
+                                               or self._replay_at(layer) is not other._replay_at(layer)):
                 return layer
         return config.num_hidden_layers
+
+    def _replay_at(self, layer: int) -> RoutingReplay | None:
+        return self.routing_replay if self.replayed(layer) else None
 
     # ------------------------------------------------------------------ checks
     def validate(self, config: ModelConfig) -> Controls:
@@ -180,6 +273,16 @@ class Controls:
                 raise ControlError(f"{where}.basis must be 'svd' or 'raw', got {lc.basis!r}")
             if not 1 <= lc.rank <= config.kv_lora_rank:
                 raise ControlError(f"{where}.rank={lc.rank} must be in 1..kv_lora_rank={config.kv_lora_rank}")
+        for key, sites in self.fp8.items():
+            if key == "all":
+                continue
+            if not 0 <= key < L:
+                raise ControlError(f"fp8[{key}]: unknown layer; the model has layers 0..{L - 1}")
+            absent = sorted(set(sites) - fp8_layer_sites(config, key) - {"all", "attn"})
+            if absent:
+                raise ControlError(f"fp8[{key}]: layer {key} has no {absent} (it has {sorted(fp8_layer_sites(config, key))})")
+        if self.routing_replay is not None:
+            _check_replay(self, config)
         return self
 
     # ------------------------------------------------------------------ to the model
@@ -196,28 +299,42 @@ class Controls:
         for layer in range(config.num_hidden_layers):
             rc = self.routing_for(layer) if config.is_moe_layer(layer) else None
             lc = self.latent_for(layer)
-            if rc is None and lc is None:
+            fp8 = self.fp8_for(layer)
+            replay = self._replay_at(layer)
+            if rc is None and lc is None and fp8 is None and replay is None:
                 continue
-            routing = _route_override(rc, config, base, device) if rc is not None else None
+            routing = _route_override(rc or RoutingControl(), config, base, device) if rc or replay else None
+            if replay is not None and routing is not None:
+                routing = dataclasses.replace(routing, replay_ids=replay.expert_ids[layer].to(device),
+                                              replay_weights=replay.expert_weights[layer].to(device))
             basis = _latent_basis(lc, config, layer, svd_bases, dtype, device) if lc is not None else None
-            out[layer] = LayerControls(routing=routing, latent_basis=basis)
+            have = fp8_layer_sites(config, layer)
+            sites = _fp8_expand(fp8, have) & have if fp8 is not None else None
+            out[layer] = LayerControls(routing=routing, latent_basis=basis, fp8_sites=sites)
         return out
 
     # ------------------------------------------------------------------ JSON
     def to_dict(self) -> dict[str, Any]:
-        return {"routing": {str(k): v.to_dict() for k, v in self.routing.items()},
-                "latent": {str(k): v.to_dict() for k, v in self.latent.items()}}
+        out: dict[str, Any] = {"routing": {str(k): v.to_dict() for k, v in self.routing.items()},
+                               "latent": {str(k): v.to_dict() for k, v in self.latent.items()}}
+        if self.fp8:
+            out["fp8"] = {str(k): list(v) for k, v in self.fp8.items()}
+        if self.routing_replay is not None:
+            out["replay"] = self.routing_replay.to_dict()
+        return out
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Controls:
-        unknown = sorted(set(d) - {"routing", "latent"})
+        unknown = sorted(set(d) - {"routing", "latent", "fp8", "replay"})
         if unknown:
-            raise ControlError(f"controls: unknown section(s) {unknown}; known: ['latent', 'routing']")
+            raise ControlError(f"controls: unknown section(s) {unknown}; known: ['fp8', 'latent', 'replay', 'routing']")
         return cls(routing={_layer_key(k): RoutingControl.from_dict(v) for k, v in d.get("routing", {}).items()},
-                   latent={_layer_key(k): LatentControl.from_dict(v) for k, v in d.get("latent", {}).items()})
+                   latent={_layer_key(k): LatentControl.from_dict(v) for k, v in d.get("latent", {}).items()},
+                   fp8=dict(d.get("fp8", {})),
+                   routing_replay=RoutingReplay.from_dict(d["replay"]) if d.get("replay") else None)
 
     @classmethod
     def from_json(cls, text: str) -> Controls:
@@ -238,7 +355,70 @@ def svd_basis(latents: torch.Tensor) -> torch.Tensor:
     return vh.T.float()
 
 
+def fp8_layer_sites(config: ModelConfig, layer: int) -> set[str]:
+    """The FP8 sites (workbench.model.fp8.SITES) that exist in `layer` of a model of this config."""
+    from workbench.model.fp8 import ATTN_SITES  # the site names live with the FP8 code (which needs Triton)
+
+    attn = {p for p in ATTN_SITES if p not in (("q_a_proj", "q_b_proj") if config.q_lora_rank is None else ("q_proj",))}
+    if not config.is_moe_layer(layer):
+        return attn | {"mlp"}
+    return attn | {"experts"} | ({"shared_experts"} if config.n_shared_experts > 0 else set())
+
+
 # ---------------------------------------------------------------------- helpers
+def _fp8_expand(names: Sequence[str], available: set[str]) -> frozenset[str]:
+    """Site names, groups and "all" -> the sites of a layer they select ("all" / a group: those it has)."""
+    from workbench.model.fp8 import SITE_GROUPS
+
+    out: set[str] = set()
+    for n in names:
+        out |= available if n == "all" else set(SITE_GROUPS[n]) & available if n in SITE_GROUPS else {n}
+    return frozenset(out)
+
+
+def _frozen_fp8(entries: Mapping[Any, Sequence[str] | str]) -> Mapping[LayerKey, tuple[str, ...]]:
+    """Layer keys checked and ordered ("all" first); each value a sorted tuple of site names, groups or "all"."""
+    if not isinstance(entries, Mapping):
+        raise ControlError(f"fp8 must map layer (or 'all') -> sites, got {entries!r}")
+    if not entries:
+        return MappingProxyType({})
+    from workbench.model.fp8 import SITE_GROUPS, SITES  # only FP8 controls need the FP8 code (and Triton)
+
+    out: dict[LayerKey, tuple[str, ...]] = {}
+    for key, value in dict(entries).items():
+        k = _layer_key(key)
+        names = [value] if isinstance(value, str) else value
+        if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+            raise ControlError(f"fp8[{k!r}] must be 'all' or a list of site names, got {value!r}")
+        unknown = [n for n in names if n != "all" and n not in SITE_GROUPS and n not in SITES]
+        if unknown:
+            raise ControlError(f"fp8[{k!r}]: unknown site {unknown[0]!r}; known: {['all', *SITE_GROUPS, *SITES]}")
+        out[k] = tuple(sorted(set(names)))  # "all" and groups stay as written: they mean "those the layer has"
+    ordered: dict[LayerKey, tuple[str, ...]] = {"all": out["all"]} if "all" in out else {}
+    ordered.update({k: out[k] for k in sorted(k for k in out if k != "all")})
+    return MappingProxyType(ordered)
+
+
+def _check_replay(controls: Controls, config: ModelConfig) -> None:
+    replay = controls.routing_replay
+    assert replay is not None
+    where = f"replay of {replay.source or 'an in-memory trace'} (seq {replay.seq})"
+    ours = json.dumps(config.to_hf_dict(), sort_keys=True)
+    if replay.model_config and json.loads(replay.model_config) != json.loads(ours):
+        raise ControlError(f"{where}: recorded with another model (its config differs from this model's)")
+    E = config.n_routed_experts
+    for layer, ids in replay.expert_ids.items():
+        if not config.is_moe_layer(layer):
+            raise ControlError(f"{where}: layer {layer} is not an MoE layer of this model")
+        if ids.numel() and not (int(ids.min()) >= 0 and int(ids.max()) < E):
+            raise ControlError(f"{where}: layer {layer} names experts outside 0..{E - 1}")
+        rc = controls.routing_for(layer)
+        clash = sorted(k for k, v in (rc.to_dict() if rc else {}).items() if k != "shared_experts")
+        if clash:
+            raise ControlError(f"{where}: layer {layer} is replayed, so routing fields {clash} cannot apply there")
+
+
+
 def _frozen_by_layer(entries: Mapping[Any, Any], what: str) -> Mapping[LayerKey, Any]:
     out: dict[LayerKey, Any] = {}
     for key, value in dict(entries).items():

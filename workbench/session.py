@@ -23,15 +23,15 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 
-from workbench.controls import Controls, svd_basis
+from workbench.controls import ControlError, Controls, svd_basis
 from workbench.model.cache import LatentKVCache
 from workbench.model.mla import AttnMode
-from workbench.model.transformer import DeepSeekModel, LayerControls
+from workbench.model.transformer import Block, DeepSeekModel, LayerControls
 from workbench.tokenizer import Tokenizer
 
 
@@ -172,8 +172,23 @@ class Session:
 
     # ------------------------------------------------------------------ running
     def _resolve(self, controls: Controls) -> dict[int, LayerControls]:
-        return controls.resolve(self.config, svd_bases=self.svd_bases, dtype=self._param.dtype,
-                                device=self._param.device)
+        replay = controls.routing_replay
+        if replay is not None and replay.token_ids != tuple(self.input_ids[0].tolist()):
+            raise ControlError(f"replay of {replay.source or 'an in-memory trace'} (seq {replay.seq}): it recorded "
+                               f"{len(replay.token_ids)} tokens {_head(replay.token_ids)}, this session's prompt is "
+                               f"{self.input_ids.shape[1]} tokens {_head(self.input_ids[0].tolist())}")
+        resolved = controls.resolve(self.config, svd_bases=self.svd_bases, dtype=self._param.dtype,
+                                    device=self._param.device)
+        if self.mode == "absorb" and any(lc.fp8_sites is not None for lc in resolved.values()):
+            from workbench.model.fp8 import FP8Linear  # absorbed attention multiplies by kv_b_proj's weight directly
+
+            for layer, lc in resolved.items():
+                block = cast("Block", self.model.layers[layer])
+                in_fp8 = isinstance(block.self_attn.kv_b_proj, FP8Linear)
+                if lc.fp8_sites is not None and ("kv_b_proj" in lc.fp8_sites) != in_fp8:
+                    raise ControlError(f"fp8 for layer {layer}: kv_b_proj cannot be switched per run in absorb "
+                                       "mode; use mode='naive' or enable_fp8 on the model")
+        return resolved
 
     @torch.no_grad()
     def _run(self, prev: _State | None, controls: Controls, resolved: Mapping[int, LayerControls], start: int,
@@ -208,10 +223,15 @@ class Session:
         if cache is None or self.n_continue == 0:
             return ()
         cache = _clone_cache(cache)
+        # a replayed routing covers the prompt only: new tokens are routed by the gate (other controls still apply)
+        decode = {layer: dataclasses.replace(lc, routing=dataclasses.replace(lc.routing, replay_ids=None,
+                                                                             replay_weights=None))
+                  if lc.routing is not None and lc.routing.replay_ids is not None else lc
+                  for layer, lc in resolved.items()}
         out = [int(last.argmax())]
         while len(out) < self.n_continue:
             step = torch.tensor([[out[-1]]], device=self.input_ids.device)  # [1, 1]
-            out.append(int(self.model(step, cache=cache, mode=self.mode, controls=resolved)[0, -1].argmax()))
+            out.append(int(self.model(step, cache=cache, mode=self.mode, controls=decode)[0, -1].argmax()))
         return tuple(out)
 
     @torch.no_grad()
@@ -291,6 +311,10 @@ def _clone_cache(cache: LatentKVCache) -> LatentKVCache:
     out = copy.copy(cache)
     out.c_kv, out.k_pe = cache.c_kv.clone(), cache.k_pe.clone()
     return out
+
+
+def _head(ids: Sequence[int], n: int = 8) -> str:
+    return "[" + ", ".join(map(str, list(ids)[:n])) + (", ...]" if len(ids) > n else "]")
 
 
 def _as_controls(controls: Controls | Mapping[str, Any] | str) -> Controls:

@@ -41,7 +41,7 @@ def test_txt_and_jsonl_give_the_same_trace_and_plain_readers_agree(tmp_path, loa
     assert plain.attrs["complete"] is True
 
 
-def test_bad_inputs_are_clear_errors(tmp_path, capsys):
+def test_bad_inputs_are_clear_errors(tmp_path, capsys, loaded):
     ok = tmp_path / "ok.txt"
     ok.write_text("hello\n")
     assert trace_cli("--input", tmp_path / "nope.txt", "--out", tmp_path / "x.zarr") == 2
@@ -58,7 +58,8 @@ def test_bad_inputs_are_clear_errors(tmp_path, capsys):
     assert not (tmp_path / "x.zarr").exists()
     assert trace_cli("--input", ok, "--out", tmp_path / "z.zarr") == 0
     assert trace_cli("--input", ok, "--out", tmp_path / "z.zarr") == 2  # exists: refuse, keep it
-    assert "already exists" in capsys.readouterr().err and open_trace(tmp_path / "z.zarr").sizes["token"] == 6
+    written = 1 + len(loaded.tokenizer.encode("hello"))  # BOS + the line
+    assert "already exists" in capsys.readouterr().err and open_trace(tmp_path / "z.zarr").sizes["token"] == written
 
 
 def test_a_bad_record_midway_keeps_the_batches_before_it(tmp_path, capsys):
@@ -110,7 +111,7 @@ def test_resume_refuses_a_changed_input(tmp_path, capsys):
     from workbench.trace import command
 
     real = command.TraceStore.close
-    command.TraceStore.close = lambda self, complete=True: None  # leave it unfinished, as a crash would
+    command.TraceStore.close = lambda self, complete=True: real(self, complete=False)  # committed, not finished
     try:
         assert trace_cli(*store_args) == 0
     finally:
@@ -128,3 +129,39 @@ def test_sites_flag(tmp_path, sites):
     assert "router_scores" in ds and "kv_latent" in ds
     if sites != ["all"]:
         assert "expert_ids" not in ds and np.isnan(ds.kv_latent.sel(layer_all=0).values).all()
+
+
+def test_two_shard_processes_fill_one_store_equal_to_a_single_writer_run(tmp_path):
+    texts = corpus(40, seed=9, max_words=16)
+    src = tmp_path / "in.txt"
+    src.write_text("\n".join(texts) + "\n")
+    flags = ["--input", str(src), "--batch-tokens", "96", "--chunk-tokens", "32", "--no-progress"]
+    sharded = tmp_path / "sharded.zarr"
+    procs = [subprocess.Popen([sys.executable, "-m", "workbench.cli", "trace", *flags, "--out", str(sharded),
+                               "--shard", f"{i}/2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in (0, 1)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert "as writer 0 of 2" in outs[0][0] and "as writer 1 of 2" in outs[1][0]
+    assert trace_cli(*flags, "--out", tmp_path / "single.zarr") == 0
+    got, want = open_trace(sharded).compute(), open_trace(tmp_path / "single.zarr").compute()
+    g = zarr.open_group(sharded, mode="r")
+    assert g.attrs["writers"] == 2 and got.attrs["complete"] and got.sizes["token"] == want.sizes["token"]
+    assert min(int(n) for n in g["progress"][:, 0]) > 0  # both writers did work
+    for name in want.variables:
+        a, b = got[name].values, want[name].values
+        if a.dtype.kind in "OTU":
+            assert list(a) == list(b), name
+        else:
+            np.testing.assert_array_equal(a, b, err_msg=name)
+    # a third writer of another plan cannot join, and a finished shard refuses to run again
+    assert trace_cli(*flags, "--out", sharded, "--shard", "0/3", "--wait", "1") == 2
+    assert trace_cli(*flags, "--out", sharded, "--shard", "1/2") == 2
+
+
+def test_shard_flag_is_validated(tmp_path, capsys):
+    (tmp_path / "in.txt").write_text("abc\n")
+    for bad in ("2/2", "x", "1/0"):
+        with pytest.raises(SystemExit):
+            trace_cli("--input", tmp_path / "in.txt", "--out", tmp_path / "t.zarr", "--shard", bad)
+    assert "--shard '2/2': need N >= 1 and 0 <= I < N" in capsys.readouterr().err

@@ -93,7 +93,8 @@ def test_fp8_errors_are_taken_from_fp8_probe_sites_when_they_exist():
         t.forward(torch.tensor([[0, 7, 8, 9]]))
     ds = t.to_xarray()
     assert list(ds.site.values) == ["attn.kv_a_proj_with_mqa"]
-    np.testing.assert_allclose(ds.fp8_rel_error.values[:, :, 0], [[0.01, 0.02, 0.03]] * 4, rtol=1e-6)
+    want = [[(layer + 1) / 100 for layer in range(model.config.num_hidden_layers)]] * 4
+    np.testing.assert_allclose(ds.fp8_rel_error.values[:, :, 0], want, rtol=1e-6)
 
 
 def test_empty_trace_has_the_schema(loaded):
@@ -101,3 +102,17 @@ def test_empty_trace_has_the_schema(loaded):
         pass
     ds = t.to_xarray()
     assert ds.sizes["token"] == 0 and ds.expert_ids.dims == ("token", "layer", "slot")
+
+
+def test_a_probe_of_another_width_is_a_clear_error(loaded):
+    from workbench.controls import Controls, RoutingControl
+
+    top2 = Controls(routing={"all": RoutingControl(top_k=2)}).resolve(loaded.model.config)
+    t = Trace(loaded.model, ["expert_ids"])
+    real = loaded.model.forward
+    loaded.model.forward = lambda ids, cache=None, mode="naive", controls=None: real(ids, controls=top2)
+    try:
+        with t, pytest.raises(ValueError, match=r"expert_ids: a probe gave 2 values per token .* holds \d+"):
+            t.forward(torch.tensor([[0, 7, 8, 9]]))
+    finally:
+        del loaded.model.forward

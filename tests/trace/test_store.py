@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,7 @@ from workbench.trace import (
     TraceStore,
     TraceStoreError,
     from_vllm_routed_experts,
+    migrate_store,
     open_trace,
     to_vllm_routed_experts,
 )
@@ -55,14 +57,15 @@ def test_round_trip_through_our_reader_and_plain_zarr_and_xarray(tmp_path, loade
     ours = open_trace(path)
     assert ours.attrs["complete"] and ours.expert_ids.chunks[0][0] == 32  # lazy and chunked along token
     assert_same_trace(ours.compute(), want)
-    # readers we did not write
+    # readers we did not write: schema 1.1 keeps text once per token id, in `vocab_text`
     plain = xr.open_zarr(path, consolidated=False)
-    assert_same_trace(plain.drop_vars("progress").compute(), want)
+    assert_same_trace(plain.drop_vars(["progress", "vocab_text"]).compute(), want.drop_vars("text"))
+    assert list(plain.vocab_text.values[want.token_id.values]) == list(want.text.values)
     g = zarr.open_group(path, mode="r")
     np.testing.assert_array_equal(g["expert_ids"][:], want.expert_ids.values)
     assert g["router_scores"].dtype == np.float16 and g["expert_ids"].dtype == np.int16
     assert json.loads(g.attrs["model_config"])["n_routed_experts"] == loaded.model.config.n_routed_experts
-    assert g.attrs["checkpoint"] == loaded.digest and g.attrs["schema_version"] == "1.0"
+    assert g.attrs["checkpoint"] == loaded.digest and g.attrs["schema_version"] == "1.1"
 
 
 def test_uncommitted_rows_are_invisible_and_the_store_is_incomplete_until_closed(tmp_path, loaded):
@@ -80,25 +83,26 @@ def test_uncommitted_rows_are_invisible_and_the_store_is_incomplete_until_closed
 def test_disk_full_mid_batch_keeps_every_committed_batch_and_resume_finishes(tmp_path, loaded, monkeypatch):
     path = tmp_path / "t.zarr"
     t = Trace(loaded.model, None, tokenizer=loaded.tokenizer, keep=False, checkpoint=loaded.digest)
-    store = TraceStore.create(path, t.attrs(), t.layout, chunk_tokens=16)
+    store = TraceStore.create(path, t.attrs(), t.layout, chunk_tokens=16, vocab=t.vocab())
     batches = []
     with t:
         batches = [(dict(b), n) for b, n in run_windows(t, TEXTS, loaded.tokenizer)]
     for b, n in batches[:2]:
         store.append(b, windows=n)
     committed = store.tokens
-    real_write, calls = TraceStore._write, {"n": 0}
+    real_put, calls = TraceStore._put, {"n": 0}
 
-    def failing_write(self, name, start, end, data):
+    def failing_put(self, key, payload):
         calls["n"] += 1
-        if calls["n"] == 3:  # a few arrays of the batch are on disk, then the disk fills up
+        if calls["n"] == 3:  # a few chunk files of the flush are on disk, then the disk fills up
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real_write(self, name, start, end, data)
+        return real_put(self, key, payload)
 
-    monkeypatch.setattr(TraceStore, "_write", failing_write)
+    monkeypatch.setattr(TraceStore, "_put", failing_put)
     with pytest.raises(OSError, match=f"disk is full.*keeps its {committed} committed tokens"):
         store.append(*batches[2])
-    monkeypatch.setattr(TraceStore, "_write", real_write)
+    assert calls["n"] > 3  # the other writes of the flush ran (and stopped) before the error was raised
+    monkeypatch.setattr(TraceStore, "_put", real_put)
     ds = open_trace(path)
     assert ds.sizes["token"] == committed and not ds.attrs["complete"]
     # resume: a fresh handle continues after the committed batches
@@ -129,23 +133,126 @@ def test_appending_another_models_trace_is_refused_and_nothing_changes(tmp_path,
     assert_same_trace(open_trace(path).compute(), before)
 
 
-def test_schema_versions(tmp_path, loaded):
+def _chunk_files(path: Path) -> int:
+    return sum(1 for p in path.rglob("c/*") if p.is_file()) + sum(1 for p in path.rglob("c/*/*") if p.is_file())
+
+
+def test_buffered_concurrent_flushes_equal_the_plain_write_per_batch(tmp_path, loaded):
+    """The fast path (batches buffered to whole chunks, all arrays written at once) against the plain one (every
+    batch written at once, array by array): identical zarr arrays, fewer chunk writes; a reopened store with a
+    partly filled last chunk continues exactly."""
+    t = Trace(loaded.model, ["all"], tokenizer=loaded.tokenizer, keep=False, checkpoint=loaded.digest)
+    with t:
+        batches = [(dict(b), n) for b, n in run_windows(t, corpus(30, seed=4), loaded.tokenizer)]
+    fast = TraceStore.create(tmp_path / "fast.zarr", t.attrs(), t.layout, chunk_tokens=128, vocab=t.vocab())
+    plain = TraceStore.create(tmp_path / "plain.zarr", t.attrs(), t.layout, chunk_tokens=64, vocab=t.vocab(),
+                              flush_tokens=1)
+    plain._sync_writes = True
+    half = len(batches) // 2
+    for b, n in batches[:half]:
+        fast.append(b, windows=n)
+        plain.append(b, windows=n)
+    assert plain.pending_tokens == 0 and (fast.pending_tokens > 0 or fast.tokens % 128 != 0)
+    fast.close(complete=False)  # commits what is buffered, leaves the store open for a resume
+    fast = TraceStore.open_for_append(tmp_path / "fast.zarr", t.attrs(), t.layout)
+    assert fast.tokens == plain.tokens and fast.seqs == plain.seqs
+    for b, n in batches[half:]:
+        fast.append(b, windows=n)
+        plain.append(b, windows=n)
+    fast.close()
+    plain.close()
+    a, b = zarr.open_group(tmp_path / "fast.zarr", mode="r"), zarr.open_group(tmp_path / "plain.zarr", mode="r")
+    for name in t.layout.stored_names():
+        np.testing.assert_array_equal(a[name][:], b[name][:], err_msg=name)
+    assert_same_trace(open_trace(tmp_path / "fast.zarr").compute(), open_trace(tmp_path / "plain.zarr").compute())
+    assert "text" not in a and list(a["vocab_text"][:][a["token_id"][:]]) == list(open_trace(tmp_path / "fast.zarr").text.values)
+
+
+def _as_schema_1_0(path: Path) -> None:
+    """Rewrite a store in the 1.0 layout (what workbench 0.1's writer produced): per-token `text`, no vocab table."""
+    g = zarr.open_group(path, mode="r+")
+    text = np.asarray(g["vocab_text"][:], dtype=object)[g["token_id"][:]]
+    arr = g.create_array("text", shape=text.shape, chunks=g["token_id"].chunks, dtype=str, fill_value="",
+                         dimension_names=["token"])
+    arr[:] = text
+    del g["vocab_text"]
+    g.attrs["schema_version"] = "1.0"
+
+
+def test_stores_of_each_schema_version(tmp_path, loaded):
+    want = in_memory(loaded, TEXTS[:4])
+    old = tmp_path / "old.zarr"
+    write_store(old, loaded, TEXTS[:4], close=False)
+    _as_schema_1_0(old)
+    assert zarr.open_group(old, mode="r")["text"].dtype.kind in "OTU"
+    assert_same_trace(open_trace(old).compute(), want)  # 1.0 reads as it always did
+    t = Trace(loaded.model, None, tokenizer=loaded.tokenizer, checkpoint=loaded.digest)
+    with pytest.raises(TraceStoreError, match=r"schema 1\.0 store.*migrate_store"):
+        TraceStore.open_for_append(old, t.attrs(), t.layout)
+    assert migrate_store(old, vocab=t.vocab()) == "1.1" and migrate_store(old) == "1.1"  # the second: nothing to do
+    g = zarr.open_group(old, mode="r")
+    assert "text" not in g and "vocab_text" in g and g.attrs["schema_version"] == "1.1"
+    assert_same_trace(open_trace(old).compute(), want)
+    assert not open_trace(old).attrs["complete"]
+    t = Trace(loaded.model, None, tokenizer=loaded.tokenizer, keep=False, checkpoint=loaded.digest)
+    store = TraceStore.open_for_append(old, t.attrs(), t.layout)  # a migrated store can be continued
+    with t:
+        for batch, n in run_windows(t, TEXTS[4:8], loaded.tokenizer, seq0=4):
+            store.append(batch, windows=n)
+    store.close()
+    ds = open_trace(old)
+    assert ds.attrs["complete"]
+    np.testing.assert_array_equal(ds.token_id.values, in_memory(loaded, TEXTS[:8]).token_id.values)
+    assert list(ds.text.values) == list(in_memory(loaded, TEXTS[:8]).text.values)
+
+
+def test_migration_refuses_a_store_whose_texts_disagree_and_changes_nothing(tmp_path, loaded):
     path = tmp_path / "t.zarr"
     write_store(path, loaded, TEXTS[:3])
+    _as_schema_1_0(path)
     g = zarr.open_group(path, mode="r+")
-    # a newer minor version adds a variable: we still read it, keeping the unknown variable
+    text = g["text"][:]
+    text[-1] = "not what token " + str(g["token_id"][len(text) - 1]) + " says elsewhere"
+    ids = g["token_id"][:]
+    if (ids == ids[-1]).sum() < 2:  # make sure the id occurs twice
+        ids[-1] = ids[0]
+        g["token_id"][:] = ids
+    g["text"][:] = text
+    before = open_trace(path).compute()
+    with pytest.raises(TraceStoreError, match=f"token id {ids[-1]} has two texts"):
+        migrate_store(path)
+    with pytest.raises(TraceStoreError, match=f"token id {ids[-1]} has two texts"):
+        migrate_store(path, vocab=Trace(loaded.model, tokenizer=loaded.tokenizer).vocab())
+    with pytest.raises(TraceStoreError, match="vocab has 3 entries"):
+        migrate_store(path, vocab=["a", "b", "c"])
+    assert zarr.open_group(path, mode="r").attrs["schema_version"] == "1.0"
+    assert_same_trace(open_trace(path).compute(), before)
+
+
+def test_newer_minor_versions_open_and_a_newer_major_is_refused_by_name(tmp_path, loaded):
+    path = tmp_path / "t.zarr"
+    write_store(path, loaded, TEXTS[:3], sites=["expert_ids"])
+    g = zarr.open_group(path, mode="r+")
+    # a newer minor version adds a variable (kept) and this store lacks optional ones (absent, not an error)
     g.attrs["schema_version"] = "1.4"
     n = g["token_id"].shape[0]
     extra = g.create_array("router_entropy", shape=(n,), dtype="float32", dimension_names=["token"])
     extra[:] = np.arange(n, dtype=np.float32)
     ds = open_trace(path)
     np.testing.assert_array_equal(ds.router_entropy.values, np.arange(n))
+    assert "router_scores" not in ds and "expert_weights" not in ds
+    assert ds.text.values[0] == loaded.tokenizer.token_text(int(ds.token_id.values[0]))
     g.attrs["schema_version"] = "2.0"
-    with pytest.raises(SchemaError, match=r"schema 2\.0 cannot be read.*upgrade the workbench"):
+    with pytest.raises(SchemaError, match=rf"{path}: trace schema 2\.0 cannot be read.*upgrade the workbench"):
         open_trace(path)
-    t = Trace(loaded.model, None, checkpoint=loaded.digest)
+    t = Trace(loaded.model, ["expert_ids"], checkpoint=loaded.digest)
     with pytest.raises(SchemaError, match=r"schema 2\.0"):
         TraceStore.open_for_append(path, t.attrs(), t.layout)
+    with pytest.raises(SchemaError, match=r"schema 2\.0"):
+        migrate_store(path)
+    g.attrs["schema_version"] = "one"
+    with pytest.raises(SchemaError, match="'one' is not MAJOR.MINOR"):
+        open_trace(path)
 
 
 def test_corrupt_and_partial_stores_give_clear_errors(tmp_path, loaded):
@@ -213,7 +320,8 @@ def test_vllm_routed_experts_round_trip(loaded):
     np.testing.assert_array_equal(back.expert_ids.values, ds.expert_ids.values)
     assert list(back.layer.values) == list(cfg.moe_layers)
     partial = in_memory(loaded, TEXTS[:2], ["blocks.1.mlp.hook_expert_indices"])
-    with pytest.raises(ValueError, match=r"layers \[2\] were not captured"):
+    left_out = [layer for layer in cfg.moe_layers if layer != 1]
+    with pytest.raises(ValueError, match=rf"layers {re.escape(str(left_out))} were not captured"):
         to_vllm_routed_experts(partial)
     with pytest.raises(ValueError, match="tokens, moe_layers, top_k"):
         from_vllm_routed_experts(routed[0])

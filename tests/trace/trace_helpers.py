@@ -34,10 +34,9 @@ def run_windows(t: Trace, texts: list[str], tokenizer: object, per_batch: int = 
 def write_store(path: Path, loaded: LoadedModel, texts: list[str], sites: list[str] | None = None,
                 chunk_tokens: int = 32, close: bool = True) -> TraceStore:
     t = Trace(loaded.model, sites, tokenizer=loaded.tokenizer, keep=False, checkpoint=loaded.digest)
-    store = TraceStore.create(path, t.attrs(), t.layout, chunk_tokens=chunk_tokens)
+    store = TraceStore.create(path, t.attrs(), t.layout, chunk_tokens=chunk_tokens, vocab=t.vocab())
     with t:
         for batch, n in run_windows(t, texts, loaded.tokenizer):
             store.append(batch, windows=n)
-    if close:
-        store.close()
+    store.close(complete=close)  # commits every batch; close=False leaves it unfinished, as a stopped run would
     return store

@@ -14,11 +14,17 @@ its e4m3 codes and `weight_scale_inv` in the same modules (`install_fp8_weights`
 
 Sites: attention projections by name (q_proj, q_a_proj, q_b_proj, kv_a_proj_with_mqa, kv_b_proj, o_proj; "attn" =
 all), "experts" (routed), "shared_experts", "mlp" (dense layers' MLP).
+
+Per run, without touching the shared model (`Controls(fp8=...)`, read by `Block.forward`): `run_fp8_sites(sites)`
+sets, for the layer running now and only in the calling thread/task (a ContextVar), exactly which sites compute in
+FP8; the others compute in high precision, whatever `enable_fp8` did. `FP8Linear` and `Experts` read it directly;
+plain `nn.Linear`s get a forward hook (`install_fp8_run_hooks`, once per module) that swaps in the output of a
+shadow `FP8Linear` holding the same Parameter, so a controlled run equals a run with `enable_fp8` on those sites.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, cast
 
@@ -26,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workbench.model.moe import MLP, Experts, MoE
+from workbench.model.moe import FP8_RUN_SITES, MLP, Experts, MoE
+from workbench.model.moe import run_fp8_sites as run_fp8_sites  # re-exported: the run scope of FP8 controls
 from workbench.probes import ProbeSite
 from workbench_kernels.fp8_gemm import fp8_gemm, fp8_gemm_ref
 from workbench_kernels.fp8_quant import act_dequant_ref, act_quant, act_quant_ref, weight_dequant_ref, weight_quant_ref
@@ -41,6 +48,7 @@ MLP_PROJS = ("gate_proj", "up_proj", "down_proj")
 SITES = (*ATTN_SITES, "experts", "shared_experts", "mlp")
 SITE_GROUPS = {"attn": ATTN_SITES}
 Backend = Literal["auto", "torch", "triton"]
+RUN_SITES = FP8_RUN_SITES  # the run-scoped FP8 sites of the layer running now (defined in moe.py, Triton-free)
 
 
 @dataclass(frozen=True)
@@ -49,6 +57,9 @@ class FP8Format:
 
     fmt: str = "e4m3"
     ue8m0: bool = False
+
+
+RUN_FORMAT = FP8Format()  # what a control switches a high-precision site to: DeepSeek-V3's e4m3, fp32 scales
 
 
 def act_qdq(x: torch.Tensor, f: FP8Format) -> torch.Tensor:
@@ -87,6 +98,7 @@ class FP8Linear(nn.Module):
         self.register_parameter("bias", bias if bias is None or isinstance(bias, nn.Parameter) else nn.Parameter(bias))
         self.register_buffer("weight_scale_inv", weight_scale_inv)
         self.hook_fp8_rel_error: ProbeSite | None = None
+        self.site = ""  # which of SITES this linear is (set by enable_fp8 / install_fp8_weights), for run controls
         self._cache: tuple[tuple[object, ...], torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
@@ -119,6 +131,10 @@ class FP8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from workbench.model.backend import resolve_backend
 
+        run = RUN_SITES.get()
+        if run is not None and self.site not in run:  # a run's controls switched this site to high precision
+            w = self.weight if self.weight_scale_inv is None else self.dense_weight(torch.float32).to(x.dtype)
+            return F.linear(x, w, self.bias)
         q, s = self.quantized_weight()
         if resolve_backend(self.backend, x.device, "fp8_linear", supported=True) == "triton":
             xq, xs = act_quant(x, BLOCK, self.fmt.fmt, self.fmt.ue8m0)  # [..., K], [..., ceil(K/128)]
@@ -147,11 +163,11 @@ def _dequant_stacked(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     return q.float() * s.repeat_interleave(BLOCK, 1)[:, :N].repeat_interleave(BLOCK, 2)[:, :, :K]
 
 
-def expert_weights_fp8(experts: Experts) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def expert_weights_fp8(experts: Experts, fmt: FP8Format | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """[(codes [E, N, K], scale_inv [E, ceil(N/128), ceil(K/128)])] for gate, up, down; quantized per expert in
-    128x128 blocks (cached per weight version), or the stored ones of an FP8 checkpoint."""
-    assert experts.fp8 is not None
-    f = experts.fp8
+    128x128 blocks (cached per weight version and format), or the stored ones of an FP8 checkpoint."""
+    f = fmt if fmt is not None else experts.fp8
+    assert f is not None
     out = []
     for name in MLP_PROJS:
         w: torch.Tensor = getattr(experts, name)
@@ -175,6 +191,26 @@ def experts_dense_weights(experts: Experts) -> tuple[torch.Tensor, torch.Tensor,
         return experts.gate_proj, experts.up_proj, experts.down_proj
     g, u, d = (_dequant_stacked(q, s) for q, s in expert_weights_fp8(experts))
     return g, u, d
+
+
+def experts_forward_fp8(experts: Experts, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                        fmt: FP8Format) -> torch.Tensor:
+    """The torch FP8 path of the routed experts with an explicit format (a run's control): x [T, H] -> [T, H]."""
+    from functools import partial
+
+    from workbench.model.moe import experts_forward
+
+    (qg, sg), (qu, su), (qd, sd) = expert_weights_fp8(experts, fmt)
+    return experts_forward(x, ids, weights, _dequant_stacked(qg, sg), _dequant_stacked(qu, su),
+                           _dequant_stacked(qd, sd), act_qdq=partial(act_qdq, f=fmt))
+
+
+def experts_forward_hp(experts: Experts, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The routed experts in high precision (FP8 checkpoint weights dequantized): x [T, H] -> [T, H]."""
+    from workbench.model.moe import experts_forward
+
+    wg, wu, wd = experts_dense_weights(experts)
+    return experts_forward(x, ids, weights, wg, wu, wd)
 
 
 # ---------------------------------------------------------------------------------------------- selection
@@ -266,6 +302,7 @@ def enable_fp8(model: DeepSeekModel, *, layers: Iterable[int] | int | None = Non
         if isinstance(child, FP8Linear):
             continue
         new = FP8Linear.from_linear(child, f)
+        new.site = t.site
         new.hook_fp8_rel_error = _probe(model, t.probe)
         setattr(t.parent, t.attr, new)
         switched.append(_module_name(t))
@@ -299,6 +336,49 @@ def disable_fp8(model: DeepSeekModel, *, layers: Iterable[int] | int | None = No
             setattr(t.parent, t.attr, child.to_linear(dtype))
             switched.append(_module_name(t))
     return switched
+
+
+def _site_of(parent_path: str, attr: str) -> str:
+    """SITES name of the linear `attr` under `parent_path` (`layers.3.mlp.shared_experts`, `gate_proj`)."""
+    if attr in ATTN_SITES:
+        return attr
+    return "shared_experts" if parent_path.endswith("shared_experts") else "mlp"
+
+
+def layer_sites(model: DeepSeekModel, layer: int) -> set[str]:
+    """The SITES that exist in `layer` of this model (e.g. no "experts" in a dense layer, no q_proj with q-LoRA)."""
+    return {t.site for t in _targets(model, layer, None)}
+
+
+def install_fp8_run_hooks(model: DeepSeekModel) -> None:
+    """Give every plain linear site a forward hook that obeys `RUN_SITES` (idempotent; cheap to call per run).
+
+    The hook does nothing unless a run's controls name its site; then it returns the output of a shadow FP8Linear
+    on the same Parameter (built once, kept in the hook's closure, never registered as a submodule).
+    """
+    for t in _targets(model, None, None):
+        if t.attr == "":
+            continue  # Experts read RUN_SITES themselves
+        linear = getattr(t.parent, t.attr)
+        if isinstance(linear, FP8Linear) or getattr(linear, "_fp8_run_hook", False):
+            continue
+        linear.register_forward_hook(_run_hook(t.site))
+        linear._fp8_run_hook = True
+
+
+def _run_hook(site: str) -> Callable[[nn.Module, tuple[torch.Tensor, ...], torch.Tensor], torch.Tensor | None]:
+    shadow: list[FP8Linear] = []
+
+    def hook(module: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> torch.Tensor | None:
+        run = RUN_SITES.get()
+        if run is None or site not in run:
+            return None
+        if not shadow or shadow[0].weight is not module.weight:
+            shadow[:] = [FP8Linear.from_linear(cast(nn.Linear, module), RUN_FORMAT)]
+            shadow[0].site = site
+        return shadow[0](args[0])
+
+    return hook
 
 
 def fp8_sites(model: DeepSeekModel) -> Iterator[str]:
@@ -336,6 +416,7 @@ def install_fp8_weights(model: DeepSeekModel, tensors: dict[str, tuple[torch.Ten
                         weight_scale_inv=s.float())
         probe = "blocks." + path.removeprefix("layers.").replace(".self_attn.", ".attn.") + ".hook_fp8_rel_error"
         new.hook_fp8_rel_error = _probe(model, probe)
+        new.site = _site_of(parent_path, attr)
         setattr(parent, attr, new)
     for path in experts_done:
         experts = model.get_submodule(path)

@@ -11,14 +11,17 @@ Routing (`route`), as DeepSeek-V2/V3 define it:
    renormalised if `norm_topk_prob`, times `routed_scaling_factor`.
 Interventions (`RouteOverride`, built and validated by `workbench.controls`) enter as an explicit forward argument:
 a temperature on the logits, an offset on the selection bias, a mask of ablated experts, experts forced into the
-first slots, replaced hyper-parameters, shared experts off. With no override the path is the one above, op for op.
+first slots, replaced hyper-parameters, shared experts off, or a recorded routing (ids and weights) replayed as is.
+With no override the path is the one above, op for op.
 Experts are stacked 3-D weights; `experts_forward` sorts (token, slot) pairs by expert and runs one batched
 matmul per projection over the experts that received tokens, with no Python loop over experts.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -31,6 +34,21 @@ from workbench.probes import ProbeRegistry, ProbeSite
 
 if TYPE_CHECKING:
     from workbench.model.fp8 import Backend, FP8Format
+
+
+# The FP8 sites (workbench.model.fp8.SITES) of the layer running now under a run's controls, in this thread or task
+# only; None: as the modules are. Set by Block.forward; here, not in fp8.py, so the model imports without Triton.
+FP8_RUN_SITES: ContextVar[frozenset[str] | None] = ContextVar("workbench_fp8_run_sites", default=None)
+
+
+@contextmanager
+def run_fp8_sites(sites: frozenset[str] | None) -> Iterator[None]:
+    """Within the block, exactly `sites` compute in FP8 in this thread; None: as the modules are."""
+    token = FP8_RUN_SITES.set(sites)
+    try:
+        yield
+    finally:
+        FP8_RUN_SITES.reset(token)
 
 
 @dataclass(frozen=True)
@@ -61,6 +79,8 @@ class RouteOverride:
     force: torch.Tensor | None = None  # [f] expert ids placed in the first f slots, in this order
     temperature: float = 1.0  # router logits are divided by it before scoring
     shared_experts: bool = True
+    replay_ids: torch.Tensor | None = None  # [T, k] experts to use instead of routing (a recorded routing)
+    replay_weights: torch.Tensor | None = None  # [T, k] fp32 weights to apply with them, as recorded
 
 
 def route(logits: torch.Tensor, bias: torch.Tensor | None, p: RoutingParams,
@@ -150,6 +170,13 @@ class Experts(nn.Module):
         self._fp8_cache: dict[str, tuple[tuple[object, ...], torch.Tensor, torch.Tensor]] = {}
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        run = FP8_RUN_SITES.get()  # a run's FP8 controls for this layer, if any
+        if run is not None and ("experts" in run) != (self.fp8 is not None):
+            from workbench.model import fp8  # builds on this module; needs Triton's kernel package
+
+            if "experts" in run:
+                return fp8.experts_forward_fp8(self, x, ids, weights, fp8.RUN_FORMAT)
+            return fp8.experts_forward_hp(self, x, ids, weights)
         if self.fp8 is None and (self.backend == "torch" or (self.backend == "auto" and not x.is_cuda)):
             return experts_forward(x, ids, weights, self.gate_proj, self.up_proj, self.down_proj)
         from workbench.model.backend import run_experts  # builds on this module
@@ -225,6 +252,13 @@ class MoE(nn.Module):
             scores, ids, weights = route_triton(logits, bias, self.routing)
         elif override is None:
             scores, ids, weights = route(logits, bias, self.routing)
+        elif override.replay_ids is not None and override.replay_weights is not None:
+            if override.replay_ids.shape[0] != logits.shape[0]:
+                raise ValueError(f"layer {self.layer}: the replayed routing covers {override.replay_ids.shape[0]} "
+                                 f"tokens, this call runs {logits.shape[0]}")
+            lf = logits.float()
+            scores = lf.softmax(dim=-1) if self.routing.scoring_func == "softmax" else lf.sigmoid()  # [T, E]
+            ids, weights = override.replay_ids, override.replay_weights  # [T, k] each, as recorded
         else:
             if override.temperature != 1.0:
                 logits = logits / override.temperature

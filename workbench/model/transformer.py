@@ -19,7 +19,7 @@ from torch import nn
 from workbench.config import ModelConfig
 from workbench.model.cache import LatentKVCache
 from workbench.model.mla import MLA, AttnMode
-from workbench.model.moe import MLP, MoE, RouteOverride
+from workbench.model.moe import MLP, MoE, RouteOverride, run_fp8_sites
 from workbench.model.norm import RMSNorm
 from workbench.model.rope import Rotary
 from workbench.probes import ProbeRegistry
@@ -31,6 +31,7 @@ class LayerControls:
 
     routing: RouteOverride | None = None  # MoE layers only
     latent_basis: torch.Tensor | None = None  # [C, r] orthonormal columns: c_kv is projected onto their span
+    fp8_sites: frozenset[str] | None = None  # exactly these sites compute in FP8 in this layer (None: as the model is)
 
 
 class Block(nn.Module):
@@ -47,6 +48,13 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary: Rotary,
                 cache: LatentKVCache | None, mode: AttnMode, controls: LayerControls | None = None) -> torch.Tensor:
+        if controls is not None and controls.fp8_sites is not None:
+            with run_fp8_sites(controls.fp8_sites):  # this thread only: the shared modules stay as they are
+                return self._forward(x, cos, sin, rotary, cache, mode, controls)
+        return self._forward(x, cos, sin, rotary, cache, mode, controls)
+
+    def _forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary: Rotary,
+                 cache: LatentKVCache | None, mode: AttnMode, controls: LayerControls | None) -> torch.Tensor:
         x = self.hook_resid_pre(x)
         basis = controls.latent_basis if controls is not None else None
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, rotary, cache, mode, basis)
@@ -126,6 +134,10 @@ class DeepSeekModel(nn.Module):
         """
         if not 0 <= start <= len(self.layers):
             raise ValueError(f"start layer {start} is outside 0..{len(self.layers)}")
+        if controls and any(c.fp8_sites is not None for c in controls.values()):
+            from workbench.model.fp8 import install_fp8_run_hooks  # FP8 needs Triton's kernel package
+
+            install_fp8_run_hooks(self)
         past = cache.length if cache is not None else 0
         S = x.shape[1]
         positions = torch.arange(past, past + S, device=x.device)

@@ -11,6 +11,7 @@ from workbench.trace.store import (
     TraceStore,
     TraceStoreError,
     from_vllm_routed_experts,
+    migrate_store,
     open_trace,
     to_vllm_routed_experts,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "TraceStore",
     "TraceStoreError",
     "from_vllm_routed_experts",
+    "migrate_store",
     "open_trace",
     "select",
     "to_vllm_routed_experts",

@@ -4,27 +4,36 @@ Design choices:
 - The input is streamed record by record (.txt: one record per non-empty line; .jsonl: one object with a
   "text" field per line), cut into windows of at most --max-seq-len tokens, and packed greedily into batches of
   about --batch-tokens tokens; only one batch is ever in memory, so memory stays flat on any input size.
-- The window stream is a pure function of the input and the flags, and each batch is one commit, so --resume
-  skips exactly the committed windows and rebuilds the same batches an uninterrupted run would have built
-  (same padding, hence bit-identical numbers). It checks that the last committed window still matches the
-  input before writing anything.
+- The window stream is a pure function of the input and the flags, and commits fall on batch boundaries, so
+  --resume skips exactly the committed windows and rebuilds the same batches an uninterrupted run would have
+  built (same padding, hence bit-identical numbers). It checks that the last committed window still matches the
+  input before writing anything. A run that stops on an error first commits every batch it finished.
+- `--shard I/N`: N processes fill one store. Each first tokenizes the whole input (cheap next to the forward)
+  to cut the single-writer run's batches into N contiguous runs of about equal tokens, so every process runs
+  exactly the batches a single writer would have and the store reads back equal to a single-writer run. Whoever
+  gets there first creates the store (an atomic mkdir decides); the others wait for it and join.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from workbench.loader import load_model
 from workbench.trace.recorder import Trace
-from workbench.trace.store import DEFAULT_CHUNK_TOKENS, TraceStore
+from workbench.trace.schema import Layout
+from workbench.trace.store import DEFAULT_CHUNK_TOKENS, TraceStore, TraceStoreError
 
 Window = tuple[int, list[int]]  # (input record index, token ids)
 
@@ -40,6 +49,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-seq-len", type=int, default=512, help="longer records are cut into windows of this many")
     p.add_argument("--chunk-tokens", type=int, default=DEFAULT_CHUNK_TOKENS, help="zarr chunk length along token")
     p.add_argument("--resume", action="store_true", help="continue an interrupted store instead of refusing it")
+    p.add_argument("--shard", type=_shard, default=(0, 1), metavar="I/N",
+                   help="be writer I of N processes filling one store (each runs with the same flags and input)")
+    p.add_argument("--wait", type=float, default=300.0, help="--shard: seconds to wait for another shard to create "
+                                                             "the store")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -81,6 +94,94 @@ def iter_batches(windows: Iterator[Window], batch_tokens: int) -> Iterator[list[
         yield batch
 
 
+def _shard(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(p) for p in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shard {text!r}: expected I/N, e.g. 0/4") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise argparse.ArgumentTypeError(f"--shard {text!r}: need N >= 1 and 0 <= I < N")
+    return i, n
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """Contiguous runs of the single-writer batches, one per writer: first window and window count of each."""
+
+    windows: tuple[tuple[int, int], ...]
+    tokens: tuple[int, ...]
+    region_tokens: int  # every writer's region: the largest shard's tokens, rounded up to whole chunks
+
+
+def plan_shards(windows: Iterator[Window], batch_tokens: int, shards: int, chunk_tokens: int) -> ShardPlan:
+    """Cut the batches of the whole input into `shards` runs of about equal tokens (a pure function of the input
+    and flags, so every process computes the same plan)."""
+    sizes = [(len(b), sum(len(ids) for _, ids in b)) for b in iter_batches(windows, batch_tokens)]  # (windows, tokens)
+    total = sum(t for _, t in sizes)
+    runs: list[tuple[int, int]] = []
+    tokens: list[int] = []
+    first = i = 0
+    for s in range(shards):
+        goal, done_tokens, count = total * (s + 1) / shards, sum(tokens), 0
+        taken = 0
+        while i < len(sizes) and (s == shards - 1 or done_tokens + taken + sizes[i][1] / 2 <= goal):
+            count += sizes[i][0]
+            taken += sizes[i][1]
+            i += 1
+        runs.append((first, count))
+        tokens.append(taken)
+        first += count
+    region = max(chunk_tokens, -(-max(tokens) // chunk_tokens) * chunk_tokens)
+    return ShardPlan(tuple(runs), tuple(tokens), region)
+
+
+def _open_store(args: argparse.Namespace, attrs: dict[str, Any], layout: Layout, vocab: Any,
+                plan: ShardPlan | None) -> TraceStore:
+    writer, writers = args.shard
+    if args.resume and args.out.exists():
+        store = TraceStore.open_for_append(args.out, attrs, layout, writer=writer)
+        if plan is not None and store.region_tokens != plan.region_tokens:
+            raise TraceStoreError(f"{args.out} was planned for another input or flags (region of "
+                                  f"{store.region_tokens} tokens, this run plans {plan.region_tokens})")
+        return store
+    if plan is None:
+        return TraceStore.create(args.out, attrs, layout, chunk_tokens=args.chunk_tokens, vocab=vocab)
+    try:
+        args.out.mkdir(parents=True)  # atomic: exactly one shard creates the store
+    except FileExistsError:
+        return _join(args, attrs, layout, plan)
+    return TraceStore.create(args.out, attrs, layout, chunk_tokens=args.chunk_tokens, writers=writers,
+                             region_tokens=plan.region_tokens, writer=writer, vocab=vocab)
+
+
+def _join(args: argparse.Namespace, attrs: dict[str, Any], layout: Layout, plan: ShardPlan) -> TraceStore:
+    """Another shard creates the store: wait until its attrs exist (written last), then take our region."""
+    writer, writers = args.shard
+    deadline = time.monotonic() + args.wait
+    while not (args.out / "zarr.json").exists() or "writers" not in _attrs_or_empty(args.out):
+        if time.monotonic() > deadline:
+            raise TraceStoreError(f"{args.out} exists but no shard finished creating it within {args.wait:g} s; "
+                                  "if it is left from a killed start, delete it and start again")
+        time.sleep(0.05)
+    found = _attrs_or_empty(args.out)
+    if (int(found["writers"]), int(found["region_tokens"])) != (writers, plan.region_tokens):
+        raise TraceStoreError(f"{args.out} was created for {found['writers']} writers with regions of "
+                              f"{found['region_tokens']} tokens; this run (--shard {writer}/{writers}) plans "
+                              f"{writers} of {plan.region_tokens}: another input or other flags")
+    store = TraceStore.open_for_append(args.out, attrs, layout, writer=writer)
+    if store.tokens:
+        raise TraceStoreError(f"{args.out}: writer {writer} already holds {store.tokens} tokens; pass --resume to "
+                              "continue it")
+    return store
+
+
+def _attrs_or_empty(path: Path) -> dict[str, Any]:
+    try:
+        return dict(json.loads((path / "zarr.json").read_text()).get("attributes", {}))
+    except (OSError, ValueError):
+        return {}
+
+
 def _check_input(path: Path) -> None:
     if path.suffix not in (".txt", ".jsonl"):
         raise ValueError(f"--input {path}: expected a .txt or .jsonl file")
@@ -103,11 +204,18 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-seq-len {args.max_seq_len} exceeds the model's {cfg.max_position_embeddings} positions")
     t = Trace(model, args.sites, tokenizer=loaded.tokenizer, keep=False, checkpoint=loaded.digest)
     attrs = t.attrs()
-    if args.resume and args.out.exists():
-        store = TraceStore.open_for_append(args.out, attrs, t.layout)
-    else:
-        store = TraceStore.create(args.out, attrs, t.layout, chunk_tokens=args.chunk_tokens)
-    windows = iter_windows(args.input, loaded.tokenizer, args.max_seq_len, cfg.bos_token_id)
+    writer, writers = args.shard
+
+    def windows_of_input() -> Iterator[Window]:
+        return iter_windows(args.input, loaded.tokenizer, args.max_seq_len, cfg.bos_token_id)
+
+    plan = None
+    first, count = 0, None
+    if writers > 1:
+        plan = plan_shards(windows_of_input(), args.batch_tokens, writers, args.chunk_tokens)
+        first, count = plan.windows[writer]
+    store = _open_store(args, attrs, t.layout, t.vocab(), plan)
+    windows = islice(windows_of_input(), first, None if count is None else first + count)
     if store.seqs:
         done = list(islice(windows, store.seqs - 1))
         last = next(windows, None)
@@ -119,18 +227,23 @@ def run(args: argparse.Namespace) -> int:
 
     bar = tqdm(initial=store.tokens, unit="tok", unit_scale=True, desc="trace", disable=args.no_progress,
                file=sys.stderr)
-    seq = store.seqs
+    seq = first + store.seqs
     try:
-        with t, torch.inference_mode():
-            for batch in iter_batches(windows, args.batch_tokens):
-                lengths = [len(ids) for _, ids in batch]
-                padded = torch.zeros(len(batch), max(lengths), dtype=torch.long)  # [B, S] right-padded
-                for i, (_, ids) in enumerate(batch):
-                    padded[i, : len(ids)] = torch.tensor(ids)
-                record = t.forward(padded, lengths, seq=range(seq, seq + len(batch)), doc=[d for d, _ in batch])
-                store.append(record, windows=len(batch))
-                seq += len(batch)
-                bar.update(sum(lengths))
+        try:
+            with t, torch.inference_mode():
+                for batch in iter_batches(windows, args.batch_tokens):
+                    lengths = [len(ids) for _, ids in batch]
+                    padded = torch.zeros(len(batch), max(lengths), dtype=torch.long)  # [B, S] right-padded
+                    for i, (_, ids) in enumerate(batch):
+                        padded[i, : len(ids)] = torch.tensor(ids)
+                    record = t.forward(padded, lengths, seq=range(seq, seq + len(batch)), doc=[d for d, _ in batch])
+                    store.append(record, windows=len(batch))
+                    seq += len(batch)
+                    bar.update(sum(lengths))
+        except BaseException:
+            with contextlib.suppress(OSError):
+                store.flush()  # commit every batch that finished before the error
+            raise
     except OSError as e:
         bar.close()
         print(f"workbench trace: error: {e}", file=sys.stderr)
@@ -142,5 +255,6 @@ def run(args: argparse.Namespace) -> int:
     bar.close()
     store.close()
     total = int(np.asarray(store.tokens))
-    print(f"traced {total} tokens in {store.seqs} windows to {args.out} ({', '.join(t.layout.variables)})")
+    who = f" as writer {writer} of {writers}" if writers > 1 else ""
+    print(f"traced {total} tokens in {store.seqs} windows to {args.out}{who} ({', '.join(t.layout.variables)})")
     return 0

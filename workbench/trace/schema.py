@@ -3,7 +3,10 @@
 Design choices:
 - Versioned as "MAJOR.MINOR". A minor bump only adds optional variables or attrs, so a reader opens any store of
   its own major version (unknown variables are kept, missing optional ones are simply absent); a different major
-  version is refused with a message that names both versions.
+  version is refused with a message that names both versions and the store.
+- 1.1 stores the token text once per vocabulary entry (`vocab_text`, dim `vocab`) instead of once per token:
+  per-token strings were most of the write cost. The `text` coordinate is derived from `token_id` on reading;
+  1.0 stores (a `text` array per token) still open, and `migrate_store` rewrites one as 1.1.
 - Every variable has a `token` axis first; per-layer variables use `layer` (the MoE layers only) or `layer_all`
   (every transformer layer), so MoE and dense layers never share an axis padded with blanks.
 - Weights are recorded *after* top-k, normalisation and `routed_scaling_factor` (what the experts' outputs are
@@ -23,11 +26,12 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"
+STORED_TEXT_VERSIONS = ("1.0",)  # versions that keep a per-token `text` array
 
 # dims
-TOKEN, LAYER, LAYER_ALL, SLOT, EXPERT, LATENT, SITE, WRITER = (
-    "token", "layer", "layer_all", "slot", "expert", "latent", "site", "writer")
+TOKEN, LAYER, LAYER_ALL, SLOT, EXPERT, LATENT, SITE, WRITER, VOCAB = (
+    "token", "layer", "layer_all", "slot", "expert", "latent", "site", "writer", "vocab")
 
 
 @dataclass(frozen=True)
@@ -47,7 +51,7 @@ VARIABLES: tuple[Var, ...] = (
     Var("seq", (TOKEN,), "int32", -1, True, False, "index of the forward window (a record longer than the window "
                                                    "spans several); unique over the store"),
     Var("pos", (TOKEN,), "int32", -1, True, False, "position inside its window (0 = first token, BOS if any)"),
-    Var("text", (TOKEN,), "str", "", True, False, "decoded text of the token alone"),
+    Var("text", (TOKEN,), "str", "", True, False, "decoded text of the token alone (from `vocab_text` since 1.1)"),
     Var("expert_ids", (TOKEN, LAYER, SLOT), "int16", -1, False, False,
         "routed experts chosen, slot 0 = highest selection score (-1: layer not captured)"),
     Var("expert_weights", (TOKEN, LAYER, SLOT), "float32", float("nan"), False, False,
@@ -77,6 +81,8 @@ SITE_VARIABLES = {
 }
 FP8_SITE = re.compile(r"^blocks\.(\d+)\.(.+)\.hook_fp8_rel_error$")
 DEFAULT_SELECTION = ("expert_ids", "expert_weights", "kv_latent_norm", "fp8_rel_error")
+DERIVED = ("text",)  # coords a 1.1 store does not hold per token: rebuilt from token_id and VOCAB_TEXT
+VOCAB_TEXT = "vocab_text"  # [vocab] str: decoded text of every token id
 # the writer-progress table: one row per writer, one chunk per row, so writers never touch each other's bytes
 PROGRESS = "progress"
 PROGRESS_FIELDS = ("tokens", "seqs", "done")
@@ -86,16 +92,18 @@ class SchemaError(ValueError):
     """A store or a batch that does not follow this schema; the message says what differs."""
 
 
-def check_version(found: str) -> None:
-    """Accept any store of our major version; refuse another major with both versions named."""
+def check_version(found: str, where: object = "the store") -> tuple[int, int]:
+    """Accept any store of our major version, returning (major, minor); refuse another major, naming both
+    versions and `where` (the store's path)."""
     try:
-        major = int(str(found).split(".")[0])
+        major, minor = (int(p) for p in str(found).split("."))
     except ValueError:
-        raise SchemaError(f"schema_version {found!r} is not MAJOR.MINOR") from None
+        raise SchemaError(f"{where}: schema_version {found!r} is not MAJOR.MINOR") from None
     ours = int(SCHEMA_VERSION.split(".")[0])
     if major != ours:
-        raise SchemaError(f"trace schema {found} cannot be read by this workbench (schema {SCHEMA_VERSION}); "
+        raise SchemaError(f"{where}: trace schema {found} cannot be read by this workbench (schema {SCHEMA_VERSION}); "
                           f"{'upgrade the workbench' if major > ours else 'convert the store with its own version'}")
+    return major, minor
 
 
 def numpy_dtype(var: Var) -> np.dtype:
@@ -126,6 +134,10 @@ class Layout:
         """Every array of a trace: coords first, then data variables in table order."""
         wanted = set(self.variables) | set(ALWAYS)
         return tuple(v.name for v in VARIABLES if v.name in wanted)
+
+    def stored_names(self) -> tuple[str, ...]:
+        """The per-token arrays a schema-1.1 store holds: every name but the derived ones."""
+        return tuple(n for n in self.names() if n not in DERIVED)
 
     def axis_coords(self) -> dict[str, tuple[tuple[str, ...], np.ndarray]]:
         out: dict[str, tuple[tuple[str, ...], np.ndarray]] = {

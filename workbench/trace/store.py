@@ -1,28 +1,39 @@
-"""TraceStore: a zarr v3 group that grows along `token` one committed batch at a time; `open_trace` reads it.
+"""TraceStore: a zarr v3 group that grows along `token` one committed flush at a time; `open_trace` reads it.
 
 Design choices:
-- Commit protocol: a batch's arrays are written first, then the writer's row of the `progress` array
-  (tokens, windows, done) is replaced. zarr's LocalStore writes every file to a temporary name and renames it,
-  so a kill at any moment leaves either the old or the new file, never a torn one; bytes past a writer's
-  committed count are ignored by `open_trace`. Hence a killed run opens with every committed batch, marked
-  incomplete, and a resumed run overwrites whatever the killed batch left half-written.
+- Batches are buffered in memory and written in chunk-aligned flushes (default: once a chunk's worth of tokens is
+  waiting), all arrays of a flush concurrently. The rows of a partly filled last chunk stay in memory too, so the
+  next flush rewrites that chunk whole from memory instead of reading it back. zarr's per-call cost, not bytes,
+  was what made one write per array per batch slow.
+- Commit protocol: a flush writes its arrays first, then replaces the writer's row of the `progress` array
+  (tokens, windows, done). zarr's LocalStore writes every file to a temporary name and renames it, so a kill at
+  any moment leaves either the old or the new file, never a torn one; bytes past a writer's committed count are
+  ignored by `open_trace`. Hence a killed run opens with every committed flush, marked incomplete, and a resumed
+  run rewrites whatever the killed flush left half-written. Commits fall on batch boundaries only, so a resumed
+  run rebuilds exactly the batches an uninterrupted one would have run.
 - Several writers: the token axis is cut into regions of `region_tokens` (a multiple of the chunk), one per
   writer, and `progress` has one row per writer in its own chunk, so writers never write the same file and
   need no lock. A single writer owns one region that grows (capacity doubles) and is trimmed on close, after
   which plain `xarray.open_zarr` sees exactly the trace.
+- Schema 1.1 keeps the token text once per vocabulary entry (`vocab_text`); `open_trace` derives the `text`
+  coordinate from `token_id`, and still reads 1.0 stores, which hold a per-token `text` array
+  (`migrate_store` rewrites one as 1.1).
 - `open_trace` builds the Dataset from `dask.array.from_zarr` slices of each writer's committed rows rather than
   through `xarray.open_zarr`, because after a crash the arrays may have different capacities.
-- Appending checks the model config, checkpoint digest, schema major version and layout first and refuses a
+- Appending checks the model config, checkpoint digest, schema version and layout first and refuses a
   mismatch before writing a byte.
-Shape legend: N tokens, L MoE layers, k top-k.
+Shape legend: N tokens, L MoE layers, k top-k, V vocabulary.
 """
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import json
 import os
-from collections.abc import Sequence
+import threading
+from collections.abc import Coroutine, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -30,17 +41,23 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 import zarr
+import zarr.api.asynchronous
+from zarr.core.sync import sync
 
 from workbench.trace.schema import (
     BY_NAME,
     COORDS,
+    DERIVED,
     LAYER,
     LAYER_ALL,
     PROGRESS,
     PROGRESS_FIELDS,
     SCHEMA_VERSION,
     SITE,
+    STORED_TEXT_VERSIONS,
     TOKEN,
+    VOCAB,
+    VOCAB_TEXT,
     WRITER,
     Layout,
     SchemaError,
@@ -49,6 +66,7 @@ from workbench.trace.schema import (
 )
 
 DEFAULT_CHUNK_TOKENS = 4096
+CHUNK_BYTES = 8 << 20  # per-layer arrays keep whole layers in one chunk up to this size (uncompressed)
 _IDENTITY_ATTRS = ("model_config", "checkpoint", "layout")  # what must match for batches to share a store
 _AXES = (LAYER, LAYER_ALL, SITE)
 
@@ -58,24 +76,39 @@ class TraceStoreError(SchemaError):
 
 
 class TraceStore:
-    """One writer's handle on a trace store; see the module docstring. Use `create` or `open_for_append`."""
+    """One writer's handle on a trace store; see the module docstring. Use `create` or `open_for_append`.
 
-    def __init__(self, path: Path, group: zarr.Group, layout: Layout, writer: int) -> None:
+    `tokens` / `seqs` count what is committed on disk; `pending_tokens` what is buffered for the next flush.
+    """
+
+    def __init__(self, path: Path, group: zarr.Group, layout: Layout, writer: int, flush_tokens: int | None = None
+                 ) -> None:
         self.path, self.group, self.layout, self.writer = path, group, layout, writer
         attrs: dict[str, Any] = dict(group.attrs)
         self.writers = int(attrs["writers"])
         self.region_tokens = int(attrs["region_tokens"])  # 0: one growing region
         self.chunk_tokens = int(attrs["chunk_tokens"])
-        self.arrays = {n: _array(group, n) for n in layout.names()}
+        self.flush_tokens = max(1, flush_tokens if flush_tokens is not None else self.chunk_tokens)
+        self.arrays = {n: _array(group, n) for n in layout.stored_names()}
         self.progress = _array(group, PROGRESS)
         row = np.asarray(self.progress[writer])
         self.tokens, self.seqs = int(row[0]), int(row[1])
+        self._pending: list[dict[str, np.ndarray]] = []
+        self.pending_tokens = self.pending_seqs = 0
+        self._tail: dict[str, np.ndarray] = {}  # committed rows of the last, partly filled chunk
+        self._capacity = min(a.shape[0] for a in self.arrays.values()) if self.arrays else 0
+        self._sync_writes = False  # True: write array by array (the reference path for tests)
 
     # ------------------------------------------------------------------ opening
     @classmethod
     def create(cls, path: str | Path, attrs: dict[str, Any], layout: Layout, *, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
-               writers: int = 1, region_tokens: int = 0, writer: int = 0) -> TraceStore:
-        """A new, empty store; refuses an existing non-empty path so nothing is ever overwritten."""
+               writers: int = 1, region_tokens: int = 0, writer: int = 0, vocab: Sequence[str] | None = None,
+               flush_tokens: int | None = None) -> TraceStore:
+        """A new, empty store; refuses an existing non-empty path so nothing is ever overwritten.
+
+        `vocab`: the text of every token id (index = id), stored once as `vocab_text`; without it `text` reads "".
+        `flush_tokens`: buffer this many tokens before writing (default one chunk; 1 writes every batch at once).
+        """
         path = Path(path)
         if path.exists() and any(path.iterdir()):
             raise TraceStoreError(f"{path} already exists; pass --resume to continue it or choose a new path")
@@ -86,36 +119,47 @@ class TraceStore:
                              f"of chunk_tokens ({chunk_tokens}) so no two writers share a chunk")
         group = zarr.open_group(path, mode="w-", zarr_format=3)
         capacity = writers * region_tokens if writers > 1 else chunk_tokens
-        coord_names = " ".join(COORDS)
-        for name in layout.names():
+        coord_names = " ".join(n for n in COORDS if n not in DERIVED)
+        specs: list[tuple[str, dict[str, Any], Any]] = []  # (name, create_array kwargs, values or None)
+        for name in layout.stored_names():
             var = BY_NAME[name]
             shape = layout.shape(name, capacity)
-            chunks = (chunk_tokens, *(1 if d in (LAYER, LAYER_ALL) and len(shape) == 3 else n
-                                      for d, n in zip(var.dims[1:], shape[1:], strict=True)))
-            group.create_array(name, shape=shape, chunks=chunks, dtype=str if var.dtype == "str" else var.dtype,
-                               fill_value=var.fill, dimension_names=list(var.dims),
-                               attributes={} if var.coord else {"coordinates": coord_names, "doc": var.doc})
+            specs.append((name, {"shape": shape, "chunks": _chunks(shape, chunk_tokens, np.dtype(var.dtype).itemsize),
+                                 "dtype": var.dtype, "fill_value": var.fill, "dimension_names": list(var.dims),
+                                 "attributes": {} if var.coord else {"coordinates": coord_names, "doc": var.doc}},
+                          None))
         for axis, (dims, values) in layout.axis_coords().items():
-            arr = group.create_array(axis, shape=values.shape, dtype=str if values.dtype == object else values.dtype,
-                                     dimension_names=list(dims))
-            arr[:] = values
+            specs.append((axis, {"shape": values.shape, "dtype": str if values.dtype == object else values.dtype,
+                                 "dimension_names": list(dims)}, values))
+        if vocab is not None:
+            specs.append((VOCAB_TEXT, {"shape": (len(vocab),), "dtype": str, "dimension_names": [VOCAB],
+                                       "attributes": {"doc": "decoded text of each token id; "
+                                                             "`text` = vocab_text[token_id]"}},
+                          np.asarray(list(vocab), dtype=object)))
+        _run_async(_create_arrays(path, specs))
         progress = group.create_array(PROGRESS, shape=(writers, len(PROGRESS_FIELDS)), chunks=(1, len(PROGRESS_FIELDS)),
                                       dtype="int64", fill_value=0, dimension_names=[WRITER, "progress_field"],
                                       attributes={"fields": list(PROGRESS_FIELDS)})
         progress[:] = 0
         # group attrs last: a store without them is recognisably partial
-        group.attrs.update({**attrs, "complete": False, "writers": writers, "region_tokens": region_tokens,
-                            "chunk_tokens": chunk_tokens})
-        return cls(path, group, layout, writer)
+        group.attrs.update({**attrs, "schema_version": SCHEMA_VERSION, "complete": False, "writers": writers,
+                            "region_tokens": region_tokens, "chunk_tokens": chunk_tokens})
+        return cls(path, group, layout, writer, flush_tokens)
 
     @classmethod
-    def open_for_append(cls, path: str | Path, attrs: dict[str, Any], layout: Layout, *, writer: int = 0) -> TraceStore:
+    def open_for_append(cls, path: str | Path, attrs: dict[str, Any], layout: Layout, *, writer: int = 0,
+                        flush_tokens: int | None = None) -> TraceStore:
         """Reopen a store to continue it; refuses one written for another model, checkpoint, schema or layout."""
         path = Path(path)
         group = _open_group(path, mode="r+")
         found: dict[str, Any] = dict(group.attrs)
         _check_attrs(path, found)
-        check_version(str(found["schema_version"]))
+        version = str(found["schema_version"])
+        check_version(version, path)
+        if version in STORED_TEXT_VERSIONS:
+            raise TraceStoreError(f"{path} is a schema {version} store (per-token text); run "
+                                  f"`workbench.trace.migrate_store({str(path)!r})` once to make it {SCHEMA_VERSION}, "
+                                  "then resume")
         for key in _IDENTITY_ATTRS:
             if found.get(key) != attrs.get(key):
                 raise TraceStoreError(f"{path} holds a trace of another {_what(key)}; "
@@ -123,67 +167,148 @@ class TraceStore:
                                       f"this run: {_short(attrs.get(key))})")
         if not 0 <= writer < int(found["writers"]):
             raise TraceStoreError(f"{path} has {found['writers']} writer regions; writer {writer} does not exist")
-        missing = [n for n in (*layout.names(), PROGRESS) if n not in group]
+        missing = [n for n in (*layout.stored_names(), PROGRESS) if n not in group]
         if missing:
             raise TraceStoreError(f"{path} is a partial store: arrays {missing} are missing")
-        store = cls(path, group, layout, writer)
+        store = cls(path, group, layout, writer, flush_tokens)
         if bool(np.asarray(store.progress[writer])[2]):
             raise TraceStoreError(f"{path}: writer {writer} already finished this store ({store.tokens} tokens)")
         _remove_partials(path)
+        store._load_tail()
         return store
 
     # ------------------------------------------------------------------ writing
     def append(self, batch: dict[str, np.ndarray], windows: int) -> None:
-        """Write one batch of N tokens (`windows` forward windows), then commit it; all or nothing on disk."""
+        """Queue one batch of N tokens (`windows` forward windows); flush once `flush_tokens` are waiting.
+
+        A batch is committed by the flush that writes it; until then a crash loses it (and --resume redoes it).
+        """
         n = len(batch["token_id"])
         missing = [k for k in self.arrays if k not in batch]
         if missing:
             raise SchemaError(f"batch lacks {missing}")
-        start = self.writer * self.region_tokens + self.tokens
-        end = start + n
+        for name, arr in self.arrays.items():
+            data = batch[name]
+            if data.shape[1:] != arr.shape[1:] or len(data) != n:
+                raise SchemaError(f"batch {name} has shape {data.shape}, store expects [{n}, *{arr.shape[1:]}]")
+        self._pending.append({name: batch[name] for name in self.arrays})
+        self.pending_tokens += n
+        self.pending_seqs += windows
+        if self.pending_tokens >= self.flush_tokens:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write every queued batch (chunk-aligned, all arrays at once), then commit them; all or nothing on disk."""
+        if not self._pending:
+            return
+        n, tail = self.pending_tokens, len(next(iter(self._tail.values()))) if self._tail else 0
+        base = self.writer * self.region_tokens
+        start = base + self.tokens - tail  # a chunk boundary: the tail's rows are rewritten from memory
+        end = base + self.tokens + n
+        data = {name: np.concatenate([*([self._tail[name]] if tail else []), *(b[name] for b in self._pending)])
+                for name in self.arrays}
         try:
-            self._ensure_capacity(end)
-            for name, arr in self.arrays.items():
-                data = batch[name]
-                if data.shape[1:] != arr.shape[1:] or len(data) != n:
-                    raise SchemaError(f"batch {name} has shape {data.shape}, store expects [{n}, *{arr.shape[1:]}]")
-                self._write(name, start, end, data)
-            self._commit(self.tokens + n, self.seqs + windows, done=False)
+            self._ensure_capacity(end - base)
+            self._write_all(start, end, data)
+            self._commit(self.tokens + n, self.seqs + self.pending_seqs, done=False)
         except OSError as e:
             why = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
             raise OSError(e.errno, f"writing tokens {self.tokens}..{self.tokens + n} of {self.path} failed "
                                    f"({why}); the store keeps its {self.tokens} committed tokens, rerun with "
                                    "--resume once fixed") from e
         self.tokens += n
-        self.seqs += windows
+        self.seqs += self.pending_seqs
+        self._pending, self.pending_tokens, self.pending_seqs = [], 0, 0
+        keep = (end - base) % self.chunk_tokens  # rows in the last, partly filled chunk
+        self._tail = {name: a[len(a) - keep:].copy() for name, a in data.items()} if keep else {}
+
+    def _write_all(self, start: int, end: int, data: dict[str, np.ndarray]) -> None:
+        """Rows start:end of every array, `start` on a chunk boundary. Arrays with this module's own codecs (bytes
+        + zstd) take the direct path: whole chunks encoded here and written as files on a few threads, because
+        zarr's per-call overhead, not the bytes, dominated. Anything else goes through zarr's async API. The tests
+        hold the direct path to the plain one (`_sync_writes`: zarr's setitem, array by array), read back by zarr."""
+        if self._sync_writes:
+            for name, a in data.items():
+                self._write(name, start, end, a)
+            return
+        direct = {n: a for n, a in data.items() if _zstd_of(self.arrays[n]) is not None}
+        files = [f for n, a in direct.items() for f in _encoded_chunks(self.arrays[n], n, start, a)]
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            futures = [pool.submit(self._put, key, payload) for key, payload in files]
+            wait(futures)
+        for f in futures:
+            f.result()  # the first failure, after every write has stopped
+        rest = {n: a for n, a in data.items() if n not in direct}
+        if rest:
+            async def write_rest() -> None:
+                results = await asyncio.gather(*(self._write_async(n, start, end, a) for n, a in rest.items()),
+                                               return_exceptions=True)
+                for r in results:
+                    if isinstance(r, BaseException):
+                        raise r
+
+            with zarr.config.set({"array.write_empty_chunks": True}):  # skips a per-chunk compare with the fill
+                _run_async(write_rest())
+
+    def _put(self, key: str, payload: bytes) -> None:
+        """One chunk file, written to a temporary name and renamed (as zarr's LocalStore does): never torn."""
+        path = self.path / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.partial")
+        try:
+            tmp.write_bytes(payload)
+            tmp.replace(path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    async def _write_async(self, name: str, start: int, end: int, data: np.ndarray) -> None:
+        await self.arrays[name].async_array.setitem(slice(start, end), data)
 
     def _write(self, name: str, start: int, end: int, data: np.ndarray) -> None:
+        """One array's rows start:end through zarr's synchronous API: the plain path."""
         self.arrays[name][start:end] = data
 
     def _commit(self, tokens: int, seqs: int, done: bool) -> None:
         self.progress[self.writer] = np.array([tokens, seqs, int(done)], dtype=np.int64)
 
     def _ensure_capacity(self, end: int) -> None:
+        """Room for `end` rows of this writer's region."""
         if self.writers > 1:
-            if end > (self.writer + 1) * self.region_tokens:
+            if end > self.region_tokens:
                 raise TraceStoreError(f"writer {self.writer}'s region of {self.region_tokens} tokens is full")
             return
-        have = min(a.shape[0] for a in self.arrays.values())
-        if end <= have:
+        if end <= self._capacity:
             return
-        new = max(end, 2 * have)
+        new = max(end, 4 * self._capacity)  # few resizes: each rewrites every array's metadata
         new = -(-new // self.chunk_tokens) * self.chunk_tokens
-        for arr in self.arrays.values():
-            arr.resize((new, *arr.shape[1:]))
+        self._resize_all(new)
+
+    def _resize_all(self, rows: int) -> None:
+        async def resize_all() -> None:
+            await asyncio.gather(*(a.async_array.resize((rows, *a.shape[1:])) for a in self.arrays.values()
+                                   if a.shape[0] != rows))
+
+        _run_async(resize_all())
+        self.arrays = {n: _array(self.group, n) for n in self.arrays}  # fresh handles see the new shapes
+        self._capacity = rows
+
+    def _load_tail(self) -> None:
+        """After reopening: the committed rows of the partly filled last chunk, so flushes stay chunk-aligned."""
+        keep = self.tokens % self.chunk_tokens
+        if keep:
+            base = self.writer * self.region_tokens
+            self._tail = {name: np.asarray(a[base + self.tokens - keep: base + self.tokens])
+                          for name, a in self.arrays.items()}
 
     def close(self, complete: bool = True) -> None:
-        """Mark this writer done; a single writer also trims the arrays so plain readers see exactly the trace."""
+        """Flush, then mark this writer done; a single writer also trims the arrays so plain readers see exactly
+        the trace. `complete=False` only flushes (the run stopped early and may be resumed)."""
+        self.flush()
         if not complete:
             return
         if self.writers == 1:
-            for arr in self.arrays.values():
-                if arr.shape[0] != self.tokens:
-                    arr.resize((self.tokens, *arr.shape[1:]))
+            self._resize_all(self.tokens)
         self._commit(self.tokens, self.seqs, done=True)
         rows = np.asarray(self.progress[:])
         if rows[:, 2].all():
@@ -200,17 +325,88 @@ class TraceStore:
         return ids[seq == seq[-1]]
 
 
+def _zstd_of(arr: zarr.Array) -> Any:
+    """numcodecs' Zstd matching the array's codecs when they are exactly bytes (little endian) + zstd with the
+    default "/" chunk keys (what `TraceStore.create` makes); None otherwise (the array is written through zarr)."""
+    from zarr.codecs import BytesCodec, ZstdCodec
+    from zarr.core.chunk_key_encodings import DefaultChunkKeyEncoding
+
+    meta = arr.metadata
+    codecs: tuple[Any, ...] = tuple(getattr(meta, "codecs", ()))
+    if len(codecs) != 2:
+        return None
+    serializer, compressor = codecs
+    if (not isinstance(serializer, BytesCodec) or not isinstance(compressor, ZstdCodec)
+            or str(getattr(serializer.endian, "value", serializer.endian)) != "little"
+            or not isinstance(getattr(meta, "chunk_key_encoding", None), DefaultChunkKeyEncoding)
+            or np.dtype(arr.dtype).kind not in "iuf"):
+        return None
+    import numcodecs
+
+    return numcodecs.Zstd(level=compressor.level, checksum=compressor.checksum)
+
+
+def _encoded_chunks(arr: zarr.Array, name: str, start: int, data: np.ndarray) -> list[tuple[str, bytes]]:
+    """Rows start.. of `arr` as (store key, encoded chunk) for every chunk they cover; `start` is a chunk boundary.
+    Stored chunks always have the full chunk shape: a partial one is padded with the fill value, as zarr does."""
+    codec = _zstd_of(arr)
+    chunks = arr.chunks
+    fill = arr.metadata.fill_value
+    dtype = np.dtype(arr.dtype).newbyteorder("<")
+    grid = [range(-(-n // c)) for n, c in zip(data.shape, chunks, strict=True)]
+    grid[0] = range(-(-len(data) // chunks[0]))
+    out = []
+    first = start // chunks[0]
+    for index in np.ndindex(*(len(g) for g in grid)):
+        block = data[tuple(slice(i * c, (i + 1) * c) for i, c in zip(index, chunks, strict=True))]
+        if block.shape != tuple(chunks):
+            full = np.full(chunks, fill, dtype=dtype)
+            full[tuple(slice(0, n) for n in block.shape)] = block
+            block = full
+        key = arr.metadata.encode_chunk_key((first + index[0], *index[1:]))
+        out.append((f"{name}/{key}", codec.encode(np.ascontiguousarray(block, dtype=dtype).tobytes())))
+    return out
+
+
+def _run_async(coro: Coroutine[Any, Any, None]) -> None:
+    """Run zarr's async API to completion from synchronous code, on the event loop thread zarr's own synchronous
+    API uses (so it also works under Jupyter's running loop, and worker threads are reused between flushes)."""
+    sync(coro)
+
+
+async def _create_arrays(path: Path, specs: list[tuple[str, dict[str, Any], Any]]) -> None:
+    group = await zarr.api.asynchronous.open_group(store=path, mode="r+", zarr_format=3)
+
+    async def one(name: str, kwargs: dict[str, Any], values: Any) -> None:
+        arr = await group.create_array(name, **kwargs)
+        if values is not None:
+            await arr.setitem(slice(None), values)
+
+    await asyncio.gather(*(one(*spec) for spec in specs))
+
+
+def _chunks(shape: tuple[int, ...], chunk_tokens: int, itemsize: int) -> tuple[int, ...]:
+    """chunk_tokens along token; whole layers per chunk while a chunk stays under CHUNK_BYTES (fewer files to
+    write), else one layer per chunk (so reading one layer of a wide variable reads only that layer)."""
+    if len(shape) < 3:
+        return (chunk_tokens, *shape[1:])
+    row = itemsize * int(np.prod(shape[2:]))
+    layers = max(1, min(shape[1], CHUNK_BYTES // max(1, chunk_tokens * row)))
+    return (chunk_tokens, layers, *shape[2:])
+
+
 # ---------------------------------------------------------------------- reading
 def open_trace(path: str | Path) -> xr.Dataset:
     """A lazy (dask-backed) Dataset of every committed token of a trace store, any writer, any schema 1.x.
 
     attrs["complete"] says whether every writer finished; an interrupted run opens with what it committed.
+    Variables of a newer minor version are kept as they are; optional ones a store lacks are simply absent.
     """
     path = Path(path)
     group = _open_group(path, mode="r")
     attrs: dict[str, Any] = dict(group.attrs)
     _check_attrs(path, attrs)
-    check_version(str(attrs["schema_version"]))
+    check_version(str(attrs["schema_version"]), path)
     try:
         layout = Layout.from_json(json.loads(attrs["layout"]))
         progress = np.asarray(_array(group, PROGRESS)[:])  # [writers, fields]
@@ -220,7 +416,7 @@ def open_trace(path: str | Path) -> xr.Dataset:
     if progress.shape[0] != writers:
         raise TraceStoreError(f"{path}: progress has {progress.shape[0]} rows for {writers} writers")
     arrays: dict[str, tuple[tuple[str, ...], Any]] = {}
-    missing = [n for n in layout.names() if n not in group]
+    missing = [n for n in layout.stored_names() if n not in group]
     if missing:
         raise TraceStoreError(f"{path} is a partial store: arrays {missing} are missing")
     for name, arr in group.arrays():
@@ -229,16 +425,68 @@ def open_trace(path: str | Path) -> xr.Dataset:
         dims = tuple(arr.metadata.dimension_names or ())  # type: ignore[union-attr]
         if not dims or dims[0] != TOKEN:
             continue
-        lazy = da.from_zarr(arr)
-        parts = [lazy[w * region: w * region + int(progress[w, 0])] for w in range(writers)]
         for w, n in enumerate(progress[:, 0]):
             if w * region + int(n) > arr.shape[0]:
                 raise TraceStoreError(f"{path}: array {name} holds {arr.shape[0]} rows, writer {w} committed "
                                       f"{w * region + int(n)}; the store is corrupt")
+        lazy = da.from_zarr(arr)
+        parts = [lazy[w * region: w * region + int(progress[w, 0])] for w in range(writers)]
         arrays[name] = (dims, parts[0] if writers == 1 else da.concatenate(parts))
+    if "text" not in arrays:  # schema >= 1.1: text = vocab_text[token_id]
+        arrays["text"] = ((TOKEN,), _derived_text(group, arrays["token_id"][1]))
     attrs["complete"] = bool(progress[:, 2].all())
     attrs["committed_tokens"] = int(progress[:, 0].sum())
     return build_dataset(arrays, layout, attrs)
+
+
+def _derived_text(group: zarr.Group, token_id: da.Array) -> da.Array:
+    """The `text` coordinate of a 1.1 store, lazily: vocab_text[token_id] ("" for ids outside it or no table)."""
+    vocab = np.asarray(_array(group, VOCAB_TEXT)[:], dtype=object) if VOCAB_TEXT in group else np.empty(0, object)
+    table = np.append(vocab, "")  # index -1 and out-of-range ids read ""
+
+    def lookup(ids: np.ndarray) -> np.ndarray:
+        return table[np.where((ids >= 0) & (ids < len(vocab)), ids, -1)]
+
+    return da.map_blocks(lookup, token_id, dtype=object)
+
+
+def migrate_store(path: str | Path, vocab: Sequence[str] | None = None) -> str:
+    """Rewrite a schema 1.0 store as 1.1 in place (per-token `text` -> one `vocab_text` table); returns the
+    version it now has. `vocab` (e.g. `Trace.vocab()`) gives the text of ids the store never saw, which tokens
+    appended later need; without it they read "". Safe to interrupt: the table is written first, the version
+    bumped next, the per-token array removed last, and a 1.1 store that still holds `text` reads the same."""
+    path = Path(path)
+    group = _open_group(path, mode="r+")
+    attrs: dict[str, Any] = dict(group.attrs)
+    _check_attrs(path, attrs)
+    version = str(attrs["schema_version"])
+    check_version(version, path)
+    if version not in STORED_TEXT_VERSIONS:
+        return version
+    ds = open_trace(path)
+    ids, text = np.asarray(ds.token_id.values), np.asarray(ds.text.values, dtype=object)
+    vocab_size = int(json.loads(attrs["model_config"]).get("vocab_size", int(ids.max(initial=-1)) + 1))
+    table = np.full(vocab_size, "", dtype=object)
+    if vocab is not None:
+        if len(vocab) != vocab_size:
+            raise TraceStoreError(f"{path}: vocab has {len(vocab)} entries, the store's model {vocab_size}")
+        table[:] = list(vocab)
+    valid = (ids >= 0) & (ids < vocab_size)
+    if vocab is None:
+        table[ids[valid]] = text[valid]
+    clash = np.nonzero(table[ids[valid]] != text[valid])[0]
+    if len(clash):
+        i = int(np.nonzero(valid)[0][clash[0]])
+        raise TraceStoreError(f"{path}: token id {int(ids[i])} has two texts ({table[ids[i]]!r} and {text[i]!r}); "
+                              "cannot store one text per id, the store is left as it was")
+    if VOCAB_TEXT in group:
+        del group[VOCAB_TEXT]
+    arr = group.create_array(VOCAB_TEXT, shape=(vocab_size,), dtype=str, dimension_names=[VOCAB],
+                             attributes={"doc": "decoded text of each token id; `text` = vocab_text[token_id]"})
+    arr[:] = table
+    group.attrs["schema_version"] = SCHEMA_VERSION
+    del group["text"]
+    return SCHEMA_VERSION
 
 
 def _array(group: zarr.Group, name: str) -> zarr.Array:
