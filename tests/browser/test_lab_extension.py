@@ -3,6 +3,7 @@ the launcher card and palette entries exist. Every page also fails its test if i
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -10,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import xarray as xr
 
 from tests.browser.harness import LabServer, open_lab, run_all_cells, shot
 
@@ -53,7 +55,11 @@ def test_sidebar_lists_the_stores_with_their_load_picture(stores: LabServer, pag
     item = sidebar.locator('.wbl-store[data-path="corpus.zarr"]')
     assert item.locator(".wbl-store-name").inner_text() == "corpus.zarr"
     meta = item.locator(".wbl-store-meta").inner_text()
-    assert meta == f"{entry['model']} · {entry['tokens']} tokens · 3 layers · 16 experts"
+    stored = xr.open_zarr(stores.root / "corpus.zarr", consolidated=False)  # what the store itself says
+    config = json.loads(stored.attrs["model_config"])
+    layers, experts, moe_layers = config["num_hidden_layers"], config["n_routed_experts"], stored.sizes["layer"]
+    assert entry["tokens"] == stored.sizes["token"]
+    assert meta == f"{entry['model']} · {entry['tokens']} tokens · {layers} layers · {experts} experts"
     assert item.locator(".wbl-badge").inner_text() == "complete"
     assert item.locator(".wbl-store-created").inner_text().startswith("created ")
     assert "broken.zarr" in sidebar.locator(".wbl-store-error").inner_text()  # reported, not fatal
@@ -63,7 +69,7 @@ def test_sidebar_lists_the_stores_with_their_load_picture(stores: LabServer, pag
     drawn = item.locator("svg.wbl-load-picture rect").evaluate_all("rs => rs.map(r => Number(r.dataset.load))")
     summary = stores.api("GET", "/workbench/api/traces/summary?path=corpus.zarr")
     assert drawn == [v for row in summary["load_picture"]["cells"] for v in row]
-    assert len(drawn) == 2 * 16
+    assert len(drawn) == moe_layers * experts
     fills = set(item.locator("svg.wbl-load-picture rect").evaluate_all("rs => rs.map(r => r.getAttribute('fill'))"))
     assert len(fills) > 1  # an unbalanced router on 53 tokens is not one colour
     title = item.locator("svg.wbl-load-picture rect title").first.text_content()
