@@ -1,8 +1,10 @@
 """Prefill and decode speed of our model vs transformers' DeepseekV3ForCausalLM on the same checkpoint, same run.
 
 Usage: python benchmarks/bench_forward.py [--repeats 7]
-Prints medians and the ratio (ours / transformers throughput; > 1 means faster), then KV bytes per token for the
-V2-Lite / V3 shapes against the published figure (V3: 576 elements per layer).
+Prints medians and the ratio (ours / transformers throughput; > 1 means faster), then each fast path against its
+reference on the default model's shapes (routed experts: sorted per-expert vs padded bmm; attention: padded-width
+SDPA vs softmax(q k^T) v), then KV bytes per token for the V2-Lite / V3 shapes against the published figure
+(V3: 576 elements per layer).
 """
 
 from __future__ import annotations
@@ -30,6 +32,34 @@ def median_seconds(fn, repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def bench_paths(repeats: int) -> None:
+    """Fast path vs reference path (medians of each) on the bundled model's shapes (4 x 256 tokens)."""
+    from workbench.model.mla import attend
+    from workbench.model.moe import experts_forward
+
+    g = torch.Generator().manual_seed(0)
+    T, H, I, E, k = 1024, 128, 64, 16, 4
+    x = torch.randn(T, H, generator=g)
+    w = [torch.randn(E, I, H, generator=g) * 0.1, torch.randn(E, I, H, generator=g) * 0.1,
+         torch.randn(E, H, I, generator=g) * 0.1]
+    skew = torch.tensor([4.0, 2.0, 1.0] + [0.5] * (E - 3))  # trained routers are unbalanced
+    ids = torch.stack([torch.multinomial(skew, k, generator=g) for _ in range(T)])
+    weights = torch.rand(T, k, generator=g)
+    q, kk = torch.randn(4, 256, 4, 48, generator=g), torch.randn(4, 256, 4, 48, generator=g)
+    v = torch.randn(4, 256, 4, 32, generator=g)
+    pairs = [("routed experts: sorted vs padded",
+              lambda: experts_forward(x, ids, weights, *w, path="sorted"),
+              lambda: experts_forward(x, ids, weights, *w, path="padded")),
+             ("attention: fused SDPA vs reference",
+              lambda: attend(q, kk, v, None, 0.1), lambda: attend(q, kk, v, None, 0.1, fused=False))]
+    print("\nfast path vs reference (default model shapes), median ms:")
+    with torch.inference_mode():
+        for name, fast, ref in pairs:
+            t_fast = median_seconds(fast, 3 * repeats)
+            t_ref = median_seconds(ref, 3 * repeats)
+            print(f"  {name:36s}{t_fast * 1e3:8.2f}{t_ref * 1e3:8.2f}  x{t_ref / t_fast:.2f} faster")
 
 
 def main() -> None:
@@ -67,6 +97,7 @@ def main() -> None:
     print(f"{'':36s}{'transformers':>14s}{'workbench':>12s}{'ratio':>8s}")
     for name, theirs, mine in rows:
         print(f"{name:36s}{theirs:14.1f}{mine:12.1f}{mine / theirs:8.2f}")
+    bench_paths(args.repeats)
     print("\nKV cache per token, bf16 (elements per layer: MLA = kv_lora_rank + qk_rope_head_dim)")
     for preset in ("deepseek-v2-lite", "deepseek-v3"):
         kv = kv_bytes_per_token(PRESETS[preset], dtype_bytes=2)

@@ -1,4 +1,4 @@
-"""Routing semantics and the batched expert computation against a per-expert loop."""
+"""Routing semantics, and every path of the routed-expert computation against a per-expert loop."""
 
 from __future__ import annotations
 
@@ -52,20 +52,60 @@ def test_mask_ablates_an_expert():
     assert not torch.isin(ids, torch.tensor([0, 3])).any()
 
 
-@pytest.mark.parametrize(("T", "E", "k"), [(1, 8, 2), (37, 8, 3), (64, 16, 4), (5, 64, 6)])
-def test_batched_experts_equal_a_per_expert_loop(T, E, k):
-    g = torch.Generator().manual_seed(T)
-    H, I = 24, 16
-    x = torch.randn(T, H, generator=g)
-    w_gate, w_up = torch.randn(E, I, H, generator=g), torch.randn(E, I, H, generator=g)
-    w_down = torch.randn(E, H, I, generator=g)
-    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
-    weights = torch.rand(T, k, generator=g)
-    expected = torch.zeros(T, H)
-    for t in range(T):
-        for slot in range(k):
+def per_expert_loop(x, ids, weights, w_gate, w_up, w_down):
+    """The definition, one (token, slot) at a time: sum_k weights * down(silu(gate x) * up x)."""
+    expected = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        for slot in range(ids.shape[1]):
             e = int(ids[t, slot])
             h = F.silu(x[t] @ w_gate[e].T) * (x[t] @ w_up[e].T)
             expected[t] += weights[t, slot] * (h @ w_down[e].T)
-    torch.testing.assert_close(experts_forward(x, ids, weights, w_gate, w_up, w_down), expected,
-                               atol=1e-4, rtol=1e-5)
+    return expected
+
+
+def expert_problem(T, E, k, H=24, I=16, seed=0, skew=False):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, H, generator=g)
+    w_gate, w_up = torch.randn(E, I, H, generator=g), torch.randn(E, I, H, generator=g)
+    w_down = torch.randn(E, H, I, generator=g)
+    if skew:  # a few experts take most pairs, some none: what trained routers do
+        prefs = torch.tensor([4.0, 2.0, 1.0] + [0.5] * (E - 5) + [0.0, 0.0])  # [E], the last two never chosen
+        ids = torch.stack([torch.multinomial(prefs, k, generator=g) for _ in range(T)])
+    else:
+        ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
+    return x, ids, torch.rand(T, k, generator=g), w_gate, w_up, w_down
+
+
+@pytest.mark.parametrize("path", ["auto", "gather", "sorted", "padded"])
+@pytest.mark.parametrize(("T", "E", "k", "skew"), [(1, 8, 2, False), (37, 8, 3, False), (64, 16, 4, False),
+                                                    (5, 64, 6, False), (90, 12, 4, True)])
+def test_every_experts_path_equals_a_per_expert_loop(T, E, k, skew, path):
+    x, ids, weights, w_gate, w_up, w_down = expert_problem(T, E, k, seed=T, skew=skew)
+    torch.testing.assert_close(experts_forward(x, ids, weights, w_gate, w_up, w_down, path=path),
+                               per_expert_loop(x, ids, weights, w_gate, w_up, w_down), atol=1e-4, rtol=1e-5)
+
+
+def test_sorted_and_padded_paths_agree_on_the_bundled_model_shape():
+    # the default model's experts (H 128, I 64, 16 experts, top-4) on 1024 tokens with skewed routing
+    x, ids, weights, w_gate, w_up, w_down = expert_problem(1024, 16, 4, H=128, I=64, skew=True)
+    per_expert = experts_forward(x, ids, weights, w_gate, w_up, w_down, path="sorted")
+    torch.testing.assert_close(per_expert, experts_forward(x, ids, weights, w_gate, w_up, w_down, path="padded"),
+                               atol=1e-5, rtol=1e-5)
+    assert torch.equal(experts_forward(x, ids, weights, w_gate, w_up, w_down), per_expert)  # auto = sorted here
+    with pytest.raises(ValueError, match="experts path must be one of .* got 'grouped'"):
+        experts_forward(x, ids, weights, w_gate, w_up, w_down, path="grouped")  # type: ignore[arg-type]
+
+
+def test_autograd_does_not_change_the_forward_and_gradients_match_the_loop():
+    # a forward with autograd on must equal the same forward under no_grad bit for bit (routing replay relies on it)
+    x, ids, weights, w_gate, w_up, w_down = expert_problem(48, 12, 4, seed=5, skew=True)
+    # weights at trained-model scale (outputs O(1)), so fp32 reassociation between the paths stays ~1e-6 relative
+    leaves = [(t if i == 0 else 0.2 * t).requires_grad_() for i, t in enumerate((x, w_gate, w_up, w_down))]
+    y = experts_forward(leaves[0], ids, weights, *leaves[1:])
+    with torch.no_grad():
+        assert torch.equal(y, experts_forward(leaves[0], ids, weights, *leaves[1:]))
+    y.square().sum().backward()
+    ref_leaves = [t.detach().clone().requires_grad_() for t in leaves]
+    per_expert_loop(ref_leaves[0], ids, weights, *ref_leaves[1:]).square().sum().backward()
+    for got, want in zip(leaves, ref_leaves, strict=True):
+        torch.testing.assert_close(got.grad, want.grad, atol=1e-4, rtol=1e-4)

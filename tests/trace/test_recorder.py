@@ -8,7 +8,7 @@ import torch
 
 import workbench
 from workbench.trace import Trace
-from workbench.trace.recorder import SiteError
+from workbench.trace.recorder import SiteError, argmax_and_logsumexp, first_argmax
 
 
 def test_routing_and_next_token_stats_match_direct_computation(loaded):
@@ -116,3 +116,31 @@ def test_a_probe_of_another_width_is_a_clear_error(loaded):
             t.forward(torch.tensor([[0, 7, 8, 9]]))
     finally:
         del loaded.model.forward
+
+
+@pytest.mark.parametrize("V", [2048, 384, 300, 64])
+def test_first_argmax_equals_torch_max_including_ties(V):
+    """The blocked arg-reduction behind `pred_id` against `torch.max` (first maximum), ties across blocks included."""
+    g = torch.Generator().manual_seed(V)
+    x = torch.randn(3, 7, V, generator=g)
+    x[0, 0, [V - 1, 5, V // 2]] = 9.0  # a three-way tie in different blocks: the first index wins
+    x[1, 2] = 0.0  # a constant row: index 0
+    x[2, 3, V - 1] = 50.0  # the maximum in the last column
+    idx, top = first_argmax(x)
+    want = x.max(dim=-1)
+    assert torch.equal(idx, want.indices) and torch.equal(top, want.values)
+    assert int(idx[0, 0]) == 5 and int(idx[1, 2]) == 0 and int(idx[2, 3]) == V - 1
+
+
+@pytest.mark.parametrize("T", [1, 64, 150])
+def test_blocked_argmax_and_logsumexp_equal_torch(T):
+    """The one-pass next-token statistics against torch's argmax and logsumexp, odd row counts and odd rows included."""
+    x = torch.randn(T, 2048, generator=torch.Generator().manual_seed(T)) * 4
+    x[0, 7] = x[0].max() + 1  # a clear maximum in the first block
+    if T > 100:
+        x[100, 3] = float("inf")  # an infinite logit: logsumexp is inf, argmax points at it
+        x[101] = float("-inf")  # a fully masked row: logsumexp is -inf
+    pred, lse = argmax_and_logsumexp(x[None])
+    assert pred.shape == lse.shape == (1, T)
+    assert torch.equal(pred[0], x.max(dim=-1).indices)
+    torch.testing.assert_close(lse[0], x.logsumexp(dim=-1), rtol=1e-6, atol=1e-5)

@@ -13,8 +13,9 @@ Interventions (`RouteOverride`, built and validated by `workbench.controls`) ent
 a temperature on the logits, an offset on the selection bias, a mask of ablated experts, experts forced into the
 first slots, replaced hyper-parameters, shared experts off, or a recorded routing (ids and weights) replayed as is.
 With no override the path is the one above, op for op.
-Experts are stacked 3-D weights; `experts_forward` sorts (token, slot) pairs by expert and runs one batched
-matmul per projection over the experts that received tokens, with no Python loop over experts.
+Experts are stacked 3-D weights; `experts_forward` sorts (token, slot) pairs by expert and runs each expert that was
+hit on exactly its own rows (as transformers and vLLM do), or, as the reference, one batched matmul over the experts
+that were hit with each padded to the busiest one.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +36,10 @@ from workbench.probes import ProbeRegistry, ProbeSite
 if TYPE_CHECKING:
     from workbench.model.fp8 import Backend, FP8Format
 
+
+# How `experts_forward` runs the routed experts: "auto" picks gather (decode-sized) or sorted; the others force one
+# (tests compare them).
+ExpertsPath = Literal["auto", "gather", "sorted", "padded"]
 
 # The FP8 sites (workbench.model.fp8.SITES) of the layer running now under a run's controls, in this thread or task
 # only; None: as the modules are. Set by Block.forward; here, not in fp8.py, so the model imports without Triton.
@@ -186,11 +191,16 @@ class Experts(nn.Module):
 
 def experts_forward(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w_gate: torch.Tensor,
                     w_up: torch.Tensor, w_down: torch.Tensor,
-                    act_qdq: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
-    """x [T, H], ids/weights [T, k] -> sum_k weights * expert_k(x)  [T, H]; one batched matmul per projection.
+                    act_qdq: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                    path: ExpertsPath = "auto") -> torch.Tensor:
+    """x [T, H], ids/weights [T, k] -> sum_k weights * expert_k(x)  [T, H].
 
-    Few (token, slot) pairs (decoding): gather the chosen experts' weights per slot. Many (prefill): sort the pairs
-    by expert and pad each expert's rows to the busiest expert's count, then bmm over the experts that were hit.
+    `path` "gather" (what "auto" takes for few (token, slot) pairs, i.e. decoding): gather the chosen experts' weights
+    per slot. "sorted" (prefill): sort the pairs by expert and run each expert hit on its own rows, three matmuls per
+    expert. "padded" (the reference for "sorted"): sort, pad each expert's rows to the busiest expert's count, one bmm
+    per projection; routing is rarely balanced (the bundled model's busiest expert gets 2.6x the mean), so padding
+    costs about that factor in matmul work. `F.grouped_mm` would run "sorted" in one call, but its CPU backward
+    fails (torch 2.13) and the forward must not depend on whether autograd is on.
     `act_qdq` (FP8 simulation; weights then are dequantized fp32) quantize-dequantizes the input and the SwiGLU
     output, the latter first rounded to x's dtype, as DeepSeek's FP8 MoE does; the result is in x's dtype.
     """
@@ -204,7 +214,9 @@ def experts_forward(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w
         h = F.silu(g) * u
         return h if act_qdq is None else act_qdq(h.to(dtype))
 
-    if T * k <= w_gate.shape[0]:  # decode-sized: gather each slot's expert weights, skip the sort
+    if path == "auto":
+        path = "gather" if T * k <= w_gate.shape[0] else "sorted"
+    if path == "gather":
         xs = x[:, None, :, None]  # [T, 1, H, 1]
         g = (w_gate[ids] @ xs)[..., 0]  # [T, k, I]
         u = (w_up[ids] @ xs)[..., 0]  # [T, k, I]
@@ -212,19 +224,34 @@ def experts_forward(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w
         return (out * weights[..., None].to(out.dtype)).sum(dim=1).to(dtype)
     flat_ids = ids.reshape(-1)  # [T*k]
     order = flat_ids.argsort(stable=True)  # (token, slot) pairs grouped by expert
+    token_of = order // k  # [T*k] token of each sorted pair
+    pair_weights = weights.reshape(-1)[order, None]  # [T*k, 1]
+    if path == "sorted":
+        rows_per_expert = torch.bincount(flat_ids, minlength=w_gate.shape[0]).tolist()  # [E], in sorted order
+        xs = x.index_select(0, token_of)  # [T*k, H]
+        outs = []
+        first = 0
+        for e, n in enumerate(rows_per_expert):
+            if n:
+                xe = xs[first : first + n]  # [n, H] this expert's rows
+                outs.append(F.linear(swiglu(F.linear(xe, w_gate[e]), F.linear(xe, w_up[e])), w_down[e]))  # [n, H]
+                first += n
+        out = torch.cat(outs)  # [T*k, H]
+        return x.new_zeros(T, H).index_add_(0, token_of, out * pair_weights.to(out.dtype)).to(dtype)
+    if path != "padded":
+        raise ValueError(f"experts path must be one of 'auto', 'gather', 'sorted', 'padded', got {path!r}")
     sorted_ids = flat_ids[order]
     active, counts = sorted_ids.unique_consecutive(return_counts=True)  # experts that received tokens
     starts = counts.cumsum(0) - counts
     slot_of_active = torch.repeat_interleave(torch.arange(len(active), device=x.device), counts)  # [T*k]
     row = torch.arange(T * k, device=x.device) - starts[slot_of_active]  # position within its expert
     capacity = int(counts.max())
-    token_of = order // k
     buf = x.new_zeros(len(active), capacity, H)  # [A, cap, H], A = experts hit
     buf[slot_of_active, row] = x[token_of]
     g = torch.bmm(buf, w_gate[active].transpose(1, 2))  # [A, cap, I]
     u = torch.bmm(buf, w_up[active].transpose(1, 2))  # [A, cap, I]
     out = torch.bmm(swiglu(g, u), w_down[active].transpose(1, 2))  # [A, cap, H]
-    contrib = out[slot_of_active, row] * weights.reshape(-1)[order, None].to(out.dtype)  # [T*k, H]
+    contrib = out[slot_of_active, row] * pair_weights.to(out.dtype)  # [T*k, H]
     return x.new_zeros(T, H).index_add_(0, token_of, contrib).to(dtype)
 
 

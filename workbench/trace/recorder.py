@@ -316,17 +316,55 @@ _TORCH_DTYPES = {"int16": torch.int16, "float32": torch.float32, "float16": torc
 def _next_token_stats(ids: torch.Tensor, logits: torch.Tensor, lengths: torch.Tensor,
                       take: Callable[[torch.Tensor], torch.Tensor]) -> Batch:
     B, S = ids.shape
-    lse = logits.logsumexp(dim=-1)  # [B, S]
+    pred, lse = argmax_and_logsumexp(logits)  # [B, S] each
     nxt = torch.cat([ids[:, 1:], ids[:, :1]], dim=1)  # [B, S] token t+1 (last column is a dummy)
     loss = lse - logits.gather(2, nxt[..., None]).squeeze(-1)  # [B, S] -log p(t+1 | <= t)
     last = torch.arange(S)[None, :] >= (lengths[:, None] - 1)  # [B, S] no next token inside the window
     loss = loss.masked_fill(last, float("nan"))
     logprob = torch.full((B, S), float("nan"))
     logprob[:, 1:] = -loss[:, :-1]
-    pred = logits.max(dim=-1).indices.to(torch.int32)  # [B, S]; as argmax (first maximum), in half its time on CPU
     return {"logprob": take(logprob.reshape(-1)).numpy().astype(np.float32),
             "loss": take(loss.reshape(-1)).numpy().astype(np.float32),
-            "pred_id": take(pred.reshape(-1)).numpy()}
+            "pred_id": take(pred.to(torch.int32).reshape(-1)).numpy()}
+
+
+def argmax_and_logsumexp(logits: torch.Tensor, rows: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """(first argmax, logsumexp) along the last dim, `rows` rows at a time: each block of logits (64 x 2048 fp32 =
+    512 KiB) is read from memory once and stays in cache for the max, the exp and the sum, instead of three passes
+    over the whole [T, V] array and an equally large temporary. The logsumexp reuses the row maximum; a row with an
+    infinite or NaN maximum takes torch's `logsumexp`, which has the conventions for those."""
+    V = logits.shape[-1]
+    flat = logits.reshape(-1, V)  # [T, V]
+    pred = torch.empty(flat.shape[0], dtype=torch.long, device=logits.device)  # [T]
+    lse = torch.empty(flat.shape[0], dtype=logits.dtype, device=logits.device)  # [T]
+    shifted = torch.empty(min(rows, flat.shape[0]), V, dtype=logits.dtype, device=logits.device)  # reused block
+    for i in range(0, flat.shape[0], rows):
+        block = flat[i : i + rows]  # [n, V]
+        n = block.shape[0]
+        idx, top = first_argmax(block)  # [n]
+        pred[i : i + n] = idx
+        torch.sub(block, top[:, None], out=shifted[:n]).exp_()
+        lse[i : i + n] = top + shifted[:n].sum(dim=-1).log_()
+        if not bool(top.isfinite().all()):
+            lse[i : i + n] = block.logsumexp(dim=-1)
+    return pred.view(logits.shape[:-1]), lse.view(logits.shape[:-1])
+
+
+def first_argmax(x: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """(index of the first maximum, the maximum) along the last dim: `x.max(dim=-1)`, ~3x faster on CPU.
+
+    torch's CPU arg-reductions do not vectorise along a long last dim (5 ms for 1024 x 2048 logits, more than the
+    routing capture's whole budget), while `amax` does: block maxima find the first block holding the maximum,
+    and only that block is arg-reduced. Widths that are not a multiple of `block` take `x.max` itself.
+    """
+    V = x.shape[-1]
+    if V % block or block >= V:
+        top = x.max(dim=-1)
+        return top.indices, top.values
+    blocks = x.reshape(-1, V // block, block)  # [N, V/b, b]
+    best = blocks.amax(dim=-1).max(dim=-1)  # [N]: the first block whose maximum is the row's maximum
+    inner = blocks[torch.arange(blocks.shape[0], device=x.device), best.indices].max(dim=-1).indices  # [N]
+    return (best.indices * block + inner).view(x.shape[:-1]), best.values.view(x.shape[:-1])
 
 
 def trace_attrs(model: DeepSeekModel, layout: Layout, checkpoint: str, controls: dict[str, Any]) -> dict[str, Any]:

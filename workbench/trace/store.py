@@ -232,9 +232,9 @@ class TraceStore:
                 self._write(name, start, end, a)
             return
         direct = {n: a for n, a in data.items() if _zstd_of(self.arrays[n]) is not None}
-        files = [f for n, a in direct.items() for f in _encoded_chunks(self.arrays[n], n, start, a)]
-        with ThreadPoolExecutor(max_workers=4) as pool:
-            futures = [pool.submit(self._put, key, payload) for key, payload in files]
+        blocks = [b for n, a in direct.items() for b in _chunk_blocks(self.arrays[n], n, start, a)]
+        with ThreadPoolExecutor(max_workers=4) as pool:  # zstd releases the GIL: chunks compress in parallel too
+            futures = [pool.submit(self._encode_and_put, key, codec, block) for key, codec, block in blocks]
             wait(futures)
         for f in futures:
             f.result()  # the first failure, after every write has stopped
@@ -249,6 +249,9 @@ class TraceStore:
 
             with zarr.config.set({"array.write_empty_chunks": True}):  # skips a per-chunk compare with the fill
                 _run_async(write_rest())
+
+    def _encode_and_put(self, key: str, codec: Any, block: np.ndarray) -> None:
+        self._put(key, codec.encode(block))
 
     def _put(self, key: str, payload: bytes) -> None:
         """One chunk file, written to a temporary name and renamed (as zarr's LocalStore does): never torn."""
@@ -290,7 +293,8 @@ class TraceStore:
                                    if a.shape[0] != rows))
 
         _run_async(resize_all())
-        self.arrays = {n: _array(self.group, n) for n in self.arrays}  # fresh handles see the new shapes
+        if any(a.shape[0] != rows for a in self.arrays.values()):  # zarr 3.1.6 resizes the handles in place; else reopen
+            self.arrays = {n: _array(self.group, n) for n in self.arrays}
         self._capacity = rows
 
     def _load_tail(self) -> None:
@@ -346,9 +350,10 @@ def _zstd_of(arr: zarr.Array) -> Any:
     return numcodecs.Zstd(level=compressor.level, checksum=compressor.checksum)
 
 
-def _encoded_chunks(arr: zarr.Array, name: str, start: int, data: np.ndarray) -> list[tuple[str, bytes]]:
-    """Rows start.. of `arr` as (store key, encoded chunk) for every chunk they cover; `start` is a chunk boundary.
-    Stored chunks always have the full chunk shape: a partial one is padded with the fill value, as zarr does."""
+def _chunk_blocks(arr: zarr.Array, name: str, start: int, data: np.ndarray) -> list[tuple[str, Any, np.ndarray]]:
+    """Rows start.. of `arr` as (store key, codec, contiguous little-endian chunk) for every chunk they cover;
+    `start` is a chunk boundary. Stored chunks always have the full chunk shape: a partial one is padded with the
+    fill value, as zarr does. Encoding is left to the caller's worker threads."""
     codec = _zstd_of(arr)
     chunks = arr.chunks
     fill = arr.metadata.fill_value
@@ -364,7 +369,7 @@ def _encoded_chunks(arr: zarr.Array, name: str, start: int, data: np.ndarray) ->
             full[tuple(slice(0, n) for n in block.shape)] = block
             block = full
         key = arr.metadata.encode_chunk_key((first + index[0], *index[1:]))
-        out.append((f"{name}/{key}", codec.encode(np.ascontiguousarray(block, dtype=dtype).tobytes())))
+        out.append((f"{name}/{key}", codec, np.ascontiguousarray(block, dtype=dtype)))
     return out
 
 
