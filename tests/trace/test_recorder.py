@@ -133,8 +133,8 @@ def test_first_argmax_equals_torch_max_including_ties(V):
 
 
 @pytest.mark.parametrize("T", [1, 64, 150])
-def test_blocked_argmax_and_logsumexp_equal_torch(T):
-    """The one-pass next-token statistics against torch's argmax and logsumexp, odd row counts and odd rows included."""
+def test_argmax_and_logsumexp_equal_torch(T):
+    """The next-token statistics against torch's argmax and logsumexp, odd row counts and odd rows included."""
     x = torch.randn(T, 2048, generator=torch.Generator().manual_seed(T)) * 4
     x[0, 7] = x[0].max() + 1  # a clear maximum in the first block
     if T > 100:

@@ -328,25 +328,19 @@ def _next_token_stats(ids: torch.Tensor, logits: torch.Tensor, lengths: torch.Te
             "pred_id": take(pred.to(torch.int32).reshape(-1)).numpy()}
 
 
-def argmax_and_logsumexp(logits: torch.Tensor, rows: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """(first argmax, logsumexp) along the last dim, `rows` rows at a time: each block of logits (64 x 2048 fp32 =
-    512 KiB) is read from memory once and stays in cache for the max, the exp and the sum, instead of three passes
-    over the whole [T, V] array and an equally large temporary. The logsumexp reuses the row maximum; a row with an
-    infinite or NaN maximum takes torch's `logsumexp`, which has the conventions for those."""
+def argmax_and_logsumexp(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(first argmax, logsumexp) along the last dim in two passes over the logits: `first_argmax` gives the row
+    maximum with its index, and the logsumexp reuses that maximum (one exp pass, no second reduction for it).
+    Measured on 1024 x 2048 fp32 logits, 2 threads: 2.2 ms, vs 4.2 ms for `max(dim=-1)` + `logsumexp` and 3.2 ms
+    for the same computation in cache-sized row blocks (the per-block Python overhead outweighs the cache gain).
+    A row with an infinite or NaN maximum takes torch's `logsumexp`, which has the conventions for those."""
     V = logits.shape[-1]
     flat = logits.reshape(-1, V)  # [T, V]
-    pred = torch.empty(flat.shape[0], dtype=torch.long, device=logits.device)  # [T]
-    lse = torch.empty(flat.shape[0], dtype=logits.dtype, device=logits.device)  # [T]
-    shifted = torch.empty(min(rows, flat.shape[0]), V, dtype=logits.dtype, device=logits.device)  # reused block
-    for i in range(0, flat.shape[0], rows):
-        block = flat[i : i + rows]  # [n, V]
-        n = block.shape[0]
-        idx, top = first_argmax(block)  # [n]
-        pred[i : i + n] = idx
-        torch.sub(block, top[:, None], out=shifted[:n]).exp_()
-        lse[i : i + n] = top + shifted[:n].sum(dim=-1).log_()
-        if not bool(top.isfinite().all()):
-            lse[i : i + n] = block.logsumexp(dim=-1)
+    pred, top = first_argmax(flat)  # [T], [T]
+    lse = top + (flat - top[:, None]).exp_().sum(dim=-1).log_()  # [T]
+    bad = ~top.isfinite()  # [T]
+    if bool(bad.any()):
+        lse[bad] = flat[bad].logsumexp(dim=-1)
     return pred.view(logits.shape[:-1]), lse.view(logits.shape[:-1])
 
 
