@@ -18,6 +18,7 @@ import torch
 
 from workbench.config import PRESETS
 from workbench.controls import Controls, LatentControl, RoutingControl
+from workbench.loader import load_model
 from workbench.model.transformer import DeepSeekModel
 from workbench.session import Session
 
@@ -73,8 +74,8 @@ def main() -> None:
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"{'':<32} {'-- change in the last layer --':^30}   {'-- change in layer 0 --':^30}")
     print(f"{'model':<32} {'apply ms':>9} {'full ms':>9} {'ratio':>9}   {'apply ms':>9} {'full ms':>9} {'ratio':>9}")
-    for name, config in (("default (tiny, 3 layers)", PRESETS["tiny"]), ("larger (8 layers, H=256, E=32)", LARGER)):
-        bench(name, DeepSeekModel.random(config, seed=0), args)
+    bench("default (bundled, 4 layers)", load_model("default").model.eval(), args)
+    bench("larger (8 layers, H=256, E=32)", DeepSeekModel.random(LARGER, seed=0), args)
 
 
 if __name__ == "__main__":
