@@ -57,7 +57,8 @@ def _iter_chunks(*arrays: xr.DataArray) -> Iterator[list[np.ndarray]]:
         yield [np.asarray(a.isel({TOKEN: slice(int(lo), int(hi))}).values) for a in arrays]
 
 
-def _n_experts(ds: xr.Dataset) -> int:
+def n_experts(ds: xr.Dataset) -> int:
+    """Routed experts of the model that wrote `ds`: its `expert` axis, else the layout attrs, else the ids seen."""
     if "expert" in ds.sizes:
         return int(ds.sizes["expert"])
     layout = json.loads(ds.attrs.get("layout", "{}"))
@@ -83,7 +84,7 @@ def _one_hot(ids: np.ndarray, E: int) -> np.ndarray:
 # ---------------------------------------------------------------------- load and balance
 def expert_load(ds: xr.Dataset) -> xr.DataArray:
     """Token-slot choices per expert and MoE layer: [layer, expert] int64."""
-    ids, E = _ids(ds), _n_experts(ds)
+    ids, E = _ids(ds), n_experts(ds)
     L = ids.sizes["layer"]
 
     def count(block: np.ndarray) -> np.ndarray:  # [n, L, k] -> [L, E]
@@ -114,7 +115,7 @@ def token_expert_lift(ds: xr.Dataset, min_count: int = 1) -> xr.Dataset:
     to the expert and P(expert) the share of all tokens routed to it. Pairs seen fewer than `min_count` times are
     dropped. Returns dims [pair] with coords layer, expert, token_id and variables count, token_count, lift.
     """
-    ids, E = _ids(ds), _n_experts(ds)
+    ids, E = _ids(ds), n_experts(ds)
     L = ids.sizes["layer"]
     pair_codes, pair_counts = [], []
     token_counts: dict[int, int] = {}
@@ -154,7 +155,7 @@ def top_tokens_per_expert(ds: xr.Dataset, n: int = 10, min_count: int = 5) -> xr
     times with that expert: dims [layer, expert, rank]; token_id -1 / lift NaN where there are fewer."""
     pairs = token_expert_lift(ds, min_count=min_count)
     layers = np.asarray(ds["layer"].values)
-    E = _n_experts(ds)
+    E = n_experts(ds)
     tok = np.full((len(layers), E, n), -1, dtype=np.int64)
     lift = np.full((len(layers), E, n), np.nan)
     count = np.zeros((len(layers), E, n), dtype=np.int64)
@@ -175,7 +176,7 @@ def top_tokens_per_expert(ds: xr.Dataset, n: int = 10, min_count: int = 5) -> xr
 def coactivation(ds: xr.Dataset) -> xr.Dataset:
     """Tokens that chose both experts i and j in the same layer: count [layer, expert, expert_b] (diagonal = load)
     and lift = count * N / (load_i * load_j), 1 when choices are independent."""
-    ids, E = _ids(ds), _n_experts(ds)
+    ids, E = _ids(ds), n_experts(ds)
     L = ids.sizes["layer"]
 
     def pairs(block: np.ndarray) -> np.ndarray:  # [n, L, k] -> [L, E, E]
@@ -194,7 +195,7 @@ def coactivation(ds: xr.Dataset) -> xr.Dataset:
 def routing_transitions(ds: xr.Dataset) -> xr.Dataset:
     """How routing at one MoE layer predicts the next: count [layer, expert_from, expert_to] of (token, slot pair)
     choices, `layer` being the source layer and `next_layer` the one after it, and prob = P(to | from)."""
-    ids, E = _ids(ds), _n_experts(ds)
+    ids, E = _ids(ds), n_experts(ds)
     L = ids.sizes["layer"]
     if L < 2:
         raise ValueError("routing transitions need at least two MoE layers")

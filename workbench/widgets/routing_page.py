@@ -8,7 +8,6 @@ Shape legend: N tokens in the source, n on the page, L MoE layers, k top-k, E ro
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Any
 
@@ -22,16 +21,6 @@ DEFAULT_PAGE_TOKENS = 256
 
 def n_pages(n_tokens: int, page_tokens: int) -> int:
     return max(1, math.ceil(n_tokens / page_tokens))
-
-
-def n_experts(ds: xr.Dataset) -> int:
-    """Routed experts of the model that wrote `ds`: its `expert` axis, else the layout attrs, else the ids seen."""
-    if "expert" in ds.sizes:
-        return int(ds.sizes["expert"])
-    layout = json.loads(ds.attrs.get("layout", "{}"))
-    if "n_experts" in layout:
-        return int(layout["n_experts"])
-    return int(ds["expert_ids"].max().compute()) + 1
 
 
 def load_per_layer(ds: xr.Dataset) -> np.ndarray:
@@ -61,7 +50,7 @@ def routing_page(ds: xr.Dataset, page: int, *, page_tokens: int = DEFAULT_PAGE_T
         weights = np.asarray(part["expert_weights"].transpose("token", "layer", "slot").values)  # [n, L, k]
     else:
         weights = np.full(ids.shape, np.nan, dtype=np.float32)
-    E = n_experts(ds)
+    E = analysis.n_experts(ds)
     if load is None:
         load = load_per_layer(ds)
     text = [str(t) for t in np.asarray(part["text"].values).tolist()] if "text" in part else [""] * len(ids)

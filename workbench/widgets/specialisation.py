@@ -15,8 +15,8 @@ import numpy as np
 import xarray as xr
 
 from workbench import analysis
+from workbench.analysis import n_experts
 from workbench.widgets.live import LiveSession
-from workbench.widgets.routing_page import n_experts
 from workbench.widgets.specialisation_data import (
     check_layer_expert,
     coactivation_partners,
