@@ -10,12 +10,11 @@ SDPA vs softmax(q k^T) v), then KV bytes per token for the V2-Lite / V3 shapes a
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+from timing import median_seconds  # benchmarks/timing.py
 
 # tiny-but-not-trivial: V3-style routing at a size where a CPU forward takes milliseconds, not microseconds
 CONFIG = dict(vocab_size=4096, hidden_size=256, intermediate_size=512, moe_intermediate_size=128, num_hidden_layers=4,
@@ -24,14 +23,6 @@ CONFIG = dict(vocab_size=4096, hidden_size=256, intermediate_size=512, moe_inter
               qk_rope_head_dim=16, v_head_dim=32, first_k_dense_replace=1, max_position_embeddings=2048)
 
 
-def median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def bench_paths(repeats: int) -> None:

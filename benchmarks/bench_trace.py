@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import random
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from timing import interleaved_seconds  # benchmarks/timing.py
 
 from workbench.loader import load_model
 from workbench.trace import Trace, TraceStore
@@ -29,27 +29,8 @@ from workbench.trace import Trace, TraceStore
 REPEATS = 7
 
 
-def median_s(fn: Callable[[], object], repeats: int = REPEATS) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
-def interleaved_s(fns: list[Callable[[], object]], repeats: int = REPEATS) -> list[float]:
-    """Medians of fns run round-robin, so load from other processes hits every variant alike."""
-    for fn in fns:
-        fn()
-    times: list[list[float]] = [[] for _ in fns]
-    for _ in range(repeats):
-        for i, fn in enumerate(fns):
-            t0 = time.perf_counter()
-            fn()
-            times[i].append(time.perf_counter() - t0)
-    return [statistics.median(t) for t in times]
 
 
 def bench_capture(ids: torch.Tensor) -> None:
@@ -63,7 +44,7 @@ def bench_capture(ids: torch.Tensor) -> None:
             t.forward(ids)
 
     with torch.inference_mode():
-        plain, t_routing, t_full = interleaved_s([lambda: model(ids), lambda: run_with(routing),
+        plain, t_routing, t_full = interleaved_seconds([lambda: model(ids), lambda: run_with(routing),
                                                   lambda: run_with(full)], repeats=2 * REPEATS)
     n = ids.numel()
     print(f"workbench default model, batch {tuple(ids.shape)} ({n} tokens), median of {2 * REPEATS}, interleaved:")
@@ -96,7 +77,7 @@ def bench_transformers_hooks(config: object, ids: torch.Tensor, ours_plain: floa
                 h.remove()
 
     with torch.inference_mode():
-        hf_plain, hf_hooks = interleaved_s([lambda: hf(ids), hooked], repeats=2 * REPEATS)
+        hf_plain, hf_hooks = interleaved_seconds([lambda: hf(ids), hooked], repeats=2 * REPEATS)
     print(f"transformers {__import__('transformers').__version__} DeepseekV3ForCausalLM, same config:")
     print(f"  plain forward            {hf_plain * 1e3:8.1f} ms  (ours / theirs x{ours_plain / hf_plain:.2f})")
     print(f"  + routing forward hooks  {hf_hooks * 1e3:8.1f} ms  overhead x{hf_hooks / hf_plain:.3f} "
@@ -130,7 +111,7 @@ def bench_store(ids: torch.Tensor, copies: int = 32) -> None:
                 for k in stored:
                     np.save(out / f"{k}.{i}.npy", batch[k])
 
-        s_store, s_every, s_npy = interleaved_s([to_store(None), to_store(1), to_npy], repeats=5)
+        s_store, s_every, s_npy = interleaved_seconds([to_store(None), to_store(1), to_npy], repeats=5)
     mb = nbytes * copies / 2**20
     n = len(batch["token_id"])
     print(f"store writes, full capture, {copies} batches of {n} tokens ({mb:.1f} MiB), median of 5, interleaved:")
