@@ -27,8 +27,7 @@ from workbench.widgets.routing_page import (
     routing_page,
     token_choices,
 )
-from workbench.widgets.trace_source import check_trace_matches, load_trace
-from workbench.widgets.view import ModelArg, View, heading, resolve_live
+from workbench.widgets.view import ModelArg, View, heading, resolve_sources
 
 
 class RoutingGrid(anywidget.AnyWidget):
@@ -58,17 +57,9 @@ class RoutingExplorer(View):
         if page_tokens < 1:
             raise ValueError(f"page_tokens must be >= 1, got {page_tokens}")
         self.page_tokens = page_tokens
-        self.live: LiveSession | None = None
-        if live is not None or model is not None or trace is None:
-            self.live = resolve_live(model, prompt, live)
-        self.traces: dict[str, xr.Dataset] = {}
-        if trace is not None:
-            ds = load_trace(trace)
-            if self.live is not None:
-                check_trace_matches(ds, self.live.loaded)
-            elif "expert_ids" not in ds:
-                raise ValueError("trace: the trace has no expert_ids (routing was not recorded)")
-            self.traces["trace"] = ds
+        self.live: LiveSession | None
+        self.traces: dict[str, xr.Dataset]
+        self.live, self.traces = resolve_sources(model, trace, prompt, live)
         self._loads: dict[str, np.ndarray] = {}
         names = (["live"] if self.live is not None else []) + list(self.traces)
         # a stored trace, when given, is what the user came to see; "live" is one click away

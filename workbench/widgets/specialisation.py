@@ -23,8 +23,7 @@ from workbench.widgets.specialisation_data import (
     examples_in_context,
     preferred_tokens,
 )
-from workbench.widgets.trace_source import check_trace_matches, load_trace
-from workbench.widgets.view import ModelArg, View, heading, resolve_live
+from workbench.widgets.view import ModelArg, View, heading, resolve_sources
 
 TABLE_STYLE = "border-collapse:collapse;margin:4px 16px 8px 0;font-size:12px"
 
@@ -47,17 +46,9 @@ class ExpertSpecialisation(View):
     def __init__(self, model: ModelArg | None = None, *, trace: str | Path | xr.Dataset | None = None,
                  prompt: str | None = None, live: LiveSession | None = None, layer: int | None = None,
                  expert: int | None = None, top_n: int = 10, min_count: int | None = None) -> None:
-        self.live: LiveSession | None = None
-        if live is not None or model is not None or trace is None:
-            self.live = resolve_live(model, prompt, live)
-        self.traces: dict[str, xr.Dataset] = {}
-        if trace is not None:
-            ds = load_trace(trace)
-            if self.live is not None:
-                check_trace_matches(ds, self.live.loaded)
-            elif "expert_ids" not in ds:
-                raise ValueError("trace: the trace has no expert_ids (routing was not recorded)")
-            self.traces["trace"] = ds
+        self.live: LiveSession | None
+        self.traces: dict[str, xr.Dataset]
+        self.live, self.traces = resolve_sources(model, trace, prompt, live)
         self.top_n = top_n
         self._cache: dict[tuple[str, str, int], Any] = {}
         names = (["live"] if self.live is not None else []) + list(self.traces)

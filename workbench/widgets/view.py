@@ -6,10 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import ipywidgets as widgets
+import xarray as xr
 
 from workbench.loader import LoadedModel, load_model
 from workbench.widgets.html_export import save_html
 from workbench.widgets.live import LiveSession
+from workbench.widgets.trace_source import check_trace_matches, load_trace
 
 ModelArg = str | Path | LoadedModel
 
@@ -25,6 +27,22 @@ def resolve_live(model: ModelArg | None, prompt: str | None, live: LiveSession |
             raise ValueError("pass either live= (a shared session) or model=/prompt=, not both")
         return live
     return LiveSession(resolve_model(model if model is not None else "default"), prompt)
+
+
+def resolve_sources(model: ModelArg | None, trace: str | Path | xr.Dataset | None, prompt: str | None,
+                    live: LiveSession | None) -> tuple[LiveSession | None, dict[str, xr.Dataset]]:
+    """The live session and stored traces a trace-reading view shows: live unless only a trace is given; a trace
+    must come from the live model when both are shown, and must hold routing when it stands alone."""
+    session = resolve_live(model, prompt, live) if (live is not None or model is not None or trace is None) else None
+    traces: dict[str, xr.Dataset] = {}
+    if trace is not None:
+        ds = load_trace(trace)
+        if session is not None:
+            check_trace_matches(ds, session.loaded)
+        elif "expert_ids" not in ds:
+            raise ValueError("trace: the trace has no expert_ids (routing was not recorded)")
+        traces["trace"] = ds
+    return session, traces
 
 
 def heading(text: str, note: str = "") -> widgets.HTML:
