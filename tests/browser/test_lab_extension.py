@@ -153,8 +153,15 @@ def test_launcher_card_and_palette_create_a_live_workbench(stores: LabServer, pa
                    return w && w.context && w.context.path === 'live-workbench.ipynb'; }""", timeout=60_000)
     assert "Workbench()" in (stores.root / "live-workbench.ipynb").read_text()
 
+    # Fill the palette's own search box once it is visible (typing blindly races the modal's focus on a loaded
+    # machine), then read header and item from one DOM snapshot so a re-render between two reads cannot miss them.
     page.evaluate("() => window.jupyterapp.commands.execute('apputils:activate-command-palette')")
-    page.keyboard.type("live workbench")
-    item = page.locator(".lm-CommandPalette-item", has_text="New live workbench")
-    item.wait_for(timeout=30_000)
-    assert "MoE Workbench" in page.locator(".lm-CommandPalette-header", has_text="MoE Workbench").inner_text()
+    search = page.locator(".lm-CommandPalette-input").first
+    search.wait_for(state="visible", timeout=60_000)
+    search.fill("live workbench")
+    page.wait_for_function(
+        """() => {
+            const text = (sel) => [...document.querySelectorAll(sel)].map((e) => e.textContent || '');
+            return text('.lm-CommandPalette-header').some((t) => t.includes('MoE Workbench'))
+                && text('.lm-CommandPalette-item').some((t) => t.includes('New live workbench'));
+        }""", timeout=60_000)
