@@ -8,7 +8,7 @@ import torch
 
 import workbench
 from workbench.trace import Trace
-from workbench.trace.recorder import SiteError, argmax_and_logsumexp, first_argmax
+from workbench.trace.recorder import Scratch, SiteError, argmax_and_logsumexp, first_argmax
 
 
 def test_routing_and_next_token_stats_match_direct_computation(loaded):
@@ -132,15 +132,22 @@ def test_first_argmax_equals_torch_max_including_ties(V):
     assert int(idx[0, 0]) == 5 and int(idx[1, 2]) == 0 and int(idx[2, 3]) == V - 1
 
 
+@pytest.mark.parametrize("block_rows", [None, 64, 7])
 @pytest.mark.parametrize("T", [1, 64, 150])
-def test_argmax_and_logsumexp_equal_torch(T):
-    """The next-token statistics against torch's argmax and logsumexp, odd row counts and odd rows included."""
+def test_argmax_and_logsumexp_equal_torch(T, block_rows):
+    """The next-token statistics against torch's argmax and logsumexp, odd row counts and odd rows included, in one
+    cache block and in several (a partial last block, the scratch buffer reused across blocks and calls)."""
     x = torch.randn(T, 2048, generator=torch.Generator().manual_seed(T)) * 4
     x[0, 7] = x[0].max() + 1  # a clear maximum in the first block
     if T > 100:
         x[100, 3] = float("inf")  # an infinite logit: logsumexp is inf, argmax points at it
         x[101] = float("-inf")  # a fully masked row: logsumexp is -inf
-    pred, lse = argmax_and_logsumexp(x[None])
-    assert pred.shape == lse.shape == (1, T)
-    assert torch.equal(pred[0], x.max(dim=-1).indices)
-    torch.testing.assert_close(lse[0], x.logsumexp(dim=-1), rtol=1e-6, atol=1e-5)
+        x[102] += 300.0  # exp(x) overflows fp32: the row must take the shifted path
+        x[103] -= 300.0  # exp(x) underflows to zero: likewise
+        x[104, :5] = 95.0  # one large logit, the rest ordinary
+    scratch = Scratch()
+    for _ in range(2):  # the second call reuses the first call's buffer
+        pred, lse = argmax_and_logsumexp(x[None], scratch, block_rows=block_rows)
+        assert pred.shape == lse.shape == (1, T)
+        assert torch.equal(pred[0], x.max(dim=-1).indices)
+        torch.testing.assert_close(lse[0], x.logsumexp(dim=-1), rtol=1e-6, atol=1e-5)

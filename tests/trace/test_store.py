@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import re
 import subprocess
 import sys
@@ -78,6 +79,24 @@ def test_uncommitted_rows_are_invisible_and_the_store_is_incomplete_until_closed
     ds = open_trace(path)
     assert not ds.attrs["complete"] and ds.sizes["token"] == store.tokens
     assert (ds.token_id.values != 3).any() or store.tokens == 0
+
+
+def test_closing_trims_the_capacity_and_drops_chunks_a_killed_batch_left_past_the_end(tmp_path, loaded):
+    """A single writer's arrays are over-allocated (metadata only) and trimmed on close; a chunk written past the
+    final end by a killed, never-committed batch must not survive the trim as an orphan file."""
+    path = tmp_path / "t.zarr"
+    store = write_store(path, loaded, TEXTS, close=False)
+    assert store.arrays["token_id"].shape[0] >= 64 * store.chunk_tokens > store.tokens  # room without resizes
+    stale = 40 * store.chunk_tokens  # a chunk index well past anything this run commits
+    store._write("expert_ids", stale, stale + 3, np.ones((3, *store.arrays["expert_ids"].shape[1:]), np.int16))
+    assert (path / "expert_ids" / "c" / "40").exists()
+    store.close()
+    g = zarr.open_group(path, mode="r")
+    assert g["expert_ids"].shape[0] == g["token_id"].shape[0] == store.tokens
+    assert not (path / "expert_ids" / "c" / "40").exists()
+    kept = sorted(int(e) for e in os.listdir(path / "expert_ids" / "c"))
+    assert kept == list(range(-(-store.tokens // store.chunk_tokens)))
+    assert open_trace(path).attrs["complete"]
 
 
 def test_disk_full_mid_batch_keeps_every_committed_batch_and_resume_finishes(tmp_path, loaded, monkeypatch):
@@ -162,7 +181,7 @@ def test_buffered_concurrent_flushes_equal_the_plain_write_per_batch(tmp_path, l
     fast.close()
     plain.close()
     a, b = zarr.open_group(tmp_path / "fast.zarr", mode="r"), zarr.open_group(tmp_path / "plain.zarr", mode="r")
-    for name in t.layout.stored_names():
+    for name in (*t.layout.stored_names(), "progress"):  # progress: the direct commit vs zarr's setitem
         np.testing.assert_array_equal(a[name][:], b[name][:], err_msg=name)
     assert_same_trace(open_trace(tmp_path / "fast.zarr").compute(), open_trace(tmp_path / "plain.zarr").compute())
     assert "text" not in a and list(a["vocab_text"][:][a["token_id"][:]]) == list(open_trace(tmp_path / "fast.zarr").text.values)

@@ -148,6 +148,7 @@ class Trace:
         self._meta: dict[str, Any] | None = None
         self._next_seq = 0
         self._vocab: np.ndarray | None = None
+        self._scratch = Scratch()  # next-token statistics' work buffer, reused across calls
         self._handles: list[Any] = []
         self._listen: Any = None
 
@@ -230,7 +231,7 @@ class Trace:
         out["doc"] = take(torch.tensor(doc_ids, dtype=torch.int32).repeat_interleave(S)).numpy()
         out["pos"] = take((torch.arange(S, dtype=torch.int32) + past).repeat(B)).numpy()
         out["text"] = self.vocab()[out["token_id"]]
-        out.update(_next_token_stats(ids_cpu, logits.detach().float().cpu(), lengths, take))
+        out.update(_next_token_stats(ids_cpu, logits.detach(), lengths, take, self._scratch))
         # variable -> (axis indices, per-site values [T, X]) gathered from the sites that fired
         groups: dict[str, tuple[list[int], list[torch.Tensor]]] = {}
         fp8_values: list[tuple[str, int, int, torch.Tensor]] = []
@@ -314,33 +315,74 @@ _TORCH_DTYPES = {"int16": torch.int16, "float32": torch.float32, "float16": torc
 
 
 def _next_token_stats(ids: torch.Tensor, logits: torch.Tensor, lengths: torch.Tensor,
-                      take: Callable[[torch.Tensor], torch.Tensor]) -> Batch:
+                      take: Callable[[torch.Tensor], torch.Tensor], scratch: Scratch) -> Batch:
+    """logprob / loss / pred_id per token, computed where the logits live; only [B, S] results reach the host."""
     B, S = ids.shape
-    pred, lse = argmax_and_logsumexp(logits)  # [B, S] each
-    nxt = torch.cat([ids[:, 1:], ids[:, :1]], dim=1)  # [B, S] token t+1 (last column is a dummy)
-    loss = lse - logits.gather(2, nxt[..., None]).squeeze(-1)  # [B, S] -log p(t+1 | <= t)
+    pred, lse = argmax_and_logsumexp(logits, scratch)  # [B, S] each, on the logits' device
+    nxt = torch.cat([ids[:, 1:], ids[:, :1]], dim=1).to(logits.device)  # [B, S] token t+1 (last column a dummy)
+    loss = (lse - logits.gather(2, nxt[..., None]).squeeze(-1).float()).cpu()  # [B, S] -log p(t+1 | <= t)
     last = torch.arange(S)[None, :] >= (lengths[:, None] - 1)  # [B, S] no next token inside the window
     loss = loss.masked_fill(last, float("nan"))
     logprob = torch.full((B, S), float("nan"))
     logprob[:, 1:] = -loss[:, :-1]
     return {"logprob": take(logprob.reshape(-1)).numpy().astype(np.float32),
             "loss": take(loss.reshape(-1)).numpy().astype(np.float32),
-            "pred_id": take(pred.to(torch.int32).reshape(-1)).numpy()}
+            "pred_id": take(pred.to(torch.int32).reshape(-1).cpu()).numpy()}
 
 
-def argmax_and_logsumexp(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(first argmax, logsumexp) along the last dim in two passes over the logits: `first_argmax` gives the row
-    maximum with its index, and the logsumexp reuses that maximum (one exp pass, no second reduction for it).
-    Measured on 1024 x 2048 fp32 logits, 2 threads: 2.2 ms, vs 4.2 ms for `max(dim=-1)` + `logsumexp` and 3.2 ms
-    for the same computation in cache-sized row blocks (the per-block Python overhead outweighs the cache gain).
-    A row with an infinite or NaN maximum takes torch's `logsumexp`, which has the conventions for those."""
+class Scratch:
+    """A reusable work buffer for `argmax_and_logsumexp`, owned by one recorder: a fresh [T, V] temporary per call
+    costs page faults on every batch (measured 5 ms vs 2.5 ms for 1024 x 2048 fp32 logits straight off the head)."""
+
+    def __init__(self) -> None:
+        self.buffer: torch.Tensor | None = None
+
+    def rows(self, n: int, V: int, device: torch.device) -> torch.Tensor:
+        """An [n, V] fp32 view of the buffer, grown (never shrunk) as needed."""
+        buf = self.buffer
+        if buf is None or buf.shape[1] != V or buf.shape[0] < n or buf.device != device:
+            with torch.inference_mode(False):  # a normal tensor: writable in and outside inference mode alike
+                buf = self.buffer = torch.empty(n, V, dtype=torch.float32, device=device)
+        return buf[:n]
+
+
+BLOCK_BYTES = 2 << 20  # one row block of fp32 logits: fits the L2 cache of the CPUs measured (2 MiB per core)
+SAFE_EXP = 80.0  # |row maximum| below this: exp without the max shift neither overflows the fp32 sum (V * e^80 is
+# far below 3.4e38 for any V < 2^40) nor loses the largest term to denormals (e^-80 is a normal fp32 number)
+
+
+def argmax_and_logsumexp(logits: torch.Tensor, scratch: Scratch | None = None,
+                         block_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(first argmax, logsumexp) along the last dim, fp32, in row blocks that stay in cache. Per block: `exp` into
+    the scratch buffer (the one read of the logits from memory), `first_argmax` on the now cache-resident block,
+    and a row sum. Skipping the usual max shift is exact in fp32 while the row maximum lies within +-SAFE_EXP;
+    other rows (and infinite or NaN ones) take torch's `logsumexp`, which has the conventions for those.
+
+    Measured on 1024 x 2048 fp32 logits fresh from the head, 2 threads: ~2 ms, vs 4.7-5.5 ms for the shifted
+    passes over the whole array (a new [T, V] temporary each call) and more for `max` + `logsumexp`.
+    """
     V = logits.shape[-1]
     flat = logits.reshape(-1, V)  # [T, V]
-    pred, top = first_argmax(flat)  # [T], [T]
-    lse = top + (flat - top[:, None]).exp_().sum(dim=-1).log_()  # [T]
-    bad = ~top.isfinite()  # [T]
-    if bool(bad.any()):
-        lse[bad] = flat[bad].logsumexp(dim=-1)
+    T = flat.shape[0]
+    rows = block_rows or max(16, BLOCK_BYTES // (4 * V))
+    rows = max(1, min(rows, T))
+    work = (scratch or Scratch()).rows(rows, V, flat.device)  # [rows, V]
+    pred = torch.empty(T, dtype=torch.long, device=flat.device)  # [T]
+    top = torch.empty(T, dtype=torch.float32, device=flat.device)  # [T] row maxima
+    lse = torch.empty(T, dtype=torch.float32, device=flat.device)  # [T]
+    for start in range(0, T, rows):
+        stop = min(T, start + rows)
+        block = flat[start:stop]  # [n, V]
+        w = work[: stop - start]
+        torch.exp(block, out=w)
+        idx, block_top = first_argmax(block)  # [n], [n]
+        pred[start:stop] = idx
+        top[start:stop] = block_top
+        torch.sum(w, dim=-1, out=lse[start:stop])
+    lse.log_()
+    redo = ~(top.abs() < SAFE_EXP)  # [T] large, infinite or NaN maxima
+    if bool(redo.any()):
+        lse[redo] = flat[redo].float().logsumexp(dim=-1)
     return pred.view(logits.shape[:-1]), lse.view(logits.shape[:-1])
 
 

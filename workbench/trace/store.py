@@ -31,6 +31,7 @@ import asyncio
 import errno
 import json
 import os
+import shutil
 import threading
 from collections.abc import Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -66,6 +67,9 @@ from workbench.trace.schema import (
 )
 
 DEFAULT_CHUNK_TOKENS = 4096
+INITIAL_CHUNKS = 64  # a new single-writer store's row capacity, in chunks: capacity is metadata only (unwritten
+# chunks take no disk) and readers trim to the committed rows, while each resize rewrites every array's metadata
+GROWTH = 8  # capacity multiplier when a single writer outgrows it
 CHUNK_BYTES = 8 << 20  # per-layer arrays keep whole layers in one chunk up to this size (uncompressed)
 _IDENTITY_ATTRS = ("model_config", "checkpoint", "layout")  # what must match for batches to share a store
 _AXES = (LAYER, LAYER_ALL, SITE)
@@ -98,6 +102,9 @@ class TraceStore:
         self._tail: dict[str, np.ndarray] = {}  # committed rows of the last, partly filled chunk
         self._capacity = min(a.shape[0] for a in self.arrays.values()) if self.arrays else 0
         self._sync_writes = False  # True: write array by array (the reference path for tests)
+        self._pool: ThreadPoolExecutor | None = None  # chunk encoders/writers, kept for the store's life
+        self._made_dirs: set[Path] = set()
+        self._progress_codec = _zstd_of(self.progress)  # None: commits go through zarr
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -118,7 +125,7 @@ class TraceStore:
             raise ValueError(f"with {writers} writers, region_tokens ({region_tokens}) must be a positive multiple "
                              f"of chunk_tokens ({chunk_tokens}) so no two writers share a chunk")
         group = zarr.open_group(path, mode="w-", zarr_format=3)
-        capacity = writers * region_tokens if writers > 1 else chunk_tokens
+        capacity = writers * region_tokens if writers > 1 else INITIAL_CHUNKS * chunk_tokens
         coord_names = " ".join(n for n in COORDS if n not in DERIVED)
         specs: list[tuple[str, dict[str, Any], Any]] = []  # (name, create_array kwargs, values or None)
         for name in layout.stored_names():
@@ -233,9 +240,10 @@ class TraceStore:
             return
         direct = {n: a for n, a in data.items() if _zstd_of(self.arrays[n]) is not None}
         blocks = [b for n, a in direct.items() for b in _chunk_blocks(self.arrays[n], n, start, a)]
-        with ThreadPoolExecutor(max_workers=4) as pool:  # zstd releases the GIL: chunks compress in parallel too
-            futures = [pool.submit(self._encode_and_put, key, codec, block) for key, codec, block in blocks]
-            wait(futures)
+        if self._pool is None:  # zstd releases the GIL: chunks compress in parallel too
+            self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="trace-store")
+        futures = [self._pool.submit(self._encode_and_put, key, codec, block) for key, codec, block in blocks]
+        wait(futures)
         for f in futures:
             f.result()  # the first failure, after every write has stopped
         rest = {n: a for n, a in data.items() if n not in direct}
@@ -256,7 +264,9 @@ class TraceStore:
     def _put(self, key: str, payload: bytes) -> None:
         """One chunk file, written to a temporary name and renamed (as zarr's LocalStore does): never torn."""
         path = self.path / key
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.parent not in self._made_dirs:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._made_dirs.add(path.parent)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.partial")
         try:
             tmp.write_bytes(payload)
@@ -273,7 +283,14 @@ class TraceStore:
         self.arrays[name][start:end] = data
 
     def _commit(self, tokens: int, seqs: int, done: bool) -> None:
-        self.progress[self.writer] = np.array([tokens, seqs, int(done)], dtype=np.int64)
+        """This writer's progress row, which is one whole chunk of `progress`: written directly (one small file,
+        atomically renamed) when the store has the default codecs, else through zarr."""
+        row = np.array([[tokens, seqs, int(done)]], dtype=np.int64)
+        if self._sync_writes or self._progress_codec is None:
+            self.progress[self.writer] = row[0]
+            return
+        [(key, codec, block)] = _chunk_blocks(self.progress, PROGRESS, self.writer, row)
+        self._put(key, codec.encode(block))
 
     def _ensure_capacity(self, end: int) -> None:
         """Room for `end` rows of this writer's region."""
@@ -283,16 +300,29 @@ class TraceStore:
             return
         if end <= self._capacity:
             return
-        new = max(end, 4 * self._capacity)  # few resizes: each rewrites every array's metadata
+        new = max(end, GROWTH * self._capacity)  # few resizes: each rewrites every array's metadata
         new = -(-new // self.chunk_tokens) * self.chunk_tokens
         self._resize_all(new)
 
     def _resize_all(self, rows: int) -> None:
-        async def resize_all() -> None:
-            await asyncio.gather(*(a.async_array.resize((rows, *a.shape[1:])) for a in self.arrays.values()
-                                   if a.shape[0] != rows))
+        """Every token array to `rows` rows. Shrinking drops the chunks past the end: for arrays with the default
+        chunk keys by removing whole `name/c/<i>` folders (zarr's own resize asks the store about every chunk
+        index of the old shape, ~0.1 s for a 64-chunk capacity), else through zarr."""
+        direct = {n for n, a in self.arrays.items() if _zstd_of(a) is not None}
 
+        async def resize_all() -> None:
+            await asyncio.gather(*(a.async_array.resize((rows, *a.shape[1:]), delete_outside_chunks=n not in direct)
+                                   for n, a in self.arrays.items() if a.shape[0] != rows))
+
+        shrinking = {n for n in direct if self.arrays[n].shape[0] > rows}
         _run_async(resize_all())
+        for name in shrinking:
+            keep = -(-rows // self.arrays[name].chunks[0])  # token-chunk indices 0..keep-1 stay
+            folder = self.path / name / "c"
+            for entry in os.listdir(folder) if folder.is_dir() else []:
+                if entry.isdigit() and int(entry) >= keep:
+                    target = folder / entry
+                    shutil.rmtree(target) if target.is_dir() else target.unlink()
         if any(a.shape[0] != rows for a in self.arrays.values()):  # zarr 3.1.6 resizes the handles in place; else reopen
             self.arrays = {n: _array(self.group, n) for n in self.arrays}
         self._capacity = rows
@@ -308,7 +338,12 @@ class TraceStore:
     def close(self, complete: bool = True) -> None:
         """Flush, then mark this writer done; a single writer also trims the arrays so plain readers see exactly
         the trace. `complete=False` only flushes (the run stopped early and may be resumed)."""
-        self.flush()
+        try:
+            self.flush()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown()
+                self._pool = None
         if not complete:
             return
         if self.writers == 1:
