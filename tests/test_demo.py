@@ -237,7 +237,28 @@ def test_quickstart_runs_in_lab_in_chromium(tmp_path: Path, lab_env: dict[str, s
             errors = run_all_cells(page)
             page.wait_for_selector(".jp-OutputArea-output .jupyter-widgets", timeout=60_000)
             shot(page, "demo-quickstart")
+            news_toasts = page.get_by_text("official Jupyter news").count()  # Lab's first-start question
         finally:
             browser.close()
     assert errors == []
     assert [u for u in requested if is_offsite(u)] == []
+    assert news_toasts == 0
+
+
+def test_lab_settings_copy_the_users_once_and_turn_the_news_feed_off(tmp_path, lab_env):
+    home_settings = Path(lab_env["HOME"]) / ".jupyter/lab/user-settings"
+    theme = home_settings / "@jupyterlab/apputils-extension/themes.jupyterlab-settings"
+    theme.parent.mkdir(parents=True)
+    theme.write_text('{"theme": "JupyterLab Dark"}')
+    before = sorted(p.relative_to(home_settings) for p in home_settings.rglob("*"))
+    got = demo.lab_settings(tmp_path, lab_env)
+    assert got == tmp_path / ".jupyter-lab-settings"
+    assert (got / theme.relative_to(home_settings)).read_text() == theme.read_text()  # the user's theme carries over
+    news = got / demo.NOTIFICATION_SETTINGS
+    assert '"fetchNews": "false"' in news.read_text()
+    assert sorted(p.relative_to(home_settings) for p in home_settings.rglob("*")) == before  # home untouched
+    news.write_text('{"fetchNews": "true"}')  # a choice made in the demo's Lab is kept on the next start
+    demo.lab_settings(tmp_path, lab_env)
+    assert news.read_text() == '{"fetchNews": "true"}'
+    chosen = tmp_path / "elsewhere"
+    assert demo.user_settings_dir({**lab_env, demo.SETTINGS_ENV: str(chosen)}) == chosen

@@ -176,6 +176,39 @@ class LabServer:
         self.stop()
 
 
+SETTINGS_ENV = "JUPYTERLAB_SETTINGS_DIR"
+NOTIFICATION_SETTINGS = Path("@jupyterlab/apputils-extension/notification.jupyterlab-settings")
+
+
+def lab_settings(root: Path, env: dict[str, str]) -> Path:
+    """The demo server's JupyterLab user-settings folder, `root/.jupyter-lab-settings`.
+
+    Created once as a copy of the user's own (their theme and shortcuts carry over; their home is never written),
+    with news fetching set to "never" unless they chose otherwise: the first-start "get notified about news?"
+    toast would cover the quickstart, and this server must not reach off the machine anyway.
+    """
+    target = root / ".jupyter-lab-settings"
+    if not target.exists():
+        source = user_settings_dir(env)
+        if source.is_dir():
+            shutil.copytree(source, target)
+        target.mkdir(parents=True, exist_ok=True)
+    news = target / NOTIFICATION_SETTINGS
+    if not news.exists():
+        news.parent.mkdir(parents=True, exist_ok=True)
+        news.write_text('{\n  // set by `workbench demo`: no news feed (nothing leaves this machine)\n'
+                        '  "fetchNews": "false",\n  "checkForUpdates": false\n}\n')
+    return target
+
+
+def user_settings_dir(env: dict[str, str]) -> Path:
+    """Where JupyterLab reads user settings for a server started with `env` (jupyterlab's own lookup order)."""
+    if env.get(SETTINGS_ENV):
+        return Path(env[SETTINGS_ENV])
+    config = env.get("JUPYTER_CONFIG_DIR") or str(Path(env.get("HOME", str(Path.home()))) / ".jupyter")
+    return Path(config) / "lab" / "user-settings"
+
+
 def free_port(host: str = LOOPBACK) -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -201,6 +234,7 @@ def start_lab(root: Path, *, port: int | None = None, token: str | None = None, 
         cmd.append("--allow-root")  # containers run as root; Jupyter refuses that without the flag
     cmd += list(extra_args)
     child_env = dict(os.environ if env is None else env, JUPYTER_TOKEN=token)
+    child_env[SETTINGS_ENV] = str(lab_settings(root, child_env))
     log = log_path.open("wb")
     process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=child_env, cwd=root,
                                start_new_session=True)
