@@ -8,7 +8,7 @@ from typing import Any
 __version__ = "0.1.0"
 
 # name -> module that defines it; imported on first use so `import workbench` stays cheap
-_LAZY = {"trace": "workbench.trace", "open_trace": "workbench.trace.store", "load_model": "workbench.loader"}
+_LAZY = {"trace": "workbench.trace", "open_trace": "workbench.trace.reader", "load_model": "workbench.loader"}
 
 
 def load_ipython_extension(ipython: Any) -> None:

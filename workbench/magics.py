@@ -54,7 +54,7 @@ class WorkbenchMagics(Magics):
         if args.trace is not None and not Path(args.trace).expanduser().exists():
             raise UsageError(f"%workbench --trace: no trace store at {args.trace!r}")
         loaded = self.loaded_model(args.model, "%workbench")
-        from workbench.trace.store import TraceStoreError
+        from workbench.trace.zarr_io import TraceStoreError
         from workbench.widgets import Workbench
         from workbench.widgets.trace_source import TraceMismatchError
 

@@ -5,16 +5,12 @@ import sys
 import types
 from typing import Any
 
+from workbench.trace.reader import migrate_store, open_trace
 from workbench.trace.recorder import Trace, select, trace
 from workbench.trace.schema import SCHEMA_VERSION, VARIABLES, Layout, SchemaError
-from workbench.trace.store import (
-    TraceStore,
-    TraceStoreError,
-    from_vllm_routed_experts,
-    migrate_store,
-    open_trace,
-    to_vllm_routed_experts,
-)
+from workbench.trace.store import TraceStore
+from workbench.trace.vllm import from_vllm_routed_experts, to_vllm_routed_experts
+from workbench.trace.zarr_io import TraceStoreError
 
 __all__ = [
     "SCHEMA_VERSION",

@@ -33,7 +33,8 @@ import torch
 from workbench.loader import load_model
 from workbench.trace.recorder import Trace
 from workbench.trace.schema import Layout
-from workbench.trace.store import DEFAULT_CHUNK_TOKENS, TraceStore, TraceStoreError
+from workbench.trace.store import DEFAULT_CHUNK_TOKENS, TraceStore
+from workbench.trace.zarr_io import TraceStoreError
 
 Window = tuple[int, list[int]]  # (input record index, token ids)
 

@@ -1,25 +1,23 @@
-"""TraceStore: a zarr v3 group that grows along `token` one committed flush at a time; `open_trace` reads it.
+"""TraceStore: a zarr v3 group that grows along `token` one committed flush at a time (readers: reader.py).
 
 Design choices:
 - Batches are buffered in memory and written in chunk-aligned flushes (default: once a chunk's worth of tokens is
   waiting), all arrays of a flush concurrently. The rows of a partly filled last chunk stay in memory too, so the
   next flush rewrites that chunk whole from memory instead of reading it back. zarr's per-call cost, not bytes,
-  was what made one write per array per batch slow.
+  was what made one write per array per batch slow, so chunks are encoded here and written as files on a pool of
+  threads the store keeps for its life (zarr_io.py).
 - Commit protocol: a flush writes its arrays first, then replaces the writer's row of the `progress` array
-  (tokens, windows, done). zarr's LocalStore writes every file to a temporary name and renames it, so a kill at
-  any moment leaves either the old or the new file, never a torn one; bytes past a writer's committed count are
-  ignored by `open_trace`. Hence a killed run opens with every committed flush, marked incomplete, and a resumed
-  run rewrites whatever the killed flush left half-written. Commits fall on batch boundaries only, so a resumed
-  run rebuilds exactly the batches an uninterrupted one would have run.
+  (tokens, windows, done), which is one chunk of its own. Every file is written to a temporary name and renamed,
+  so a kill at any moment leaves either the old or the new file, never a torn one; bytes past a writer's committed
+  count are ignored by `open_trace`. Hence a killed run opens with every committed flush, marked incomplete, and a
+  resumed run rewrites whatever the killed flush left half-written. Commits fall on batch boundaries only, so a
+  resumed run rebuilds exactly the batches an uninterrupted one would have run.
 - Several writers: the token axis is cut into regions of `region_tokens` (a multiple of the chunk), one per
   writer, and `progress` has one row per writer in its own chunk, so writers never write the same file and
-  need no lock. A single writer owns one region that grows (capacity doubles) and is trimmed on close, after
-  which plain `xarray.open_zarr` sees exactly the trace.
-- Schema 1.1 keeps the token text once per vocabulary entry (`vocab_text`); `open_trace` derives the `text`
-  coordinate from `token_id`, and still reads 1.0 stores, which hold a per-token `text` array
-  (`migrate_store` rewrites one as 1.1).
-- `open_trace` builds the Dataset from `dask.array.from_zarr` slices of each writer's committed rows rather than
-  through `xarray.open_zarr`, because after a crash the arrays may have different capacities.
+  need no lock. A single writer owns one region, created with room for INITIAL_CHUNKS chunks (metadata only)
+  and grown GROWTH-fold when full; close trims it, after which plain `xarray.open_zarr` sees exactly the trace.
+- Schema 1.1 keeps the token text once per vocabulary entry (`vocab_text`); readers derive the `text`
+  coordinate from `token_id`.
 - Appending checks the model config, checkpoint digest, schema version and layout first and refuses a
   mismatch before writing a byte.
 Shape legend: N tokens, L MoE layers, k top-k, V vocabulary.
@@ -29,41 +27,42 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import json
 import os
 import shutil
 import threading
-from collections.abc import Coroutine, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
-import dask.array as da
 import numpy as np
-import xarray as xr
 import zarr
 import zarr.api.asynchronous
-from zarr.core.sync import sync
 
 from workbench.trace.schema import (
     BY_NAME,
     COORDS,
     DERIVED,
-    LAYER,
-    LAYER_ALL,
     PROGRESS,
     PROGRESS_FIELDS,
     SCHEMA_VERSION,
-    SITE,
     STORED_TEXT_VERSIONS,
-    TOKEN,
     VOCAB,
     VOCAB_TEXT,
     WRITER,
     Layout,
     SchemaError,
-    build_dataset,
     check_version,
+)
+from workbench.trace.zarr_io import (
+    TraceStoreError,
+    array_of,
+    check_attrs,
+    chunk_blocks,
+    open_group,
+    remove_partials,
+    run_async,
+    zstd_codec,
 )
 
 DEFAULT_CHUNK_TOKENS = 4096
@@ -72,11 +71,6 @@ INITIAL_CHUNKS = 64  # a new single-writer store's row capacity, in chunks: capa
 GROWTH = 8  # capacity multiplier when a single writer outgrows it
 CHUNK_BYTES = 8 << 20  # per-layer arrays keep whole layers in one chunk up to this size (uncompressed)
 _IDENTITY_ATTRS = ("model_config", "checkpoint", "layout")  # what must match for batches to share a store
-_AXES = (LAYER, LAYER_ALL, SITE)
-
-
-class TraceStoreError(SchemaError):
-    """A store that is missing, corrupt, or belongs to another model or schema; nothing was written."""
 
 
 class TraceStore:
@@ -93,8 +87,8 @@ class TraceStore:
         self.region_tokens = int(attrs["region_tokens"])  # 0: one growing region
         self.chunk_tokens = int(attrs["chunk_tokens"])
         self.flush_tokens = max(1, flush_tokens if flush_tokens is not None else self.chunk_tokens)
-        self.arrays = {n: _array(group, n) for n in layout.stored_names()}
-        self.progress = _array(group, PROGRESS)
+        self.arrays = {n: array_of(group, n) for n in layout.stored_names()}
+        self.progress = array_of(group, PROGRESS)
         row = np.asarray(self.progress[writer])
         self.tokens, self.seqs = int(row[0]), int(row[1])
         self._pending: list[dict[str, np.ndarray]] = []
@@ -104,7 +98,7 @@ class TraceStore:
         self._sync_writes = False  # True: write array by array (the reference path for tests)
         self._pool: ThreadPoolExecutor | None = None  # chunk encoders/writers, kept for the store's life
         self._made_dirs: set[Path] = set()
-        self._progress_codec = _zstd_of(self.progress)  # None: commits go through zarr
+        self._progress_codec = zstd_codec(self.progress)  # None: commits go through zarr
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -143,7 +137,7 @@ class TraceStore:
                                        "attributes": {"doc": "decoded text of each token id; "
                                                              "`text` = vocab_text[token_id]"}},
                           np.asarray(list(vocab), dtype=object)))
-        _run_async(_create_arrays(path, specs))
+        run_async(_create_arrays(path, specs))
         progress = group.create_array(PROGRESS, shape=(writers, len(PROGRESS_FIELDS)), chunks=(1, len(PROGRESS_FIELDS)),
                                       dtype="int64", fill_value=0, dimension_names=[WRITER, "progress_field"],
                                       attributes={"fields": list(PROGRESS_FIELDS)})
@@ -158,9 +152,9 @@ class TraceStore:
                         flush_tokens: int | None = None) -> TraceStore:
         """Reopen a store to continue it; refuses one written for another model, checkpoint, schema or layout."""
         path = Path(path)
-        group = _open_group(path, mode="r+")
+        group = open_group(path, mode="r+")
         found: dict[str, Any] = dict(group.attrs)
-        _check_attrs(path, found)
+        check_attrs(path, found)
         version = str(found["schema_version"])
         check_version(version, path)
         if version in STORED_TEXT_VERSIONS:
@@ -180,7 +174,7 @@ class TraceStore:
         store = cls(path, group, layout, writer, flush_tokens)
         if bool(np.asarray(store.progress[writer])[2]):
             raise TraceStoreError(f"{path}: writer {writer} already finished this store ({store.tokens} tokens)")
-        _remove_partials(path)
+        remove_partials(path)
         store._load_tail()
         return store
 
@@ -238,8 +232,8 @@ class TraceStore:
             for name, a in data.items():
                 self._write(name, start, end, a)
             return
-        direct = {n: a for n, a in data.items() if _zstd_of(self.arrays[n]) is not None}
-        blocks = [b for n, a in direct.items() for b in _chunk_blocks(self.arrays[n], n, start, a)]
+        direct = {n: a for n, a in data.items() if zstd_codec(self.arrays[n]) is not None}
+        blocks = [b for n, a in direct.items() for b in chunk_blocks(self.arrays[n], n, start, a)]
         if self._pool is None:  # zstd releases the GIL: chunks compress in parallel too
             self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="trace-store")
         futures = [self._pool.submit(self._encode_and_put, key, codec, block) for key, codec, block in blocks]
@@ -256,7 +250,7 @@ class TraceStore:
                         raise r
 
             with zarr.config.set({"array.write_empty_chunks": True}):  # skips a per-chunk compare with the fill
-                _run_async(write_rest())
+                run_async(write_rest())
 
     def _encode_and_put(self, key: str, codec: Any, block: np.ndarray) -> None:
         self._put(key, codec.encode(block))
@@ -289,7 +283,7 @@ class TraceStore:
         if self._sync_writes or self._progress_codec is None:
             self.progress[self.writer] = row[0]
             return
-        [(key, codec, block)] = _chunk_blocks(self.progress, PROGRESS, self.writer, row)
+        [(key, codec, block)] = chunk_blocks(self.progress, PROGRESS, self.writer, row)
         self._put(key, codec.encode(block))
 
     def _ensure_capacity(self, end: int) -> None:
@@ -308,14 +302,14 @@ class TraceStore:
         """Every token array to `rows` rows. Shrinking drops the chunks past the end: for arrays with the default
         chunk keys by removing whole `name/c/<i>` folders (zarr's own resize asks the store about every chunk
         index of the old shape, ~0.1 s for a 64-chunk capacity), else through zarr."""
-        direct = {n for n, a in self.arrays.items() if _zstd_of(a) is not None}
+        direct = {n for n, a in self.arrays.items() if zstd_codec(a) is not None}
 
         async def resize_all() -> None:
             await asyncio.gather(*(a.async_array.resize((rows, *a.shape[1:]), delete_outside_chunks=n not in direct)
                                    for n, a in self.arrays.items() if a.shape[0] != rows))
 
         shrinking = {n for n in direct if self.arrays[n].shape[0] > rows}
-        _run_async(resize_all())
+        run_async(resize_all())
         for name in shrinking:
             keep = -(-rows // self.arrays[name].chunks[0])  # token-chunk indices 0..keep-1 stay
             folder = self.path / name / "c"
@@ -324,7 +318,7 @@ class TraceStore:
                     target = folder / entry
                     shutil.rmtree(target) if target.is_dir() else target.unlink()
         if any(a.shape[0] != rows for a in self.arrays.values()):  # zarr 3.1.6 resizes the handles in place; else reopen
-            self.arrays = {n: _array(self.group, n) for n in self.arrays}
+            self.arrays = {n: array_of(self.group, n) for n in self.arrays}
         self._capacity = rows
 
     def _load_tail(self) -> None:
@@ -364,56 +358,6 @@ class TraceStore:
         return ids[seq == seq[-1]]
 
 
-def _zstd_of(arr: zarr.Array) -> Any:
-    """numcodecs' Zstd matching the array's codecs when they are exactly bytes (little endian) + zstd with the
-    default "/" chunk keys (what `TraceStore.create` makes); None otherwise (the array is written through zarr)."""
-    from zarr.codecs import BytesCodec, ZstdCodec
-    from zarr.core.chunk_key_encodings import DefaultChunkKeyEncoding
-
-    meta = arr.metadata
-    codecs: tuple[Any, ...] = tuple(getattr(meta, "codecs", ()))
-    if len(codecs) != 2:
-        return None
-    serializer, compressor = codecs
-    if (not isinstance(serializer, BytesCodec) or not isinstance(compressor, ZstdCodec)
-            or str(getattr(serializer.endian, "value", serializer.endian)) != "little"
-            or not isinstance(getattr(meta, "chunk_key_encoding", None), DefaultChunkKeyEncoding)
-            or np.dtype(arr.dtype).kind not in "iuf"):
-        return None
-    import numcodecs
-
-    return numcodecs.Zstd(level=compressor.level, checksum=compressor.checksum)
-
-
-def _chunk_blocks(arr: zarr.Array, name: str, start: int, data: np.ndarray) -> list[tuple[str, Any, np.ndarray]]:
-    """Rows start.. of `arr` as (store key, codec, contiguous little-endian chunk) for every chunk they cover;
-    `start` is a chunk boundary. Stored chunks always have the full chunk shape: a partial one is padded with the
-    fill value, as zarr does. Encoding is left to the caller's worker threads."""
-    codec = _zstd_of(arr)
-    chunks = arr.chunks
-    fill = arr.metadata.fill_value
-    dtype = np.dtype(arr.dtype).newbyteorder("<")
-    grid = [range(-(-n // c)) for n, c in zip(data.shape, chunks, strict=True)]
-    grid[0] = range(-(-len(data) // chunks[0]))
-    out = []
-    first = start // chunks[0]
-    for index in np.ndindex(*(len(g) for g in grid)):
-        block = data[tuple(slice(i * c, (i + 1) * c) for i, c in zip(index, chunks, strict=True))]
-        if block.shape != tuple(chunks):
-            full = np.full(chunks, fill, dtype=dtype)
-            full[tuple(slice(0, n) for n in block.shape)] = block
-            block = full
-        key = arr.metadata.encode_chunk_key((first + index[0], *index[1:]))
-        out.append((f"{name}/{key}", codec, np.ascontiguousarray(block, dtype=dtype)))
-    return out
-
-
-def _run_async(coro: Coroutine[Any, Any, None]) -> None:
-    """Run zarr's async API to completion from synchronous code, on the event loop thread zarr's own synchronous
-    API uses (so it also works under Jupyter's running loop, and worker threads are reused between flushes)."""
-    sync(coro)
-
-
 async def _create_arrays(path: Path, specs: list[tuple[str, dict[str, Any], Any]]) -> None:
     group = await zarr.api.asynchronous.open_group(store=path, mode="r+", zarr_format=3)
 
@@ -435,133 +379,6 @@ def _chunks(shape: tuple[int, ...], chunk_tokens: int, itemsize: int) -> tuple[i
     return (chunk_tokens, layers, *shape[2:])
 
 
-# ---------------------------------------------------------------------- reading
-def open_trace(path: str | Path) -> xr.Dataset:
-    """A lazy (dask-backed) Dataset of every committed token of a trace store, any writer, any schema 1.x.
-
-    attrs["complete"] says whether every writer finished; an interrupted run opens with what it committed.
-    Variables of a newer minor version are kept as they are; optional ones a store lacks are simply absent.
-    """
-    path = Path(path)
-    group = _open_group(path, mode="r")
-    attrs: dict[str, Any] = dict(group.attrs)
-    _check_attrs(path, attrs)
-    check_version(str(attrs["schema_version"]), path)
-    try:
-        layout = Layout.from_json(json.loads(attrs["layout"]))
-        progress = np.asarray(_array(group, PROGRESS)[:])  # [writers, fields]
-        writers, region = int(attrs["writers"]), int(attrs["region_tokens"])
-    except (KeyError, ValueError, TypeError, FileNotFoundError) as e:
-        raise TraceStoreError(f"{path} is a corrupt trace store ({e!r})") from None
-    if progress.shape[0] != writers:
-        raise TraceStoreError(f"{path}: progress has {progress.shape[0]} rows for {writers} writers")
-    arrays: dict[str, tuple[tuple[str, ...], Any]] = {}
-    missing = [n for n in layout.stored_names() if n not in group]
-    if missing:
-        raise TraceStoreError(f"{path} is a partial store: arrays {missing} are missing")
-    for name, arr in group.arrays():
-        if name in (*_AXES, PROGRESS):
-            continue
-        dims = tuple(arr.metadata.dimension_names or ())  # type: ignore[union-attr]
-        if not dims or dims[0] != TOKEN:
-            continue
-        for w, n in enumerate(progress[:, 0]):
-            if w * region + int(n) > arr.shape[0]:
-                raise TraceStoreError(f"{path}: array {name} holds {arr.shape[0]} rows, writer {w} committed "
-                                      f"{w * region + int(n)}; the store is corrupt")
-        lazy = da.from_zarr(arr)
-        parts = [lazy[w * region: w * region + int(progress[w, 0])] for w in range(writers)]
-        arrays[name] = (dims, parts[0] if writers == 1 else da.concatenate(parts))
-    if "text" not in arrays:  # schema >= 1.1: text = vocab_text[token_id]
-        arrays["text"] = ((TOKEN,), _derived_text(group, arrays["token_id"][1]))
-    attrs["complete"] = bool(progress[:, 2].all())
-    attrs["committed_tokens"] = int(progress[:, 0].sum())
-    return build_dataset(arrays, layout, attrs)
-
-
-def _derived_text(group: zarr.Group, token_id: da.Array) -> da.Array:
-    """The `text` coordinate of a 1.1 store, lazily: vocab_text[token_id] ("" for ids outside it or no table)."""
-    vocab = np.asarray(_array(group, VOCAB_TEXT)[:], dtype=object) if VOCAB_TEXT in group else np.empty(0, object)
-    table = np.append(vocab, "")  # index -1 and out-of-range ids read ""
-
-    def lookup(ids: np.ndarray) -> np.ndarray:
-        return table[np.where((ids >= 0) & (ids < len(vocab)), ids, -1)]
-
-    return da.map_blocks(lookup, token_id, dtype=object)
-
-
-def migrate_store(path: str | Path, vocab: Sequence[str] | None = None) -> str:
-    """Rewrite a schema 1.0 store as 1.1 in place (per-token `text` -> one `vocab_text` table); returns the
-    version it now has. `vocab` (e.g. `Trace.vocab()`) gives the text of ids the store never saw, which tokens
-    appended later need; without it they read "". Safe to interrupt: the table is written first, the version
-    bumped next, the per-token array removed last, and a 1.1 store that still holds `text` reads the same."""
-    path = Path(path)
-    group = _open_group(path, mode="r+")
-    attrs: dict[str, Any] = dict(group.attrs)
-    _check_attrs(path, attrs)
-    version = str(attrs["schema_version"])
-    check_version(version, path)
-    if version not in STORED_TEXT_VERSIONS:
-        return version
-    ds = open_trace(path)
-    ids, text = np.asarray(ds.token_id.values), np.asarray(ds.text.values, dtype=object)
-    vocab_size = int(json.loads(attrs["model_config"]).get("vocab_size", int(ids.max(initial=-1)) + 1))
-    table = np.full(vocab_size, "", dtype=object)
-    if vocab is not None:
-        if len(vocab) != vocab_size:
-            raise TraceStoreError(f"{path}: vocab has {len(vocab)} entries, the store's model {vocab_size}")
-        table[:] = list(vocab)
-    valid = (ids >= 0) & (ids < vocab_size)
-    if vocab is None:
-        table[ids[valid]] = text[valid]
-    clash = np.nonzero(table[ids[valid]] != text[valid])[0]
-    if len(clash):
-        i = int(np.nonzero(valid)[0][clash[0]])
-        raise TraceStoreError(f"{path}: token id {int(ids[i])} has two texts ({table[ids[i]]!r} and {text[i]!r}); "
-                              "cannot store one text per id, the store is left as it was")
-    if VOCAB_TEXT in group:
-        del group[VOCAB_TEXT]
-    arr = group.create_array(VOCAB_TEXT, shape=(vocab_size,), dtype=str, dimension_names=[VOCAB],
-                             attributes={"doc": "decoded text of each token id; `text` = vocab_text[token_id]"})
-    arr[:] = table
-    group.attrs["schema_version"] = SCHEMA_VERSION
-    del group["text"]
-    return SCHEMA_VERSION
-
-
-def _array(group: zarr.Group, name: str) -> zarr.Array:
-    arr = group[name]
-    if not isinstance(arr, zarr.Array):
-        raise TraceStoreError(f"{name} in the trace store is a group, expected an array")
-    return arr
-
-
-def _open_group(path: Path, mode: str) -> zarr.Group:
-    if not path.exists():
-        raise FileNotFoundError(f"no trace store at {path}")
-    try:
-        group = zarr.open_group(path, mode=mode, zarr_format=3)  # type: ignore[arg-type]
-    except Exception as e:  # zarr raises a zoo of types for a missing or garbled zarr.json
-        raise TraceStoreError(f"{path} is not a readable zarr v3 trace store ({type(e).__name__}: {e})") from None
-    return group
-
-
-def _check_attrs(path: Path, attrs: dict[str, Any]) -> None:
-    needed = ("schema_version", "layout", "writers", "region_tokens", "chunk_tokens", "model_config")
-    missing = [k for k in needed if k not in attrs]
-    if missing:
-        raise TraceStoreError(f"{path} is not a complete trace store (attrs {missing} missing); it was probably "
-                              "killed while being created, delete it and start again")
-
-
-def _remove_partials(path: Path) -> None:
-    """Temporary files a killed writer left behind (zarr writes `<chunk>.<uuid>.partial` and renames)."""
-    for root, _, files in os.walk(path):
-        for f in files:
-            if f.endswith(".partial"):
-                Path(root, f).unlink(missing_ok=True)
-
-
 def _what(key: str) -> str:
     return {"model_config": "model (config differs)", "checkpoint": "checkpoint (digest differs)",
             "layout": "selection of sites (variables or axes differ)"}.get(key, key)
@@ -570,41 +387,3 @@ def _what(key: str) -> str:
 def _short(value: Any, n: int = 80) -> str:
     s = str(value)
     return s if len(s) <= n else s[: n - 3] + "..."
-
-
-# ---------------------------------------------------------------------- vLLM routed experts
-def to_vllm_routed_experts(ds: xr.Dataset) -> np.ndarray:
-    """The chosen experts as vLLM returns them with --enable-return-routed-experts: int16 [N, L, k].
-
-    Pass one request's tokens (e.g. `ds.where(ds.seq == s, drop=True)`) to get that request's array.
-    """
-    ids = np.asarray(ds["expert_ids"].transpose(TOKEN, LAYER, "slot").values, dtype=np.int16)  # [N, L, k]
-    if (ids < 0).any():
-        layers = sorted({int(ds[LAYER].values[i]) for i in np.nonzero((ids < 0).any(axis=(0, 2)))[0]})
-        raise ValueError(f"expert_ids of layers {layers} were not captured; vLLM's array needs every MoE layer")
-    return ids
-
-
-def from_vllm_routed_experts(routed: np.ndarray, *, moe_layers: Sequence[int] | None = None,
-                             token_ids: Sequence[int] | None = None, n_experts: int | None = None) -> xr.Dataset:
-    """vLLM's routed-experts array [N, L, k] -> a trace Dataset holding `expert_ids` (weights are not in it)."""
-    routed = np.asarray(routed)
-    if routed.ndim != 3:
-        raise ValueError(f"vLLM routed experts must be [tokens, moe_layers, top_k], got shape {routed.shape}")
-    N, L, k = routed.shape
-    layers = tuple(moe_layers) if moe_layers is not None else tuple(range(L))
-    if len(layers) != L:
-        raise ValueError(f"moe_layers has {len(layers)} entries, the array has {L} layers")
-    if token_ids is not None and len(token_ids) != N:
-        raise ValueError(f"token_ids has {len(token_ids)} entries, the array has {N} tokens")
-    E = int(n_experts) if n_experts is not None else int(routed.max(initial=-1)) + 1
-    layout = Layout(("expert_ids",), layers, max(layers, default=-1) + 1, k, E, 0, ())
-    minus = np.full(N, -1, dtype=np.int32)
-    arrays: dict[str, tuple[tuple[str, ...], Any]] = {
-        "token_id": ((TOKEN,), np.asarray(token_ids, dtype=np.int32) if token_ids is not None else minus),
-        "doc": ((TOKEN,), np.zeros(N, dtype=np.int32)), "seq": ((TOKEN,), np.zeros(N, dtype=np.int32)),
-        "pos": ((TOKEN,), np.arange(N, dtype=np.int32)), "text": ((TOKEN,), np.full(N, "", dtype=object)),
-        "expert_ids": (BY_NAME["expert_ids"].dims, routed.astype(np.int16)),
-    }
-    return build_dataset(arrays, layout, {"schema_version": SCHEMA_VERSION, "source": "vllm routed_experts",
-                                          "complete": True})

@@ -13,7 +13,7 @@ from pathlib import Path
 import xarray as xr
 
 from workbench.loader import LoadedModel
-from workbench.trace.store import open_trace
+from workbench.trace.reader import open_trace
 
 
 class TraceMismatchError(ValueError):
