@@ -32,6 +32,15 @@ def _pow2_ceil(s):
 
 
 @triton.jit
+def _quantize_tile(x, FP8_MAX: tl.constexpr, UE8M0: tl.constexpr):
+    """One tile (any shape, fp32) -> (x / s saturated to +-FP8_MAX, its scale s): one scale per tile."""
+    s = tl.maximum(tl.max(tl.abs(x)), 1e-4) / FP8_MAX
+    if UE8M0:
+        s = _pow2_ceil(s)
+    return tl.clamp(x / s, -FP8_MAX, FP8_MAX), s
+
+
+@triton.jit
 def act_quant_kernel(x_ptr, q_ptr, s_ptr, K, n_blocks, FP8_MAX: tl.constexpr, UE8M0: tl.constexpr,
                      BLOCK: tl.constexpr):
     row = tl.program_id(0)
@@ -39,11 +48,7 @@ def act_quant_kernel(x_ptr, q_ptr, s_ptr, K, n_blocks, FP8_MAX: tl.constexpr, UE
     offs = blk * BLOCK + tl.arange(0, BLOCK)
     mask = offs < K
     x = tl.load(x_ptr + row * K + offs, mask=mask, other=0.0).to(tl.float32)  # [b]
-    amax = tl.maximum(tl.max(tl.abs(x)), 1e-4)
-    s = amax / FP8_MAX
-    if UE8M0:
-        s = _pow2_ceil(s)
-    y = tl.clamp(x / s, -FP8_MAX, FP8_MAX)
+    y, s = _quantize_tile(x, FP8_MAX, UE8M0)
     tl.store(q_ptr + row * K + offs, y.to(q_ptr.dtype.element_ty), mask=mask)
     tl.store(s_ptr + row * n_blocks + blk, s)
 
@@ -58,11 +63,7 @@ def weight_quant_kernel(w_ptr, q_ptr, s_ptr, N, K, FP8_MAX: tl.constexpr, UE8M0:
     mask = (rows[:, None] < N) & (cols[None, :] < K)
     offs = rows[:, None] * K + cols[None, :]
     w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)  # [b, b]
-    amax = tl.maximum(tl.max(tl.abs(w)), 1e-4)
-    s = amax / FP8_MAX
-    if UE8M0:
-        s = _pow2_ceil(s)
-    y = tl.clamp(w / s, -FP8_MAX, FP8_MAX)
+    y, s = _quantize_tile(w, FP8_MAX, UE8M0)
     tl.store(q_ptr + offs, y.to(q_ptr.dtype.element_ty), mask=mask)
     tl.store(s_ptr + pid_n * tl.cdiv(K, BLOCK) + pid_k, s)
 
