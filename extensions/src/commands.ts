@@ -8,7 +8,7 @@ import { IDocumentManager } from '@jupyterlab/docmanager';
 import { IDefaultFileBrowser } from '@jupyterlab/filebrowser';
 import { LabIcon } from '@jupyterlab/ui-components';
 
-import { createNotebook, INotebookRequest } from './api';
+import { createNotebook, INotebookRequest, NotebookKind } from './api';
 
 export namespace CommandIDs {
   export const openAnalysis = 'moe-workbench:open-analysis';
@@ -49,26 +49,20 @@ function storeArgument(args: Record<string, unknown>, command: string): string {
 
 export function addCommands(context: ICommandContext): void {
   const { commands } = context.app;
-  commands.addCommand(CommandIDs.openAnalysis, {
-    label: 'Open analysis notebook',
-    caption: 'Create a notebook beside the trace store that opens it with xarray and runs the analyses',
-    execute: args =>
-      createAndOpen(
-        context,
-        { kind: 'analysis', store: storeArgument(args, CommandIDs.openAnalysis) },
-        'analysis notebook'
-      )
-  });
-  commands.addCommand(CommandIDs.openWorkbench, {
-    label: 'Open in workbench',
-    caption: 'Create a notebook beside the trace store with the dashboard on it',
-    execute: args =>
-      createAndOpen(
-        context,
-        { kind: 'workbench', store: storeArgument(args, CommandIDs.openWorkbench) },
-        'workbench notebook'
-      )
-  });
+  // the two store commands differ only in the notebook kind they ask the server for
+  const storeCommands: [string, NotebookKind, string, string, string][] = [
+    [CommandIDs.openAnalysis, 'analysis', 'Open analysis notebook', 'analysis notebook',
+      'Create a notebook beside the trace store that opens it with xarray and runs the analyses'],
+    [CommandIDs.openWorkbench, 'workbench', 'Open in workbench', 'workbench notebook',
+      'Create a notebook beside the trace store with the dashboard on it']
+  ];
+  for (const [id, kind, label, what, caption] of storeCommands) {
+    commands.addCommand(id, {
+      label,
+      caption,
+      execute: args => createAndOpen(context, { kind, store: storeArgument(args, id) }, what)
+    });
+  }
   commands.addCommand(CommandIDs.newLive, {
     label: args => (args.isLauncher ? 'Live workbench' : 'New live workbench'),
     caption: 'Create a notebook with the dashboard on the default model',

@@ -1,0 +1,202 @@
+"""`Controls`: every intervention of one run, validated against a config, resolved for the model, saved as JSON.
+
+Design choices:
+- One frozen dataclass of per-layer mappings (routing, latent, fp8) and an optional routing replay; keys are checked
+  and ordered ("all" first) on construction, so controls built in Python and loaded from JSON compare equal.
+- `validate(config)` rejects impossible settings (unknown or dense layer, top-k 0 or above the experts left after
+  ablation, forced experts that are also ablated, rank above the latent width, ...) with a message that names the
+  layer and field, before anything runs; `resolve()` then turns them into the model's `LayerControls`.
+- `first_difference` compares the effective controls layer by layer, so a re-run can start at the first layer a change
+  touches.
+
+Shape legend: C kv_lora_rank.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from workbench.config import ModelConfig
+from workbench.controls.fp8_sites import _fp8_expand, _frozen_fp8, fp8_layer_sites
+from workbench.controls.keys import ControlError, LayerKey, _layer_key
+from workbench.controls.latent import LatentControl, _latent_basis
+from workbench.controls.replay import RoutingReplay, _check_replay
+from workbench.controls.routing import RoutingControl, _check_routing, _route_override
+from workbench.model.moe import RoutingParams
+from workbench.model.transformer import LayerControls
+
+if TYPE_CHECKING:
+    import xarray as xr
+
+
+@dataclasses.dataclass(frozen=True)
+class Controls:
+    """Every intervention of one run. `Controls()` is the baseline."""
+
+    routing: Mapping[LayerKey, RoutingControl] = dataclasses.field(default_factory=dict)
+    latent: Mapping[LayerKey, LatentControl] = dataclasses.field(default_factory=dict)
+    # layer or "all" -> the sites computing in FP8 there ("all", or names/groups from workbench.model.fp8.SITES)
+    fp8: Mapping[LayerKey, Sequence[str] | str] = dataclasses.field(default_factory=dict)
+    routing_replay: RoutingReplay | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "routing", _frozen_by_layer(self.routing, "routing"))
+        object.__setattr__(self, "latent", _frozen_by_layer(self.latent, "latent"))
+        object.__setattr__(self, "fp8", _frozen_fp8(self.fp8))
+        if self.routing_replay is not None and not isinstance(self.routing_replay, RoutingReplay):
+            raise ControlError(f"routing_replay must be a RoutingReplay, got {type(self.routing_replay).__name__}")
+
+    @classmethod
+    def replay(cls, trace: str | Path | xr.Dataset, seq: int = 0, layers: Iterable[int] | None = None,
+               **others: Any) -> Controls:
+        """Controls that force the routing recorded for `seq` in a trace store or Dataset (see RoutingReplay)."""
+        return cls(routing_replay=RoutingReplay.from_trace(trace, seq, layers), **others)
+
+    # ------------------------------------------------------------------ per layer
+    def routing_for(self, layer: int) -> RoutingControl | None:
+        everywhere, own = self.routing.get("all"), self.routing.get(layer)
+        return own.merged_over(everywhere) if own is not None else everywhere
+
+    def latent_for(self, layer: int) -> LatentControl | None:
+        own = self.latent.get(layer)
+        return own if own is not None else self.latent.get("all")
+
+    def fp8_for(self, layer: int) -> tuple[str, ...] | None:
+        """The sites this run asks to compute in FP8 in `layer` (None: as the model is)."""
+        own = self.fp8.get(layer)
+        return tuple(own) if own is not None else (tuple(self.fp8["all"]) if "all" in self.fp8 else None)
+
+    def replayed(self, layer: int) -> bool:
+        return self.routing_replay is not None and layer in self.routing_replay.expert_ids
+
+    def first_difference(self, other: Controls, config: ModelConfig) -> int:
+        """The first layer whose effective controls differ from `other`'s (num_hidden_layers when none do).
+
+        Controls are compared as written: restating the model's own value (top_k=k) counts as a change.
+        """
+        for layer in range(config.num_hidden_layers):
+            if self.latent_for(layer) != other.latent_for(layer) or self.fp8_for(layer) != other.fp8_for(layer):
+                return layer
+            if config.is_moe_layer(layer) and (self.routing_for(layer) != other.routing_for(layer)
+                                               or self._replay_at(layer) is not other._replay_at(layer)):
+                return layer
+        return config.num_hidden_layers
+
+    def _replay_at(self, layer: int) -> RoutingReplay | None:
+        return self.routing_replay if self.replayed(layer) else None
+
+    # ------------------------------------------------------------------ checks
+    def validate(self, config: ModelConfig) -> Controls:
+        """Raise ControlError naming the first impossible setting; return self so calls chain."""
+        L, moe = config.num_hidden_layers, config.moe_layers
+        for key in self.routing:
+            if key == "all":
+                if not moe:
+                    raise ControlError("routing['all']: this model has no MoE layers")
+            elif not 0 <= key < L:
+                raise ControlError(f"routing[{key}]: unknown layer; the model has layers 0..{L - 1}")
+            elif key not in moe:
+                raise ControlError(f"routing[{key}]: layer {key} is a dense layer with no router; MoE layers: {list(moe)}")
+        for layer in moe:
+            rc = self.routing_for(layer)
+            if rc is not None:
+                _check_routing(rc, config, layer)
+        for key, lc in self.latent.items():
+            if key != "all" and not 0 <= key < L:
+                raise ControlError(f"latent[{key}]: unknown layer; the model has layers 0..{L - 1}")
+            where = f"latent[{key!r}]"
+            if lc.basis not in ("svd", "raw"):
+                raise ControlError(f"{where}.basis must be 'svd' or 'raw', got {lc.basis!r}")
+            if not 1 <= lc.rank <= config.kv_lora_rank:
+                raise ControlError(f"{where}.rank={lc.rank} must be in 1..kv_lora_rank={config.kv_lora_rank}")
+        for key, sites in self.fp8.items():
+            if key == "all":
+                continue
+            if not 0 <= key < L:
+                raise ControlError(f"fp8[{key}]: unknown layer; the model has layers 0..{L - 1}")
+            absent = sorted(set(sites) - fp8_layer_sites(config, key) - {"all", "attn"})
+            if absent:
+                raise ControlError(f"fp8[{key}]: layer {key} has no {absent} (it has {sorted(fp8_layer_sites(config, key))})")
+        if self.routing_replay is not None:
+            _check_replay(self.routing_replay, config, self.routing_for)
+        return self
+
+    # ------------------------------------------------------------------ to the model
+    def resolve(self, config: ModelConfig, *, svd_bases: Mapping[int, torch.Tensor] | None = None,
+                dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> dict[int, LayerControls]:
+        """Validated controls -> {layer: LayerControls} for `DeepSeekModel.forward(controls=...)`.
+
+        `svd_bases` maps a layer to its full right-singular basis [C, C] (columns by decreasing singular value);
+        needed for every layer whose latent control uses basis "svd".
+        """
+        self.validate(config)
+        base = RoutingParams.from_config(config)
+        out: dict[int, LayerControls] = {}
+        for layer in range(config.num_hidden_layers):
+            rc = self.routing_for(layer) if config.is_moe_layer(layer) else None
+            lc = self.latent_for(layer)
+            fp8 = self.fp8_for(layer)
+            replay = self._replay_at(layer)
+            if rc is None and lc is None and fp8 is None and replay is None:
+                continue
+            routing = _route_override(rc or RoutingControl(), config, base, device) if rc or replay else None
+            if replay is not None and routing is not None:
+                routing = dataclasses.replace(routing, replay_ids=replay.expert_ids[layer].to(device),
+                                              replay_weights=replay.expert_weights[layer].to(device))
+            basis = _latent_basis(lc, config, layer, svd_bases, dtype, device) if lc is not None else None
+            have = fp8_layer_sites(config, layer)
+            sites = _fp8_expand(fp8, have) & have if fp8 is not None else None
+            out[layer] = LayerControls(routing=routing, latent_basis=basis, fp8_sites=sites)
+        return out
+
+    # ------------------------------------------------------------------ JSON
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"routing": {str(k): v.to_dict() for k, v in self.routing.items()},
+                               "latent": {str(k): v.to_dict() for k, v in self.latent.items()}}
+        if self.fp8:
+            out["fp8"] = {str(k): list(v) for k, v in self.fp8.items()}
+        if self.routing_replay is not None:
+            out["replay"] = self.routing_replay.to_dict()
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Controls:
+        unknown = sorted(set(d) - {"routing", "latent", "fp8", "replay"})
+        if unknown:
+            raise ControlError(f"controls: unknown section(s) {unknown}; known: ['fp8', 'latent', 'replay', 'routing']")
+        return cls(routing={_layer_key(k): RoutingControl.from_dict(v) for k, v in d.get("routing", {}).items()},
+                   latent={_layer_key(k): LatentControl.from_dict(v) for k, v in d.get("latent", {}).items()},
+                   fp8=dict(d.get("fp8", {})),
+                   routing_replay=RoutingReplay.from_dict(d["replay"]) if d.get("replay") else None)
+
+    @classmethod
+    def from_json(cls, text: str) -> Controls:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ControlError(f"controls: not valid JSON ({e})") from None
+        return cls.from_dict(data)
+
+
+def _frozen_by_layer(entries: Mapping[Any, Any], what: str) -> Mapping[LayerKey, Any]:
+    out: dict[LayerKey, Any] = {}
+    for key, value in dict(entries).items():
+        out[_layer_key(key)] = value
+    ints = sorted(k for k in out if k != "all")
+    ordered: dict[LayerKey, Any] = {"all": out["all"]} if "all" in out else {}
+    ordered.update({k: out[k] for k in ints})
+    for key, value in ordered.items():
+        expected = RoutingControl if what == "routing" else LatentControl
+        if not isinstance(value, expected):
+            raise ControlError(f"{what}[{key!r}] must be a {expected.__name__}, got {type(value).__name__}")
+    return MappingProxyType(ordered)
