@@ -27,9 +27,10 @@ from workbench.config import ModelConfig
 from workbench.loader import load_model
 from workbench.model.transformer import DeepSeekModel
 from workbench.trace import Trace, TraceStore
+from workbench.trace.recorder import Scratch, argmax_and_logsumexp
 
 REPEATS = 7
-CAPTURE_REPEATS = 41  # the overhead goal is 10% and run-to-run noise here is ~3-5%: many rounds
+CAPTURE_REPEATS = 101  # the overhead goal is 10% and the noise of one 41-round median here was +-3%: many rounds
 # bench_forward.py's wider config: vocab / hidden = 16 as in the bundled model (V3: 18), twice the hidden size
 WIDE = dict(model_type="deepseek_v3", vocab_size=4096, hidden_size=256, intermediate_size=512,
             moe_intermediate_size=128, num_hidden_layers=4,
@@ -41,28 +42,33 @@ WIDE = dict(model_type="deepseek_v3", vocab_size=4096, hidden_size=256, intermed
 
 def bench_capture(ids: torch.Tensor) -> None:
     loaded = load_model()
-    plain, t_routing, t_full = capture_times(loaded.model, ids, loaded.tokenizer)
+    plain, t_routing, t_full, t_stats = capture_times(loaded.model, ids, loaded.tokenizer)
     n = ids.numel()
     print(f"workbench default model, batch {tuple(ids.shape)} ({n} tokens), median of {CAPTURE_REPEATS}, "
           "interleaved in shuffled order:")
-    print(f"  plain forward            {plain * 1e3:8.1f} ms")
-    print(f"  + routing capture        {t_routing * 1e3:8.1f} ms  overhead x{t_routing / plain:.3f}")
-    print(f"  + full capture (all)     {t_full * 1e3:8.1f} ms  overhead x{t_full / plain:.3f}")
+    print_capture(plain, t_routing, t_full, t_stats)
     bench_transformers_hooks(loaded.model.config, ids, plain, t_routing)
     # The capture's fixed cost is the next-token statistics over [tokens x vocab] logits; the bundled model's
     # head is large next to its body (vocab 2048, hidden 128), so show the same on a wider config too.
     wide = DeepSeekModel.random(ModelConfig.from_hf_dict(WIDE), seed=0)
-    w_plain, w_routing, w_full = capture_times(wide, torch.randint(0, WIDE["vocab_size"], ids.shape), None)
+    wide_times = capture_times(wide, torch.randint(0, WIDE["vocab_size"], ids.shape), None)
     print(f"wider random config (hidden {WIDE['hidden_size']}, {WIDE['n_routed_experts']} experts, vocab "
           f"{WIDE['vocab_size']}), same batch:")
-    print(f"  plain forward            {w_plain * 1e3:8.1f} ms")
-    print(f"  + routing capture        {w_routing * 1e3:8.1f} ms  overhead x{w_routing / w_plain:.3f}")
-    print(f"  + full capture (all)     {w_full * 1e3:8.1f} ms  overhead x{w_full / w_plain:.3f}")
+    print_capture(*wide_times)
+
+
+def print_capture(plain: float, routing: float, full: float, stats: float) -> None:
+    print(f"  plain forward            {plain * 1e3:8.1f} ms")
+    print(f"  + routing capture        {routing * 1e3:8.1f} ms  overhead x{routing / plain:.3f}")
+    print(f"  + full capture (all)     {full * 1e3:8.1f} ms  overhead x{full / plain:.3f}")
+    print(f"  + next-token statistics alone (argmax + logsumexp over the logits, in every trace) "
+          f"{stats * 1e3:.1f} ms  x{stats / plain:.3f}")
 
 
 def capture_times(model: DeepSeekModel, ids: torch.Tensor, tokenizer: object) -> list[float]:
     """Medians of: plain forward, forward + routing capture (expert ids and weights, plus the next-token
-    statistics every trace records), forward + every traceable site."""
+    statistics every trace records), forward + every traceable site, and forward + the next-token statistics'
+    argmax and logsumexp alone (the share of the overhead that grows with the vocabulary)."""
     routing = Trace(model, ["expert_ids", "expert_weights"], keep=False)
     full = Trace(model, ["all"], tokenizer=tokenizer, keep=False)
 
@@ -70,9 +76,14 @@ def capture_times(model: DeepSeekModel, ids: torch.Tensor, tokenizer: object) ->
         with t:
             t.forward(ids)
 
+    scratch = Scratch()
+
+    def forward_and_statistics() -> None:  # the part of every trace that does not depend on `sites`
+        argmax_and_logsumexp(model(ids), scratch)
+
     with torch.inference_mode():
-        return interleaved_seconds([lambda: model(ids), lambda: run_with(routing), lambda: run_with(full)],
-                                   repeats=CAPTURE_REPEATS)
+        return interleaved_seconds([lambda: model(ids), lambda: run_with(routing), lambda: run_with(full),
+                                    forward_and_statistics], repeats=CAPTURE_REPEATS)
 
 
 def bench_transformers_hooks(config: object, ids: torch.Tensor, ours_plain: float, ours_routing: float) -> None:

@@ -63,6 +63,10 @@ class ProbeRegistry:
 
         out: list[str] = []
         for pattern in patterns:
+            if pattern in self.sites:  # an exact name (the common case): no scan of every site
+                if pattern not in out:
+                    out.append(pattern)
+                continue
             hits = [n for n in self.sites if fnmatch.fnmatchcase(n, pattern)]
             if not hits:
                 known = sorted({n.split(".", 2)[-1] if n.startswith("blocks.") else n for n in self.sites})
