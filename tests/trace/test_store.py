@@ -1,11 +1,10 @@
-"""The zarr store: round trips checked with plain zarr and xarray, commits, writers, versions, bad stores."""
+"""The store writer: round trips checked with plain zarr and xarray, commits, trims, several writers, refusals."""
 
 from __future__ import annotations
 
 import errno
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,40 +13,16 @@ import numpy as np
 import pytest
 import xarray as xr
 import zarr
-from trace_helpers import corpus, run_windows, write_store
+from trace_helpers import assert_same_trace, corpus, in_memory, run_windows, write_store
 
 from workbench.trace import (
-    SchemaError,
     Trace,
     TraceStore,
     TraceStoreError,
-    from_vllm_routed_experts,
-    migrate_store,
     open_trace,
-    to_vllm_routed_experts,
 )
 
 TEXTS = corpus(12, seed=3)
-
-
-def in_memory(loaded, texts, sites=None):
-    t = Trace(loaded.model, sites, tokenizer=loaded.tokenizer, checkpoint=loaded.digest)
-    with t:
-        for _ in run_windows(t, texts, loaded.tokenizer):
-            pass
-    return t.to_xarray()
-
-
-def assert_same_trace(a: xr.Dataset, b: xr.Dataset) -> None:
-    assert set(a.variables) - {"progress"} == set(b.variables) - {"progress"}
-    for name in a.variables:
-        if name == "progress":
-            continue
-        va, vb = np.asarray(a[name].values), np.asarray(b[name].values)
-        if va.dtype.kind in "OTU" or vb.dtype.kind in "OTU":
-            assert [str(x) for x in va] == [str(x) for x in vb], name
-        else:
-            np.testing.assert_array_equal(va, vb, err_msg=name)
 
 
 def test_round_trip_through_our_reader_and_plain_zarr_and_xarray(tmp_path, loaded):
@@ -187,116 +162,6 @@ def test_buffered_concurrent_flushes_equal_the_plain_write_per_batch(tmp_path, l
     assert "text" not in a and list(a["vocab_text"][:][a["token_id"][:]]) == list(open_trace(tmp_path / "fast.zarr").text.values)
 
 
-def _as_schema_1_0(path: Path) -> None:
-    """Rewrite a store in the 1.0 layout (what workbench 0.1's writer produced): per-token `text`, no vocab table."""
-    g = zarr.open_group(path, mode="r+")
-    text = np.asarray(g["vocab_text"][:], dtype=object)[g["token_id"][:]]
-    arr = g.create_array("text", shape=text.shape, chunks=g["token_id"].chunks, dtype=str, fill_value="",
-                         dimension_names=["token"])
-    arr[:] = text
-    del g["vocab_text"]
-    g.attrs["schema_version"] = "1.0"
-
-
-def test_stores_of_each_schema_version(tmp_path, loaded):
-    want = in_memory(loaded, TEXTS[:4])
-    old = tmp_path / "old.zarr"
-    write_store(old, loaded, TEXTS[:4], close=False)
-    _as_schema_1_0(old)
-    assert zarr.open_group(old, mode="r")["text"].dtype.kind in "OTU"
-    assert_same_trace(open_trace(old).compute(), want)  # 1.0 reads as it always did
-    t = Trace(loaded.model, None, tokenizer=loaded.tokenizer, checkpoint=loaded.digest)
-    with pytest.raises(TraceStoreError, match=r"schema 1\.0 store.*migrate_store"):
-        TraceStore.open_for_append(old, t.attrs(), t.layout)
-    assert migrate_store(old, vocab=t.vocab()) == "1.1" and migrate_store(old) == "1.1"  # the second: nothing to do
-    g = zarr.open_group(old, mode="r")
-    assert "text" not in g and "vocab_text" in g and g.attrs["schema_version"] == "1.1"
-    assert_same_trace(open_trace(old).compute(), want)
-    assert not open_trace(old).attrs["complete"]
-    t = Trace(loaded.model, None, tokenizer=loaded.tokenizer, keep=False, checkpoint=loaded.digest)
-    store = TraceStore.open_for_append(old, t.attrs(), t.layout)  # a migrated store can be continued
-    with t:
-        for batch, n in run_windows(t, TEXTS[4:8], loaded.tokenizer, seq0=4):
-            store.append(batch, windows=n)
-    store.close()
-    ds = open_trace(old)
-    assert ds.attrs["complete"]
-    np.testing.assert_array_equal(ds.token_id.values, in_memory(loaded, TEXTS[:8]).token_id.values)
-    assert list(ds.text.values) == list(in_memory(loaded, TEXTS[:8]).text.values)
-
-
-def test_migration_refuses_a_store_whose_texts_disagree_and_changes_nothing(tmp_path, loaded):
-    path = tmp_path / "t.zarr"
-    write_store(path, loaded, TEXTS[:3])
-    _as_schema_1_0(path)
-    g = zarr.open_group(path, mode="r+")
-    text = g["text"][:]
-    text[-1] = "not what token " + str(g["token_id"][len(text) - 1]) + " says elsewhere"
-    ids = g["token_id"][:]
-    if (ids == ids[-1]).sum() < 2:  # make sure the id occurs twice
-        ids[-1] = ids[0]
-        g["token_id"][:] = ids
-    g["text"][:] = text
-    before = open_trace(path).compute()
-    with pytest.raises(TraceStoreError, match=f"token id {ids[-1]} has two texts"):
-        migrate_store(path)
-    with pytest.raises(TraceStoreError, match=f"token id {ids[-1]} has two texts"):
-        migrate_store(path, vocab=Trace(loaded.model, tokenizer=loaded.tokenizer).vocab())
-    with pytest.raises(TraceStoreError, match="vocab has 3 entries"):
-        migrate_store(path, vocab=["a", "b", "c"])
-    assert zarr.open_group(path, mode="r").attrs["schema_version"] == "1.0"
-    assert_same_trace(open_trace(path).compute(), before)
-
-
-def test_newer_minor_versions_open_and_a_newer_major_is_refused_by_name(tmp_path, loaded):
-    path = tmp_path / "t.zarr"
-    write_store(path, loaded, TEXTS[:3], sites=["expert_ids"])
-    g = zarr.open_group(path, mode="r+")
-    # a newer minor version adds a variable (kept) and this store lacks optional ones (absent, not an error)
-    g.attrs["schema_version"] = "1.4"
-    n = g["token_id"].shape[0]
-    extra = g.create_array("router_entropy", shape=(n,), dtype="float32", dimension_names=["token"])
-    extra[:] = np.arange(n, dtype=np.float32)
-    ds = open_trace(path)
-    np.testing.assert_array_equal(ds.router_entropy.values, np.arange(n))
-    assert "router_scores" not in ds and "expert_weights" not in ds
-    assert ds.text.values[0] == loaded.tokenizer.token_text(int(ds.token_id.values[0]))
-    g.attrs["schema_version"] = "2.0"
-    with pytest.raises(SchemaError, match=rf"{path}: trace schema 2\.0 cannot be read.*upgrade the workbench"):
-        open_trace(path)
-    t = Trace(loaded.model, ["expert_ids"], checkpoint=loaded.digest)
-    with pytest.raises(SchemaError, match=r"schema 2\.0"):
-        TraceStore.open_for_append(path, t.attrs(), t.layout)
-    with pytest.raises(SchemaError, match=r"schema 2\.0"):
-        migrate_store(path)
-    g.attrs["schema_version"] = "one"
-    with pytest.raises(SchemaError, match="'one' is not MAJOR.MINOR"):
-        open_trace(path)
-
-
-def test_corrupt_and_partial_stores_give_clear_errors(tmp_path, loaded):
-    with pytest.raises(FileNotFoundError, match="no trace store"):
-        open_trace(tmp_path / "missing.zarr")
-    garbled = tmp_path / "garbled.zarr"
-    garbled.mkdir()
-    (garbled / "zarr.json").write_text("{not json")
-    with pytest.raises(TraceStoreError, match="not a readable zarr v3 trace store"):
-        open_trace(garbled)
-    bare = tmp_path / "bare.zarr"
-    zarr.open_group(bare, mode="w")  # killed during create: a group without our attrs
-    with pytest.raises(TraceStoreError, match="killed while being created"):
-        open_trace(bare)
-    holed = tmp_path / "holed.zarr"
-    write_store(holed, loaded, TEXTS[:3])
-    import shutil
-
-    shutil.rmtree(holed / "expert_ids")
-    with pytest.raises(TraceStoreError, match=r"partial store: arrays \['expert_ids'\]"):
-        open_trace(holed)
-    with pytest.raises(TraceStoreError, match="already exists"):
-        write_store(holed, loaded, TEXTS[:3])
-
-
 _WRITER = """
 import sys
 from workbench.loader import load_model
@@ -327,20 +192,3 @@ def test_two_processes_fill_disjoint_regions(tmp_path, loaded):
     np.testing.assert_array_equal(ds.token_id.values, np.concatenate([w.token_id.values for w in want]))
     np.testing.assert_array_equal(ds.expert_ids.values, np.concatenate([w.expert_ids.values for w in want]))
     assert set(np.unique(ds.seq.values) // 1000) == {0, 1}
-
-
-def test_vllm_routed_experts_round_trip(loaded):
-    ds = in_memory(loaded, TEXTS[:4])
-    routed = to_vllm_routed_experts(ds)
-    cfg = loaded.model.config
-    assert routed.dtype == np.int16 and routed.shape == (ds.sizes["token"], len(cfg.moe_layers), cfg.num_experts_per_tok)
-    back = from_vllm_routed_experts(routed, moe_layers=cfg.moe_layers, token_ids=ds.token_id.values,
-                                    n_experts=cfg.n_routed_experts)
-    np.testing.assert_array_equal(back.expert_ids.values, ds.expert_ids.values)
-    assert list(back.layer.values) == list(cfg.moe_layers)
-    partial = in_memory(loaded, TEXTS[:2], ["blocks.1.mlp.hook_expert_indices"])
-    left_out = [layer for layer in cfg.moe_layers if layer != 1]
-    with pytest.raises(ValueError, match=rf"layers {re.escape(str(left_out))} were not captured"):
-        to_vllm_routed_experts(partial)
-    with pytest.raises(ValueError, match="tokens, moe_layers, top_k"):
-        from_vllm_routed_experts(routed[0])

@@ -5,7 +5,9 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import numpy as np
 import torch
+import xarray as xr
 
 from workbench.loader import LoadedModel
 from workbench.trace import Trace, TraceStore
@@ -40,3 +42,23 @@ def write_store(path: Path, loaded: LoadedModel, texts: list[str], sites: list[s
             store.append(batch, windows=n)
     store.close(complete=close)  # commits every batch; close=False leaves it unfinished, as a stopped run would
     return store
+
+
+def in_memory(loaded, texts, sites=None):
+    t = Trace(loaded.model, sites, tokenizer=loaded.tokenizer, checkpoint=loaded.digest)
+    with t:
+        for _ in run_windows(t, texts, loaded.tokenizer):
+            pass
+    return t.to_xarray()
+
+
+def assert_same_trace(a: xr.Dataset, b: xr.Dataset) -> None:
+    assert set(a.variables) - {"progress"} == set(b.variables) - {"progress"}
+    for name in a.variables:
+        if name == "progress":
+            continue
+        va, vb = np.asarray(a[name].values), np.asarray(b[name].values)
+        if va.dtype.kind in "OTU" or vb.dtype.kind in "OTU":
+            assert [str(x) for x in va] == [str(x) for x in vb], name
+        else:
+            np.testing.assert_array_equal(va, vb, err_msg=name)
