@@ -74,6 +74,11 @@ def test_token_expert_lift_and_top_tokens(ds):
     layer, e = int(ds.layer.values[0]), 5
     mine = sorted(((lift, v) for (la, ex, v), (_, lift) in expected.items() if la == layer and ex == e), reverse=True)
     np.testing.assert_allclose(top.lift.sel(layer=layer).values[e][: len(mine[:3])], [x for x, _ in mine[:3]])
+    # each listed id carries its decoded text (the tokenizer's, as recorded); empty ranks carry ""
+    tokenizer = load_model().tokenizer
+    ids_all, texts = top.token_id.values.ravel(), top.text.values.ravel()
+    assert [str(x) for x in texts] == [tokenizer.token_text(int(t)) if t >= 0 else "" for t in ids_all]
+    assert (ids_all < 0).any() and (ids_all >= 0).any()
 
 
 def test_coactivation(ds):

@@ -152,7 +152,8 @@ def token_expert_lift(ds: xr.Dataset, min_count: int = 1) -> xr.Dataset:
 
 def top_tokens_per_expert(ds: xr.Dataset, n: int = 10, min_count: int = 5) -> xr.Dataset:
     """The `n` token ids with the highest lift for each (layer, expert), among ids seen at least `min_count`
-    times with that expert: dims [layer, expert, rank]; token_id -1 / lift NaN where there are fewer."""
+    times with that expert: dims [layer, expert, rank]; token_id -1 / lift NaN / text "" where there are fewer.
+    `text` is each id's decoded text as the trace recorded it (read at one occurrence per id)."""
     pairs = token_expert_lift(ds, min_count=min_count)
     layers = np.asarray(ds["layer"].values)
     E = n_experts(ds)
@@ -168,8 +169,34 @@ def top_tokens_per_expert(ds: xr.Dataset, n: int = 10, min_count: int = 5) -> xr
     tok[li[sel], ex[sel], rank[sel]] = pairs["token_id"].values[order][sel]
     lift[li[sel], ex[sel], rank[sel]] = pairs["lift"].values[order][sel]
     count[li[sel], ex[sel], rank[sel]] = pairs["count"].values[order][sel]
-    return xr.Dataset({"token_id": (("layer", "expert", "rank"), tok), "lift": (("layer", "expert", "rank"), lift),
-                       "count": (("layer", "expert", "rank"), count)}, coords={"layer": layers})
+    names = token_texts(ds, np.unique(tok[tok >= 0]))
+    text = np.array([names.get(int(t), "") for t in tok.ravel().tolist()], dtype=object).reshape(tok.shape)
+    dims = ("layer", "expert", "rank")
+    return xr.Dataset({"token_id": (dims, tok), "lift": (dims, lift), "count": (dims, count), "text": (dims, text)},
+                      coords={"layer": layers})
+
+
+def token_texts(ds: xr.Dataset, token_ids: np.ndarray) -> dict[int, str]:
+    """The recorded `text` of each id in `token_ids` that occurs in the trace, from its first occurrence: one scan
+    of `token_id` a chunk at a time, then one read of `text` at those positions ({} when the trace has no text)."""
+    if "text" not in ds.variables or len(token_ids) == 0:
+        return {}
+    wanted = set(np.asarray(token_ids).tolist())
+    first: dict[int, int] = {}
+    offset = 0
+    for (tok,) in _iter_chunks(ds["token_id"]):  # [n]
+        u, at = np.unique(tok, return_index=True)
+        for t, i in zip(u.tolist(), at.tolist(), strict=True):
+            if t in wanted and t not in first:
+                first[t] = offset + i
+        offset += len(tok)
+        if len(first) == len(wanted):
+            break
+    ids = sorted(first, key=first.__getitem__)
+    if not ids:
+        return {}
+    texts = np.asarray(ds["text"].isel({TOKEN: [first[t] for t in ids]}).values)  # [len(ids)]
+    return {t: str(x) for t, x in zip(ids, texts.tolist(), strict=True)}
 
 
 # ---------------------------------------------------------------------- co-activation and transitions
