@@ -23,6 +23,9 @@ import xarray as xr
 
 TOKEN = "token"
 
+__all__ = ["coactivation", "expert_load", "fp8_error_summary", "latent_spectrum", "load_balance", "n_experts",
+           "routing_transitions", "token_expert_lift", "token_texts", "top_tokens_per_expert"]
+
 
 # ---------------------------------------------------------------------- chunked reductions
 def _is_lazy(*arrays: xr.DataArray) -> bool:
