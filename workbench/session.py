@@ -32,6 +32,7 @@ from workbench.controls import ControlError, Controls, svd_basis
 from workbench.model.cache import LatentKVCache
 from workbench.model.mla import AttnMode
 from workbench.model.transformer import Block, DeepSeekModel, LayerControls
+from workbench.run_lock import model_lock
 from workbench.tokenizer import Tokenizer
 
 
@@ -99,14 +100,15 @@ class Session:
             raise ValueError("the prompt needs at least 2 tokens (one to predict from, one to predict)")
         model.check_input(self.input_ids, past=continuation)  # the prompt plus its continuation must fit
         self._param = next(model.parameters())
-        self._run_lock = threading.Lock()
+        self._run_lock = model_lock(model)  # runs listen on the model's probes: one run of this model at a time
         self._request_lock = threading.Lock()
         self._requested = 0
         calib_latents: dict[int, torch.Tensor] = {}
-        self.baseline = self._run(None, Controls(), {}, 0, latents=calib_latents)
-        if calibration is not None:
-            calib_latents.clear()
-            self._capture_latents(self._encode(calibration), calib_latents)
+        with self._run_lock:
+            self.baseline = self._run(None, Controls(), {}, 0, latents=calib_latents)
+            if calibration is not None:
+                calib_latents.clear()
+                self._capture_latents(self._encode(calibration), calib_latents)
         self.svd_bases = {layer: svd_basis(lat) for layer, lat in calib_latents.items()}  # layer -> [C, C]
         self._base_stats = self._stats(self.baseline)  # the baseline's side of every comparison, computed once
         baseline_result = self._compare(self.baseline, 0, self.config.num_hidden_layers, 0.0)

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.browser.harness import free_port, shot, wait_for_http
+from tests.browser.harness import free_port, is_offsite, shot, wait_for_http
 
 
 @pytest.fixture(scope="module")
@@ -97,3 +97,47 @@ def test_served_dashboard_renders_and_reacts(served: str, page: Any) -> None:
     shot(page, "serve-tuner")
     _tab(page, "Routing")
     page.locator(".wb-routing-caption", has_text=f"top-{k - 1} of {E}").first.wait_for(timeout=30_000)
+
+
+_REPORT = """() => { const find = (root) => { const r = root.querySelector('.wb-tuner-report'); if (r) return r;
+    for (const el of root.querySelectorAll('*')) if (el.shadowRoot) { const f = find(el.shadowRoot); if (f) return f; }
+    return null; }; const r = find(document); return r ? {...r.dataset} : null; }"""
+
+
+def _open_tuner(page: Any, url: str) -> tuple[int, int]:
+    """Load the app, read k and E off the routing caption, switch to the tuner; returns (k, E)."""
+    page.goto(url, wait_until="load")
+    caption = page.locator(".wb-routing-caption").first
+    caption.wait_for(timeout=60_000)
+    k, E = map(int, re.search(r"top-(\d+) of (\d+) experts", caption.inner_text()).groups())
+    _tab(page, "Live tuner")
+    page.locator(".wb-tuner-report").first.wait_for(timeout=60_000)
+    return k, E
+
+
+def test_each_browser_tab_gets_its_own_dashboard(served: str, page: Any, browser: Any) -> None:
+    """One visitor's slider must not move another's page: every tab gets a fresh dashboard on the shared model."""
+    k, E = _open_tuner(page, served)
+    assert page.evaluate(_REPORT)["generation"] == "0"  # a fresh session, whatever earlier tabs did
+    handle = page.locator(".bk-input-group", has=page.locator(".bk-slider-title", has_text="top-k")) \
+        .locator(".noUi-handle").first
+    handle.focus()
+    handle.press("ArrowLeft")
+    page.wait_for_function(f"() => {{ const d = ({_REPORT})(); return d && d.generation !== '0'; }}", timeout=30_000)
+    assert json.loads(page.evaluate(_REPORT)["controls"])["routing"] == {"all": {"top_k": k - 1}}
+
+    other_context = browser.new_context(viewport={"width": 1440, "height": 900})
+    requested: list[str] = []
+    try:
+        other = other_context.new_page()
+        other.on("request", lambda r: requested.append(r.url))
+        assert _open_tuner(other, served) == (k, E)  # the second tab's routing is the unchanged model's
+        report = other.evaluate(_REPORT)
+        assert report["generation"] == "0" and json.loads(report["controls"]) == {"latent": {}, "routing": {}}
+        _tab(other, "Routing")
+        other.locator(".wb-routing-caption", has_text=f"top-{k} of {E}").first.wait_for(timeout=30_000)
+        shot(other, "serve-second-tab")
+    finally:
+        other_context.close()
+    assert [u for u in requested if is_offsite(u)] == []
+    assert json.loads(page.evaluate(_REPORT)["controls"])["routing"] == {"all": {"top_k": k - 1}}  # tab 1 kept its own

@@ -6,10 +6,11 @@ from __future__ import annotations
 import threading
 import time
 
+import numpy as np
 import pytest
 
 from workbench.controls import ControlError, Controls, LatentControl, RoutingControl
-from workbench.loader import LoadedModel
+from workbench.loader import LoadedModel, load_model
 from workbench.session import ApplyResult
 from workbench.widgets.live import Debouncer, LiveSession
 
@@ -55,3 +56,40 @@ def test_set_prompt_rebaselines_and_reapplies(live: LiveSession) -> None:
 def test_debouncer_rejects_negative_delay() -> None:
     with pytest.raises(ValueError, match=">= 0 seconds"):
         Debouncer(lambda: None, -1)
+
+
+def test_two_live_sessions_on_one_model_from_two_threads_give_their_serial_traces(loaded: LoadedModel) -> None:
+    """Two dashboards (or two tabs of `workbench serve`) on one model, tracing from two threads at once: each trace
+    holds exactly its own prompt's run. A trace listens on the shared model's probes and forward hooks, so without
+    one lock per model a run of the other session lands in it (seen: a shape error from the other prompt)."""
+    from workbench.run_lock import model_lock
+
+    prompts = ["def add(a, b):\n    return a + b\n", "for i in range(10):\n    print(i * i, end=' ')\n"]
+    lives = [LiveSession(loaded, prompt) for prompt in prompts]
+    assert lives[0].lock is lives[1].lock is model_lock(loaded.model)
+    assert model_lock(load_model("tiny-random").model) is not lives[0].lock
+    requests = [Controls(routing={"all": RoutingControl(ablate=(e,))}) for e in range(3)]
+    alone = {(p, r): live.trace_prompt(["expert_ids"], controls)
+             for p, live in enumerate(lives) for r, controls in enumerate(requests)}
+    got: list[tuple[int, int, object]] = []
+    failures: list[BaseException] = []
+
+    def drive(p: int) -> None:
+        try:
+            for _ in range(6):
+                for r, controls in enumerate(requests):
+                    got.append((p, r, lives[p].trace_prompt(["expert_ids"], controls)))
+        except BaseException as e:  # reported below: an exception in a thread would otherwise vanish
+            failures.append(e)
+
+    threads = [threading.Thread(target=drive, args=(p,)) for p in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not failures and len(got) == 2 * 6 * len(requests)
+    for p, r, ds in got:
+        want = alone[p, r]
+        assert ds.sizes["token"] == want.sizes["token"] == lives[p].input_ids.shape[1], (p, r)
+        np.testing.assert_array_equal(ds.expert_ids.values, want.expert_ids.values)
+        np.testing.assert_array_equal(ds.token_id.values, want.token_id.values)

@@ -14,16 +14,19 @@ import html
 import math
 import socket
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import ipywidgets as widgets
 import panel as pn
 import param
 import traitlets
+import xarray as xr
 
 from workbench.widgets.dashboard import Workbench
 from workbench.widgets.frontend import esm_source
-from workbench.widgets.view import ModelArg
+from workbench.widgets.trace_source import load_trace
+from workbench.widgets.view import ModelArg, resolve_model
 
 _TRAIT_PARAMS: dict[type, Callable[[Any], param.Parameter]] = {
     traitlets.Dict: lambda v: param.Dict(default=dict(v)),
@@ -148,7 +151,8 @@ def _mirror_control(w: widgets.Widget) -> Any:
     return pw
 
 
-def build_app(model: ModelArg = "default", trace: str | None = None, prompt: str | None = None) -> tuple[Workbench, Any]:
+def build_app(model: ModelArg = "default", trace: str | Path | xr.Dataset | None = None,
+              prompt: str | None = None) -> tuple[Workbench, Any]:
     """The dashboard and its Panel mirror."""
     wb = Workbench(model, trace=trace, prompt=prompt)
     return wb, pn.Column(mirror(wb), sizing_mode="stretch_width")
@@ -156,7 +160,13 @@ def build_app(model: ModelArg = "default", trace: str | None = None, prompt: str
 
 def serve(model: str = "default", trace: str | None = None, prompt: str | None = None, port: int = 5006,
           show: bool = False) -> None:
-    """Build the dashboard and serve it on 127.0.0.1:`port` (0: a free port) until interrupted."""
+    """Serve the dashboard on 127.0.0.1:`port` (0: a free port) until interrupted.
+
+    The model and the trace are loaded once; every browser tab gets its own dashboard (its own prompt, controls
+    and views) on them, so one visitor's slider never moves another's page. Runs of the shared model take its
+    `model_lock`, one at a time. The first dashboard is built before the server starts, so a bad model, trace or
+    prompt fails here with its message instead of in the browser.
+    """
     if not 0 <= port < 65536:
         raise ValueError(f"port {port} is not a TCP port")
     if port == 0:
@@ -164,8 +174,14 @@ def serve(model: str = "default", trace: str | None = None, prompt: str | None =
             s.bind(("127.0.0.1", 0))
             port = int(s.getsockname()[1])
     pn.extension()
-    _, app = build_app(model, trace, prompt)
-    server = pn.serve(app, address="127.0.0.1", port=port, show=show, start=False, title="MoE Workbench",
+    loaded = resolve_model(model)
+    ds = load_trace(trace) if trace is not None else None
+    first: list[Any] = [build_app(loaded, ds, prompt)[1]]  # checked now; handed to the first tab that opens
+
+    def per_tab() -> Any:
+        return first.pop() if first else build_app(loaded, ds, prompt)[1]
+
+    server = pn.serve(per_tab, address="127.0.0.1", port=port, show=show, start=False, title="MoE Workbench",
                       websocket_origin=[f"127.0.0.1:{port}", f"localhost:{port}"])
     print(f"workbench serve: http://127.0.0.1:{port}/", flush=True)
     server.start()

@@ -25,6 +25,7 @@ import xarray as xr
 
 from workbench.controls import Controls, LatentControl, LayerKey, RoutingControl
 from workbench.loader import LoadedModel
+from workbench.run_lock import model_lock
 from workbench.session import ApplyResult, Session
 from workbench.trace.recorder import trace as record_trace
 from workbench.trace.schema import SCHEMA_VERSION, Layout, build_dataset
@@ -72,7 +73,7 @@ class LiveSession:
         self.loaded = loaded
         self.model, self.tokenizer, self.config = loaded.model, loaded.tokenizer, loaded.model.config
         self.continuation = continuation
-        self.lock = threading.RLock()
+        self.lock = model_lock(self.model)  # shared by every session and view on this model
         self.routing: dict[LayerKey, RoutingControl] = {}
         self.latent: dict[LayerKey, LatentControl] = {}
         self._result_listeners: list[ResultListener] = []
