@@ -151,3 +151,33 @@ def test_argmax_and_logsumexp_equal_torch(T, block_rows):
         assert pred.shape == lse.shape == (1, T)
         assert torch.equal(pred[0], x.max(dim=-1).indices)
         torch.testing.assert_close(lse[0], x.logsumexp(dim=-1), rtol=1e-6, atol=1e-5)
+
+
+def test_forward_calls_of_other_threads_are_not_recorded(loaded):
+    """A dashboard's debounced run (or another session) on the same model runs on its own thread while a trace is
+    open: only the calls of the thread that opened the trace are recorded, and they are recorded unchanged."""
+    import threading
+
+    t = Trace(loaded.model, ["expert_ids"])
+    mine, theirs = torch.tensor([[5, 6, 7, 8, 9]]), torch.tensor([[10, 11, 12]])
+    with t:
+        started, may_finish = threading.Event(), threading.Event()
+
+        def other() -> None:
+            started.set()
+            for _ in range(3):
+                loaded.model(theirs)
+            may_finish.wait(30)
+
+        worker = threading.Thread(target=other)
+        worker.start()
+        started.wait(30)
+        t.forward(mine)
+        may_finish.set()
+        worker.join(30)
+    ds = t.to_xarray()
+    assert ds.token_id.values.tolist() == [5, 6, 7, 8, 9]
+    alone = Trace(loaded.model, ["expert_ids"])
+    with alone:
+        alone.forward(mine)
+    np.testing.assert_array_equal(ds.expert_ids.values, alone.to_xarray().expert_ids.values)

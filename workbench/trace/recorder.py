@@ -8,6 +8,8 @@ Design choices:
   the next-token statistics without a second lm_head pass.
 - Padding is the caller's business: `t.forward(ids, lengths=...)` runs right-padded windows (causal attention
   keeps pads out of real tokens' results) and drops the pads from the record.
+- It records the forward calls of the thread that opened the `with` block only: a dashboard's debounced run or
+  another session on the same model runs on its own thread and must not land in this trace.
 - `keep=False` makes the recorder a pure stream (the `workbench trace` command hands each batch to the store),
   so memory stays flat however many batches pass.
 Shape legend: B windows, S positions, T = B*S flattened tokens, N real tokens, L MoE layers, A all layers,
@@ -17,6 +19,7 @@ k top-k, E routed experts, C latent width, F FP8 sites.
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -151,9 +154,11 @@ class Trace:
         self._scratch = Scratch()  # next-token statistics' work buffer, reused across calls
         self._handles: list[Any] = []
         self._listen: Any = None
+        self._thread: int | None = None  # the thread whose forward calls are recorded
 
     # ------------------------------------------------------------------ context
     def __enter__(self) -> Trace:
+        self._thread = threading.get_ident()
         names = list(self.selection.routes)
         if names:
             self._listen = self.model.probes.listen(names, self._on_site)
@@ -188,15 +193,20 @@ class Trace:
         return self.last
 
     def _on_site(self, name: str, value: torch.Tensor) -> None:
-        self._pending[name] = value.detach()
+        if threading.get_ident() == self._thread:
+            self._pending[name] = value.detach()
 
     def _pre(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if threading.get_ident() != self._thread:
+            return
         ids = args[0] if args else kwargs["input_ids"]
         cache = kwargs.get("cache", args[1] if len(args) > 1 else None)
         self._pending = {}
         self._call = {"ids": ids, "past": cache.length if cache is not None else 0}
 
     def _post(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], logits: torch.Tensor) -> None:
+        if threading.get_ident() != self._thread:
+            return
         assert self._call is not None
         batch = self._assemble(self._call["ids"], self._call["past"], logits)
         self._pending, self._call = {}, None
