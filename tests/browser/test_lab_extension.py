@@ -153,12 +153,25 @@ def test_launcher_card_and_palette_create_a_live_workbench(stores: LabServer, pa
                    return w && w.context && w.context.path === 'live-workbench.ipynb'; }""", timeout=60_000)
     assert "Workbench()" in (stores.root / "live-workbench.ipynb").read_text()
 
-    # Fill the palette's own search box once it is visible (typing blindly races the modal's focus on a loaded
-    # machine), then read header and item from one DOM snapshot so a re-render between two reads cannot miss them.
-    page.evaluate("() => window.jupyterapp.commands.execute('apputils:activate-command-palette')")
-    search = page.locator(".lm-CommandPalette-input").first
-    search.wait_for(state="visible", timeout=60_000)
-    search.fill("live workbench")
+    # The new notebook starts its kernel and takes focus as it settles, which closes the modal palette: wait for
+    # the kernel first, then fill the palette's own search box, reopening it if focus still took it away.
+    page.wait_for_function(
+        """() => { const w = window.jupyterapp.shell.currentWidget;
+                   const k = w && w.sessionContext && w.sessionContext.session && w.sessionContext.session.kernel;
+                   return k && k.status === 'idle'; }""", timeout=120_000)
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    for attempt in range(5):
+        page.evaluate("() => window.jupyterapp.commands.execute('apputils:activate-command-palette')")
+        search = page.locator(".lm-CommandPalette-input").first
+        try:
+            search.wait_for(state="visible", timeout=30_000)
+            search.fill("live workbench", timeout=5_000)
+            break
+        except PlaywrightTimeout:  # the palette closed under us
+            if attempt == 4:
+                raise
+    # header and item from one DOM snapshot, so a re-render between two reads cannot miss them
     page.wait_for_function(
         """() => {
             const text = (sel) => [...document.querySelectorAll(sel)].map((e) => e.textContent || '');
