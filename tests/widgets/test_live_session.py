@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 from workbench.controls import ControlError, Controls, LatentControl, RoutingControl
 from workbench.loader import LoadedModel, load_model
@@ -93,3 +94,27 @@ def test_two_live_sessions_on_one_model_from_two_threads_give_their_serial_trace
         assert ds.sizes["token"] == want.sizes["token"] == lives[p].input_ids.shape[1], (p, r)
         np.testing.assert_array_equal(ds.expert_ids.values, want.expert_ids.values)
         np.testing.assert_array_equal(ds.token_id.values, want.token_id.values)
+
+
+def test_a_notebook_run_on_another_thread_does_not_reach_the_dashboards_routing_capture(
+        loaded: LoadedModel) -> None:
+    """The dashboard captures routing on its own thread while a notebook cell runs the same model directly (no
+    lock): the capture keeps only its own run's values."""
+    live = LiveSession(loaded, "def add(a, b):\n    return a + b\n")
+    want = live._capture_routing(Controls())
+    other = torch.tensor([[3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19]])
+    stop = threading.Event()
+
+    def notebook_cell() -> None:
+        while not stop.is_set():
+            loaded.model(other)
+
+    cell = threading.Thread(target=notebook_cell)
+    cell.start()
+    try:
+        got = [live._capture_routing(Controls()) for _ in range(15)]
+    finally:
+        stop.set()
+        cell.join(60)
+    for ds in got:
+        np.testing.assert_array_equal(ds.expert_ids.values, want.expert_ids.values)

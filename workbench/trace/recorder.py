@@ -32,6 +32,7 @@ from torch import nn
 
 from workbench.model.transformer import DeepSeekModel
 from workbench.probes import ProbeRegistry
+from workbench.run_lock import model_lock
 from workbench.trace.schema import (
     ALWAYS,
     BY_NAME,
@@ -186,7 +187,8 @@ class Trace:
         if any(len(v) != B for v in self._meta.values() if v is not None):
             raise ValueError(f"lengths/seq/doc must each have {B} entries, one per window")
         try:
-            self.model(input_ids)
+            with model_lock(self.model):  # one run of a shared model at a time (see workbench.run_lock)
+                self.model(input_ids)
         finally:
             self._meta = None
         assert self.last is not None
