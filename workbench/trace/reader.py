@@ -29,9 +29,8 @@ from workbench.trace.schema import (
     VOCAB_TEXT,
     Layout,
     build_dataset,
-    check_version,
 )
-from workbench.trace.zarr_io import TraceStoreError, array_of, check_attrs, open_group
+from workbench.trace.zarr_io import TraceStoreError, array_of, open_store
 
 _AXES = (LAYER, LAYER_ALL, SITE)
 
@@ -43,10 +42,7 @@ def open_trace(path: str | Path) -> xr.Dataset:
     Variables of a newer minor version are kept as they are; optional ones a store lacks are simply absent.
     """
     path = Path(path)
-    group = open_group(path, mode="r")
-    attrs: dict[str, Any] = dict(group.attrs)
-    check_attrs(path, attrs)
-    check_version(str(attrs["schema_version"]), path)
+    group, attrs = open_store(path, mode="r")
     try:
         layout = Layout.from_json(json.loads(attrs["layout"]))
         progress = np.asarray(array_of(group, PROGRESS)[:])  # [writers, fields]
@@ -96,11 +92,8 @@ def migrate_store(path: str | Path, vocab: Sequence[str] | None = None) -> str:
     appended later need; without it they read "". Safe to interrupt: the table is written first, the version
     bumped next, the per-token array removed last, and a 1.1 store that still holds `text` reads the same."""
     path = Path(path)
-    group = open_group(path, mode="r+")
-    attrs: dict[str, Any] = dict(group.attrs)
-    check_attrs(path, attrs)
+    group, attrs = open_store(path, mode="r+")
     version = str(attrs["schema_version"])
-    check_version(version, path)
     if version not in STORED_TEXT_VERSIONS:
         return version
     ds = open_trace(path)

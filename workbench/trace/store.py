@@ -52,14 +52,12 @@ from workbench.trace.schema import (
     WRITER,
     Layout,
     SchemaError,
-    check_version,
 )
 from workbench.trace.zarr_io import (
     TraceStoreError,
     array_of,
-    check_attrs,
     chunk_blocks,
-    open_group,
+    open_store,
     remove_partials,
     run_async,
     zstd_codec,
@@ -152,11 +150,8 @@ class TraceStore:
                         flush_tokens: int | None = None) -> TraceStore:
         """Reopen a store to continue it; refuses one written for another model, checkpoint, schema or layout."""
         path = Path(path)
-        group = open_group(path, mode="r+")
-        found: dict[str, Any] = dict(group.attrs)
-        check_attrs(path, found)
+        group, found = open_store(path, mode="r+")
         version = str(found["schema_version"])
-        check_version(version, path)
         if version in STORED_TEXT_VERSIONS:
             raise TraceStoreError(f"{path} is a schema {version} store (per-token text); run "
                                   f"`workbench.trace.migrate_store({str(path)!r})` once to make it {SCHEMA_VERSION}, "

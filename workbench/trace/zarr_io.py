@@ -14,7 +14,7 @@ import numpy as np
 import zarr
 from zarr.core.sync import sync
 
-from workbench.trace.schema import SchemaError
+from workbench.trace.schema import SchemaError, check_version
 
 
 class TraceStoreError(SchemaError):
@@ -28,22 +28,23 @@ def array_of(group: zarr.Group, name: str) -> zarr.Array:
     return arr
 
 
-def open_group(path: Path, mode: str) -> zarr.Group:
+def open_store(path: Path, mode: str) -> tuple[zarr.Group, dict[str, Any]]:
+    """A trace store's group and attrs, once it is known to be a readable, fully created store of a schema this
+    version reads; every reader and writer opens stores through here, so each refusal reads the same."""
     if not path.exists():
         raise FileNotFoundError(f"no trace store at {path}")
     try:
         group = zarr.open_group(path, mode=mode, zarr_format=3)  # type: ignore[arg-type]
     except Exception as e:  # zarr raises a zoo of types for a missing or garbled zarr.json
         raise TraceStoreError(f"{path} is not a readable zarr v3 trace store ({type(e).__name__}: {e})") from None
-    return group
-
-
-def check_attrs(path: Path, attrs: dict[str, Any]) -> None:
+    attrs: dict[str, Any] = dict(group.attrs)
     needed = ("schema_version", "layout", "writers", "region_tokens", "chunk_tokens", "model_config")
     missing = [k for k in needed if k not in attrs]
     if missing:
         raise TraceStoreError(f"{path} is not a complete trace store (attrs {missing} missing); it was probably "
                               "killed while being created, delete it and start again")
+    check_version(str(attrs["schema_version"]), path)
+    return group, attrs
 
 
 def remove_partials(path: Path) -> None:
