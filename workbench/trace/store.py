@@ -96,7 +96,8 @@ class TraceStore:
         self._sync_writes = False  # True: write array by array (the reference path for tests)
         self._pool: ThreadPoolExecutor | None = None  # chunk encoders/writers, kept for the store's life
         self._made_dirs: set[Path] = set()
-        self._progress_codec = zstd_codec(self.progress)  # None: commits go through zarr
+        # the direct path's codec per array (None: written through zarr); fixed when the store was created
+        self._codecs: dict[str, Any] = {n: zstd_codec(a) for n, a in (*self.arrays.items(), (PROGRESS, self.progress))}
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -227,8 +228,8 @@ class TraceStore:
             for name, a in data.items():
                 self._write(name, start, end, a)
             return
-        direct = {n: a for n, a in data.items() if zstd_codec(self.arrays[n]) is not None}
-        blocks = [b for n, a in direct.items() for b in chunk_blocks(self.arrays[n], n, start, a)]
+        direct = {n: a for n, a in data.items() if self._codecs[n] is not None}
+        blocks = [b for n, a in direct.items() for b in chunk_blocks(self.arrays[n], n, self._codecs[n], start, a)]
         if self._pool is None:  # zstd releases the GIL: chunks compress in parallel too
             self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="trace-store")
         futures = [self._pool.submit(self._encode_and_put, key, codec, block) for key, codec, block in blocks]
@@ -275,10 +276,11 @@ class TraceStore:
         """This writer's progress row, which is one whole chunk of `progress`: written directly (one small file,
         atomically renamed) when the store has the default codecs, else through zarr."""
         row = np.array([[tokens, seqs, int(done)]], dtype=np.int64)
-        if self._sync_writes or self._progress_codec is None:
+        codec = self._codecs[PROGRESS]
+        if self._sync_writes or codec is None:
             self.progress[self.writer] = row[0]
             return
-        [(key, codec, block)] = chunk_blocks(self.progress, PROGRESS, self.writer, row)
+        [(key, _, block)] = chunk_blocks(self.progress, PROGRESS, codec, self.writer, row)
         self._put(key, codec.encode(block))
 
     def _ensure_capacity(self, end: int) -> None:
@@ -297,7 +299,7 @@ class TraceStore:
         """Every token array to `rows` rows. Shrinking drops the chunks past the end: for arrays with the default
         chunk keys by removing whole `name/c/<i>` folders (zarr's own resize asks the store about every chunk
         index of the old shape, ~0.1 s for a 64-chunk capacity), else through zarr."""
-        direct = {n for n, a in self.arrays.items() if zstd_codec(a) is not None}
+        direct = {n for n in self.arrays if self._codecs[n] is not None}
 
         async def resize_all() -> None:
             await asyncio.gather(*(a.async_array.resize((rows, *a.shape[1:]), delete_outside_chunks=n not in direct)

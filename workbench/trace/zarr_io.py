@@ -76,11 +76,11 @@ def zstd_codec(arr: zarr.Array) -> Any:
     return numcodecs.Zstd(level=compressor.level, checksum=compressor.checksum)
 
 
-def chunk_blocks(arr: zarr.Array, name: str, start: int, data: np.ndarray) -> list[tuple[str, Any, np.ndarray]]:
+def chunk_blocks(arr: zarr.Array, name: str, codec: Any, start: int, data: np.ndarray
+                 ) -> list[tuple[str, Any, np.ndarray]]:
     """Rows start.. of `arr` as (store key, codec, contiguous little-endian chunk) for every chunk they cover;
-    `start` is a chunk boundary. Stored chunks always have the full chunk shape: a partial one is padded with the
-    fill value, as zarr does. Encoding is left to the caller's worker threads."""
-    codec = zstd_codec(arr)
+    `codec` is `zstd_codec(arr)` and `start` a chunk boundary. Stored chunks always have the full chunk shape: a
+    partial one is padded with the fill value, as zarr does. Encoding is left to the caller's worker threads."""
     chunks = arr.chunks
     fill = arr.metadata.fill_value
     dtype = np.dtype(arr.dtype).newbyteorder("<")
