@@ -3,11 +3,15 @@
 Names follow TransformerLens (`blocks.{L}.mlp.hook_expert_indices`, `blocks.{L}.attn.hook_kv_latent`, ...) so
 traces line up with tools people already use. A listener receives `(site_name, value)` and may return a tensor
 to replace the value (that is how interventions and routing replay enter the model); returning None observes.
+`listen(..., own_thread=True)` hears only the forward calls of the thread that attached it: the model is shared (a
+dashboard's debounced run, another session, a notebook cell each run on their own thread), and the recorder and the
+sessions must not collect another run's values. Without it a listener hears every thread.
 Not an `nn.Module`: a module call costs microseconds of hook dispatch even when empty, a plain object does not.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -21,12 +25,20 @@ class ProbeSite:
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.listeners: list[Listener] = []
+        self.listeners: list[tuple[Listener, int | None]] = []  # (listener, its thread; None: every thread)
+
+    def listened(self) -> bool:
+        """Whether a listener would hear the calling thread (worth computing a value only listeners read)."""
+        me = threading.get_ident()
+        return any(owner is None or owner == me for _, owner in self.listeners)
 
     def __call__(self, value: torch.Tensor) -> torch.Tensor:
         if not self.listeners:
             return value
-        for listener in list(self.listeners):
+        me = threading.get_ident()
+        for listener, owner in list(self.listeners):
+            if owner is not None and owner != me:
+                continue
             replaced = listener(self.name, value)
             if replaced is not None:
                 if not isinstance(replaced, torch.Tensor):
@@ -75,13 +87,16 @@ class ProbeRegistry:
         return out
 
     @contextmanager
-    def listen(self, names: list[str] | tuple[str, ...], listener: Listener) -> Iterator[None]:
-        """Attach `listener` to the named sites for the duration of the block; always detaches."""
+    def listen(self, names: list[str] | tuple[str, ...], listener: Listener, *,
+               own_thread: bool = False) -> Iterator[None]:
+        """Attach `listener` to the named sites for the duration of the block (always detaches); with `own_thread`
+        it hears only the forward calls of the thread that attached it."""
         resolved = self.resolve(names)
+        entry = (listener, threading.get_ident() if own_thread else None)
         for n in resolved:
-            self.sites[n].listeners.append(listener)
+            self.sites[n].listeners.append(entry)
         try:
             yield
         finally:
             for n in resolved:
-                self.sites[n].listeners.remove(listener)
+                self.sites[n].listeners.remove(entry)

@@ -213,7 +213,8 @@ class Session:
         names = [f"blocks.{layer}.mlp.hook_expert_indices" for layer in self.config.moe_layers if layer >= start]
         if latents is not None:
             names += [f"blocks.{layer}.attn.hook_kv_latent" for layer in range(self.config.num_hidden_layers)]
-        with model.probes.listen(names, _Collector(expert_ids, latents).listener) if names else nullcontext():
+        collect = _Collector(expert_ids, latents).listener
+        with model.probes.listen(names, collect, own_thread=True) if names else nullcontext():
             logits = model.forward_from(start, x, cache=cache, mode=self.mode, controls=resolved, residuals=residuals)
         continuation = self._continue(logits[0, -1], cache, resolved)
         return _State(controls, resolved, kept_residuals + tuple(residuals), expert_ids, logits[0], cache,
@@ -239,7 +240,7 @@ class Session:
     @torch.no_grad()
     def _capture_latents(self, ids: torch.Tensor, latents: dict[int, torch.Tensor]) -> None:
         names = [f"blocks.{layer}.attn.hook_kv_latent" for layer in range(self.config.num_hidden_layers)]
-        with self.model.probes.listen(names, _Collector({}, latents).listener):
+        with self.model.probes.listen(names, _Collector({}, latents).listener, own_thread=True):
             self.model(ids, mode=self.mode)
 
     # ------------------------------------------------------------------ reporting
@@ -285,15 +286,12 @@ class Session:
 
 
 class _Collector:
-    """Probe listener that records expert ids / latents of the thread that created it (other threads pass through)."""
+    """Probe listener that records expert ids / latents; attached with own_thread, so other threads' runs pass."""
 
     def __init__(self, expert_ids: dict[int, torch.Tensor], latents: dict[int, torch.Tensor] | None) -> None:
         self.expert_ids, self.latents = expert_ids, latents
-        self.thread = threading.get_ident()
 
     def listener(self, name: str, value: torch.Tensor) -> None:
-        if threading.get_ident() != self.thread:
-            return
         layer = int(name.split(".")[1])
         if name.endswith("hook_expert_indices"):
             self.expert_ids[layer] = value.detach()  # [S, k]

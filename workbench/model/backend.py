@@ -119,7 +119,7 @@ def run_experts(experts: Experts, x: torch.Tensor, ids: torch.Tensor, weights: t
         y = experts_forward(x, ids, weights, _dequant_stacked(qg, sg), _dequant_stacked(qu, su),
                             _dequant_stacked(qd, sd), act_qdq=partial(act_qdq, f=f))
     site = experts.hook_fp8_rel_error
-    if site is not None and site.listeners:
+    if site is not None and site.listened():
         wg, wu, wd = (w.to(x.dtype) for w in experts_dense_weights(experts))
         site(rel_error(y, experts_forward(x, ids, weights, wg, wu, wd)))  # [T]
     return y

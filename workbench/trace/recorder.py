@@ -162,7 +162,7 @@ class Trace:
         self._thread = threading.get_ident()
         names = list(self.selection.routes)
         if names:
-            self._listen = self.model.probes.listen(names, self._on_site)
+            self._listen = self.model.probes.listen(names, self._on_site, own_thread=True)
             self._listen.__enter__()
         self._handles = [self.model.register_forward_pre_hook(self._pre, with_kwargs=True),
                          self.model.register_forward_hook(self._post, with_kwargs=True)]
@@ -194,9 +194,8 @@ class Trace:
         assert self.last is not None
         return self.last
 
-    def _on_site(self, name: str, value: torch.Tensor) -> None:
-        if threading.get_ident() == self._thread:
-            self._pending[name] = value.detach()
+    def _on_site(self, name: str, value: torch.Tensor) -> None:  # listening with own_thread: this thread's runs
+        self._pending[name] = value.detach()
 
     def _pre(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if threading.get_ident() != self._thread:

@@ -181,13 +181,8 @@ class LiveSession:
         names = [f"blocks.{layer}.mlp.hook_expert_{what}" for layer in cfg.moe_layers for what in ("indices", "weights")]
         resolved = controls.resolve(cfg, svd_bases=self.session.svd_bases, dtype=next(self.model.parameters()).dtype,
                                     device=self.input_ids.device)
-        me = threading.get_ident()  # a run of the same model on another thread (a notebook cell) is not ours
-
-        def keep(name: str, value: torch.Tensor) -> None:
-            if threading.get_ident() == me:
-                got[name] = value.detach().cpu()
-
-        with self.lock, self.model.probes.listen(names, keep):
+        with self.lock, self.model.probes.listen(names, lambda name, v: got.__setitem__(name, v.detach().cpu()),
+                                                 own_thread=True):
             self.model(self.input_ids, controls=resolved)
         S = self.input_ids.shape[1]
         k = max(got[f"blocks.{layer}.mlp.hook_expert_indices"].shape[-1] for layer in cfg.moe_layers)
