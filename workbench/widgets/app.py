@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import html
 import math
-import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -170,9 +169,9 @@ def serve(model: str = "default", trace: str | None = None, prompt: str | None =
     if not 0 <= port < 65536:
         raise ValueError(f"port {port} is not a TCP port")
     if port == 0:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = int(s.getsockname()[1])
+        from workbench.demo import free_port
+
+        port = free_port()
     pn.extension()
     loaded = resolve_model(model)
     ds = load_trace(trace) if trace is not None else None
