@@ -27,8 +27,8 @@ CONFIG = dict(vocab_size=4096, hidden_size=256, intermediate_size=512, moe_inter
 
 def bench_paths(repeats: int) -> None:
     """Fast path vs reference path (medians of each) on the bundled model's shapes (4 x 256 tokens)."""
-    from workbench.model.mla import attend
-    from workbench.model.moe import experts_forward
+    from workbench.model.attention import attend
+    from workbench.model.experts import experts_forward
 
     g = torch.Generator().manual_seed(0)
     T, H, I, E, k = 1024, 128, 64, 16, 4

@@ -49,11 +49,15 @@ def _table(title: str, header: list[str], rows: list[list[str]]) -> None:
 
 def run_cpu() -> None:
     """References on small shapes: what the torch backend costs here; the kernels' figures need a GPU."""
-    from workbench_kernels.fp8_gemm import fp8_gemm_ref
-    from workbench_kernels.fp8_quant import act_quant_ref, weight_dequant_ref, weight_quant_ref
-    from workbench_kernels.fused_moe import fused_moe_ref
-    from workbench_kernels.mla_decode import mla_decode_ref
-    from workbench_kernels.moe_gate import moe_gate_ref
+    from workbench_kernels.reference import (
+        act_quant_ref,
+        fp8_gemm_ref,
+        fused_moe_ref,
+        mla_decode_ref,
+        moe_gate_ref,
+        weight_dequant_ref,
+        weight_quant_ref,
+    )
 
     torch.manual_seed(0)
     x = torch.randn(256, 2048, dtype=torch.bfloat16)

@@ -360,7 +360,8 @@ def test_fp8_save_has_deepseek_v3_names_shapes_and_dtypes(tmp_path, config):
 def test_v3_sized_fp8_names_and_scale_grids_match_the_published_index():
     """DeepSeek-V3's real shapes on the meta device (no memory): the names and grids its published FP8 index
     lists, e.g. kv_a_proj_with_mqa 576 x 7168 with a 5 x 56 scale grid (a partial last row block)."""
-    from workbench.model.fp8 import FP8Format, install_fp8_weights
+    from workbench.model.fp8 import install_fp8_weights
+    from workbench.model.quant import FP8Format
 
     cfg = dataclasses.replace(PRESETS["deepseek-v3"], num_hidden_layers=4)  # layers 0-2 dense, 3 MoE, as in V3
     model = build_meta(cfg)
@@ -461,7 +462,7 @@ def test_fp8_save_with_a_dtype_converts_only_the_high_precision_tensors(tmp_path
 
 @torch.no_grad()
 def test_ue8m0_scales_keep_their_format(tmp_path):
-    from workbench.model.fp8 import FP8Linear
+    from workbench.model.fp8_linear import FP8Linear
 
     source = _write_fp8_source(DeepSeekModel.random(PRESETS["tiny"], seed=6), tmp_path / "source", ue8m0=True)
     kept = load_checkpoint(source, keep_fp8=True)
@@ -495,7 +496,7 @@ def test_fp8_save_refuses_a_scale_off_its_grid_and_writes_nothing(tmp_path, part
 
 
 def test_fp8_save_refuses_what_one_quantization_config_cannot_describe(tmp_path, partial_source):
-    from workbench.model.fp8 import FP8Format
+    from workbench.model.quant import FP8Format
 
     kept = load_checkpoint(partial_source, keep_fp8=True)
     linear = kept.layers[0].self_attn.q_b_proj

@@ -162,7 +162,8 @@ def _fp8_copy(loaded, **enable):
     ({"all": ["o_proj", "shared_experts"]}, [{"sites": ["o_proj", "shared_experts"]}]),
 ])
 def test_fp8_controls_equal_enable_fp8_on_a_copy_and_leave_the_shared_model_alone(session, loaded, fp8, calls):
-    from workbench.model.fp8 import FP8Linear, fp8_sites
+    from workbench.model.fp8 import fp8_sites
+    from workbench.model.fp8_linear import FP8Linear
 
     before = loaded.model(session.input_ids)
     r = session.apply(Controls(fp8=fp8))
@@ -189,7 +190,7 @@ def test_fp8_controls_switch_off_sites_of_a_model_in_fp8(loaded):
 
 def test_fp8_control_runs_are_private_to_their_thread(session, loaded):
     """While a thread runs under FP8 controls, a plain forward in another thread sees high precision."""
-    from workbench.model.fp8 import RUN_SITES
+    from workbench.model.dispatch import FP8_RUN_SITES as RUN_SITES
 
     plain = loaded.model(session.input_ids)
     seen = {}
@@ -198,7 +199,7 @@ def test_fp8_control_runs_are_private_to_their_thread(session, loaded):
         seen["sites"] = RUN_SITES.get()
         seen["logits"] = loaded.model(session.input_ids)
 
-    from workbench.model.fp8 import run_fp8_sites
+    from workbench.model.dispatch import run_fp8_sites
 
     with run_fp8_sites(frozenset({"experts", "o_proj"})):
         t = threading.Thread(target=other)

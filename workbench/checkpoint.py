@@ -31,8 +31,13 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from workbench.config import ConfigError, ModelConfig
+from workbench.model.experts import Experts
+from workbench.model.families import family_for
+from workbench.model.fp8 import install_fp8_weights
+from workbench.model.fp8_linear import FP8Linear
+from workbench.model.quant import FP8Format
 from workbench.model.transformer import DeepSeekModel
-from workbench_kernels.fp8_quant import weight_dequant_ref
+from workbench_kernels.reference import weight_dequant_ref
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -87,6 +92,10 @@ class CheckpointReader:
                 config = ModelConfig.from_json(root / "config.json")
             except ConfigError as e:
                 raise CheckpointError(str(e)) from None
+        try:
+            family_for(config.model_type)  # the family that will build the model; refused here, before any read
+        except ConfigError as e:
+            raise CheckpointError(f"{root / 'config.json'}: {e}") from None
         files: list[Path]
         if path.is_file():
             files = [path]
@@ -280,8 +289,6 @@ def load_checkpoint(path: str | Path, *, dtype: torch.dtype = torch.float32, con
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     if fp8_values:
-        from workbench.model.fp8 import FP8Format, install_fp8_weights  # needs Triton's kernel package
-
         quant = dict(cfg.hf_extra).get("quantization_config") or {}
         fmt = "e5m2" if next(iter(fp8_values.values()))[0].dtype == torch.float8_e5m2 else "e4m3"
         install_fp8_weights(model, fp8_values, FP8Format(fmt, quant.get("scale_fmt") == "ue8m0"))
@@ -374,9 +381,6 @@ def _check_fp8_pairs(tensors: dict[str, torch.Tensor]) -> torch.dtype | None:
 
 def _scales_are_ue8m0(model: DeepSeekModel) -> bool:
     """Whether the model's FP8 weights were kept with power-of-two scales (V3.1's `scale_fmt: ue8m0`)."""
-    from workbench.model.fp8 import FP8Linear  # only reached for models that hold FP8 weights
-    from workbench.model.moe import Experts
-
     formats = {m.fmt.ue8m0 for m in model.modules() if isinstance(m, FP8Linear) and m.weight_scale_inv is not None}
     formats |= {m.fp8.ue8m0 for m in model.modules()
                 if isinstance(m, Experts) and m.gate_proj_scale_inv is not None and m.fp8 is not None}

@@ -6,6 +6,9 @@
   benchmarks that need a model whose shape is fixed and that costs nothing to build.
 - A directory (or a safetensors file): an HF checkpoint, with its `tokenizer.json` when there is one.
 A bundled asset that is missing or unreadable raises an error naming the file, never a silently random model.
+
+`device` puts the model on "cpu", "cuda" (or "cuda:N"), "mps", or "auto" (CUDA where available, else Apple's MPS,
+else the CPU). The torch path runs on any of them; a device this machine does not have is refused by name.
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from workbench.config import PRESETS, ModelConfig
+from workbench.checkpoint import CheckpointError, checkpoint_digest, load_checkpoint
+from workbench.config import PRESETS, ConfigError, ModelConfig
 from workbench.model.transformer import DeepSeekModel
 from workbench.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, TokenizerError
 
@@ -37,7 +41,40 @@ class LoadedModel:
     digest: str  # identifies the weights (sha256 of config.json + safetensors headers, or "random:<preset>:<seed>")
 
 
-def load_model(name_or_path: str | Path = "default", *, dtype: torch.dtype = torch.float32) -> LoadedModel:
+def load_model(name_or_path: str | Path = "default", *, dtype: torch.dtype = torch.float32,
+               device: str | torch.device = "cpu") -> LoadedModel:
+    """The model and tokenizer called `name_or_path` ("default", "tiny-random" or a checkpoint path), in `dtype`
+    on `device`."""
+    target = resolve_device(device)
+    loaded = _load(name_or_path, dtype)
+    if target.type != "cpu":
+        loaded.model.to(target)
+    return loaded
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """A torch device this machine has: "auto" is CUDA, else MPS, else CPU; ValueError for one it lacks."""
+    if str(device) == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
+    try:
+        target = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device {device!r} is not a torch device ({e}); use 'cpu', 'cuda', 'mps' or 'auto'") from None
+    if target.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: torch.cuda.is_available() is False on this machine; use 'cpu' or 'auto'")
+    if target.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise ValueError(f"device {device!r}: MPS (Apple GPU) is not available on this machine; use 'cpu' or 'auto'")
+    if target.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device {device!r}: the workbench runs on 'cpu', 'cuda' or 'mps'")
+    return target
+
+
+def _load(name_or_path: str | Path, dtype: torch.dtype) -> LoadedModel:
     name = str(name_or_path)
     if name == "default":
         return _load_bundled(DEFAULT_MODEL_DIR, name, dtype)
@@ -67,9 +104,6 @@ def _load_bundled(directory: Path, name: str, dtype: torch.dtype) -> LoadedModel
         if not (directory / fname).is_file():
             raise BundledModelError(f"bundled model {name!r}: {directory / fname} is missing; the package install "
                                     "is incomplete (reinstall it, or retrain with `python -m workbench.training --out DIR`)")
-    from workbench.checkpoint import CheckpointError
-    from workbench.config import ConfigError
-
     try:
         return _load_checkpoint(directory, name, dtype)
     except (CheckpointError, ConfigError, TokenizerError) as e:
@@ -77,8 +111,6 @@ def _load_bundled(directory: Path, name: str, dtype: torch.dtype) -> LoadedModel
 
 
 def _load_checkpoint(path: Path, name: str, dtype: torch.dtype) -> LoadedModel:
-    from workbench.checkpoint import checkpoint_digest, load_checkpoint
-
     model = load_checkpoint(path, dtype=dtype)
     tok_file = (path if path.is_dir() else path.parent) / "tokenizer.json"
     tokenizer: Tokenizer = ByteTokenizer()

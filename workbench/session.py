@@ -29,9 +29,11 @@ import torch
 import torch.nn.functional as F
 
 from workbench.controls import ControlError, Controls, svd_basis
+from workbench.model.block import Block, LayerControls
 from workbench.model.cache import LatentKVCache
+from workbench.model.fp8_linear import FP8Linear
 from workbench.model.mla import AttnMode
-from workbench.model.transformer import Block, DeepSeekModel, LayerControls
+from workbench.model.transformer import DeepSeekModel
 from workbench.run_lock import model_lock
 from workbench.tokenizer import Tokenizer
 
@@ -182,8 +184,6 @@ class Session:
         resolved = controls.resolve(self.config, svd_bases=self.svd_bases, dtype=self._param.dtype,
                                     device=self._param.device)
         if self.mode == "absorb" and any(lc.fp8_sites is not None for lc in resolved.values()):
-            from workbench.model.fp8 import FP8Linear  # absorbed attention multiplies by kv_b_proj's weight directly
-
             for layer, lc in resolved.items():
                 block = cast("Block", self.model.layers[layer])
                 in_fp8 = isinstance(block.self_attn.kv_b_proj, FP8Linear)

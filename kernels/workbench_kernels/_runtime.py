@@ -1,4 +1,5 @@
-"""When a Triton kernel can be launched, and the errors a launcher raises when it cannot.
+"""When a Triton kernel can be launched, the errors a launcher raises when it cannot, and the dtype checks that
+launchers and references share. Imports torch only (Triton inside `check_launchable`, which only launchers call).
 
 Triton runs a kernel either compiled for a CUDA device or, with `TRITON_INTERPRET=1`, in its numpy interpreter.
 The interpreter is chosen when `@triton.jit` runs, i.e. when a kernel module is imported, so a launcher checks
@@ -10,11 +11,10 @@ from __future__ import annotations
 import os
 
 import torch
-from triton.runtime.interpreter import InterpretedFunction
 
 
 class KernelUnavailableError(RuntimeError):
-    """Triton cannot run this kernel here (no CUDA device and no interpreter)."""
+    """Triton cannot run this kernel here: Triton is not installed, or there is no CUDA device and no interpreter."""
 
 
 def interpreter_requested() -> bool:
@@ -28,6 +28,8 @@ def check_launchable(kernel: object, *tensors: torch.Tensor) -> None:
     if len(devices) != 1:
         raise ValueError(f"all tensors must be on one device, got {sorted(str(d) for d in devices)}")
     device = devices.pop()
+    from triton.runtime.interpreter import InterpretedFunction  # only launchers call this; they imported Triton
+
     interpreted = isinstance(kernel, InterpretedFunction)
     name = getattr(kernel, "__name__", None) or getattr(getattr(kernel, "fn", None), "__name__", "kernel")
     if device.type == "cuda":

@@ -12,10 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._runtime import ACT_DTYPES, FP8_MAX, cdiv, check_dtype, check_launchable
-from .fp8_quant import act_dequant_ref, weight_dequant_ref
-
-QUANT_BLOCK = 128  # the scale block of both operands, and the K step of the kernel
+from ._runtime import ACT_DTYPES, cdiv, check_dtype, check_launchable
+from .reference import QUANT_BLOCK, check_gemm_operands
 
 # M = tokens, N = output features, K = input features
 
@@ -44,24 +42,6 @@ def fp8_gemm_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, y_ptr, M, N, K,
              mask=mask_m[:, None] & mask_n[None, :])
 
 
-def _check_operands(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor) -> None:
-    fp8 = tuple(FP8_MAX)
-    check_dtype("xq", xq, fp8)
-    check_dtype("wq", wq, fp8)
-    check_dtype("xs", xs, (torch.float32,))
-    check_dtype("ws", ws, (torch.float32,))
-    if wq.dim() != 2 or xq.dim() < 1 or xq.shape[-1] != wq.shape[1]:
-        raise ValueError(f"need xq [..., K] and wq [N, K], got {tuple(xq.shape)} and {tuple(wq.shape)}")
-    N, K = wq.shape
-    nk = cdiv(K, QUANT_BLOCK)
-    if tuple(xs.shape) != (*xq.shape[:-1], nk):
-        raise ValueError(f"xs must be {(*xq.shape[:-1], nk)} (one scale per token per {QUANT_BLOCK}), "
-                         f"got {tuple(xs.shape)}")
-    if tuple(ws.shape) != (cdiv(N, QUANT_BLOCK), nk):
-        raise ValueError(f"ws must be {(cdiv(N, QUANT_BLOCK), nk)} (one scale per {QUANT_BLOCK}x{QUANT_BLOCK} "
-                         f"block), got {tuple(ws.shape)}")
-
-
 def fp8_gemm(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor,
              out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """y = dequant(xq, xs) @ dequant(wq, ws)^T with fp32 accumulation.
@@ -76,7 +56,7 @@ def fp8_gemm(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.Ten
     Returns:
         y: [..., N].
     """
-    _check_operands(xq, xs, wq, ws)
+    check_gemm_operands(xq, xs, wq, ws)
     check_dtype("out", torch.empty(0, dtype=out_dtype), ACT_DTYPES)
     check_launchable(fp8_gemm_kernel, xq, xs, wq, ws)
     N, K = wq.shape
@@ -91,12 +71,3 @@ def fp8_gemm(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.Ten
         fp8_gemm_kernel[grid](x2, s2, wq.contiguous(), ws.contiguous(), y, M, N, K,
                               BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=QUANT_BLOCK)
     return y.view(*xq.shape[:-1], N)
-
-
-def fp8_gemm_ref(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor,
-                 out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """DeepSeek's reference for block FP8: dequantize both operands to fp32, then matmul."""
-    _check_operands(xq, xs, wq, ws)
-    x = act_dequant_ref(xq, xs, QUANT_BLOCK)  # [..., K]
-    w = weight_dequant_ref(wq, ws, QUANT_BLOCK)  # [N, K]
-    return (x @ w.T).to(out_dtype)

@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from ._runtime import ACT_DTYPES, FP8_MAX, cdiv, check_dtype, check_launchable, fp8_dtype
+from .reference import check_block, check_scale_grid
 
 # M = rows (tokens), K = columns (hidden), N = weight rows; b = block (128)
 
@@ -81,11 +82,6 @@ def weight_dequant_kernel(q_ptr, s_ptr, w_ptr, N, K, BLOCK: tl.constexpr):
     tl.store(w_ptr + offs, (q * s).to(w_ptr.dtype.element_ty), mask=mask)
 
 
-def _check_block(block: int) -> None:
-    if block < 16 or block & (block - 1):
-        raise ValueError(f"block must be a power of two >= 16, got {block}")
-
-
 def act_quant(x: torch.Tensor, block: int = 128, fmt: str = "e4m3",
               ue8m0: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize the last dim of `x` [..., K] in 1 x `block` tiles.
@@ -95,7 +91,7 @@ def act_quant(x: torch.Tensor, block: int = 128, fmt: str = "e4m3",
         scales: [..., ceil(K / block)] fp32, x ≈ q * scales (broadcast per tile).
     """
     check_dtype("x", x, ACT_DTYPES)
-    _check_block(block)
+    check_block(block)
     qdtype = fp8_dtype(fmt)
     if x.dim() == 0 or x.shape[-1] == 0:
         raise ValueError(f"x must have a non-empty last dim, got shape {tuple(x.shape)}")
@@ -110,21 +106,6 @@ def act_quant(x: torch.Tensor, block: int = 128, fmt: str = "e4m3",
     return q.view(x.shape), s.view(*x.shape[:-1], n_blocks)
 
 
-def act_quant_ref(x: torch.Tensor, block: int = 128, fmt: str = "e4m3",
-                  ue8m0: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain-torch `act_quant`."""
-    qdtype = fp8_dtype(fmt)
-    fmax = FP8_MAX[qdtype]
-    K = x.shape[-1]
-    n_blocks = cdiv(K, block)
-    xf = _pad_last(x.float(), n_blocks * block - K).unflatten(-1, (n_blocks, block))  # [..., nb, b]
-    s = xf.abs().amax(dim=-1).clamp_min(1e-4) / fmax  # [..., nb]
-    if ue8m0:
-        s = pow2_ceil_ref(s)
-    q = (xf / s.unsqueeze(-1)).clamp(-fmax, fmax).to(qdtype)
-    return q.flatten(-2)[..., :K], s
-
-
 def weight_quant(w: torch.Tensor, block: int = 128, fmt: str = "e4m3",
                  ue8m0: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize `w` [N, K] in `block` x `block` blocks.
@@ -134,7 +115,7 @@ def weight_quant(w: torch.Tensor, block: int = 128, fmt: str = "e4m3",
         scale_inv: [ceil(N / block), ceil(K / block)] fp32, w ≈ q * scale_inv (DeepSeek's `weight_scale_inv`).
     """
     check_dtype("w", w, ACT_DTYPES)
-    _check_block(block)
+    check_block(block)
     if w.dim() != 2:
         raise ValueError(f"w must be [N, K], got shape {tuple(w.shape)}")
     qdtype = fp8_dtype(fmt)
@@ -148,43 +129,16 @@ def weight_quant(w: torch.Tensor, block: int = 128, fmt: str = "e4m3",
     return q, s
 
 
-def weight_quant_ref(w: torch.Tensor, block: int = 128, fmt: str = "e4m3",
-                     ue8m0: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain-torch `weight_quant`."""
-    qdtype = fp8_dtype(fmt)
-    fmax = FP8_MAX[qdtype]
-    N, K = w.shape
-    nb_n, nb_k = cdiv(N, block), cdiv(K, block)
-    wf = torch.zeros(nb_n * block, nb_k * block, dtype=torch.float32, device=w.device)
-    wf[:N, :K] = w.float()
-    blocks = wf.view(nb_n, block, nb_k, block)  # [nb_n, b, nb_k, b]
-    s = blocks.abs().amax(dim=(1, 3)).clamp_min(1e-4) / fmax  # [nb_n, nb_k]
-    if ue8m0:
-        s = pow2_ceil_ref(s)
-    q = (blocks / s[:, None, :, None]).clamp(-fmax, fmax).to(qdtype)
-    return q.view(nb_n * block, nb_k * block)[:N, :K].contiguous(), s
-
-
-def _check_scale_grid(w: torch.Tensor, scale_inv: torch.Tensor, block: int | tuple[int, int]) -> None:
-    bn, bk = (block, block) if isinstance(block, int) else block
-    want = (cdiv(w.shape[0], bn), cdiv(w.shape[1], bk))
-    if tuple(scale_inv.shape) != want:
-        raise ValueError(
-            f"scale_inv has shape {tuple(scale_inv.shape)} but a {tuple(w.shape)} weight in {bn}x{bk} "
-            f"blocks needs {want} (ceil of each dim / block)"
-        )
-
-
 def weight_dequant(w_fp8: torch.Tensor, scale_inv: torch.Tensor, block: int = 128,
                    out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """w = w_fp8 * scale_inv per block: [N, K] FP8 and [ceil(N/b), ceil(K/b)] fp32 -> [N, K] `out_dtype`."""
     check_dtype("w_fp8", w_fp8, tuple(FP8_MAX))
     check_dtype("scale_inv", scale_inv, (torch.float32,))
     check_dtype("out", torch.empty(0, dtype=out_dtype), ACT_DTYPES)
-    _check_block(block)
+    check_block(block)
     if w_fp8.dim() != 2:
         raise ValueError(f"w_fp8 must be [N, K], got shape {tuple(w_fp8.shape)}")
-    _check_scale_grid(w_fp8, scale_inv, block)
+    check_scale_grid(w_fp8, scale_inv, block)
     check_launchable(weight_dequant_kernel, w_fp8, scale_inv)
     w_fp8, scale_inv = w_fp8.contiguous(), scale_inv.contiguous()
     N, K = w_fp8.shape
@@ -192,31 +146,3 @@ def weight_dequant(w_fp8: torch.Tensor, scale_inv: torch.Tensor, block: int = 12
     if w.numel():
         weight_dequant_kernel[scale_inv.shape](w_fp8, scale_inv, w, N, K, BLOCK=block)
     return w
-
-
-def weight_dequant_ref(w_fp8: torch.Tensor, scale_inv: torch.Tensor, block: int | tuple[int, int] = 128,
-                       out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Plain-torch `weight_dequant`; handles partial last blocks, and (bn, bk) blocks as checkpoints declare them."""
-    _check_scale_grid(w_fp8, scale_inv, block)
-    N, K = w_fp8.shape
-    bn, bk = (block, block) if isinstance(block, int) else block
-    s = scale_inv.float().repeat_interleave(bn, 0)[:N].repeat_interleave(bk, 1)[:, :K]  # [N, K]
-    return (w_fp8.float() * s).to(out_dtype)
-
-
-def act_dequant_ref(q: torch.Tensor, scales: torch.Tensor, block: int = 128) -> torch.Tensor:
-    """x = q * scales per 1 x `block` tile: [..., K] FP8, [..., ceil(K/b)] -> [..., K] fp32."""
-    K = q.shape[-1]
-    return q.float() * scales.repeat_interleave(block, -1)[..., :K]
-
-
-def pow2_ceil_ref(s: torch.Tensor) -> torch.Tensor:
-    """Smallest power of two >= s (positive normal fp32): the UE8M0 scale of DeepSeek-V3.1."""
-    bits = s.float().contiguous().view(torch.int32)
-    exponent = ((bits >> 23) & 0xFF) + ((bits & 0x7FFFFF) != 0).to(torch.int32)
-    return (exponent << 23).view(torch.float32)
-
-
-def _pad_last(x: torch.Tensor, n: int) -> torch.Tensor:
-    """Pad the last dim of `x` with `n` zeros."""
-    return torch.nn.functional.pad(x, (0, n)) if n else x

@@ -18,16 +18,15 @@ Design choices:
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._runtime import ACT_DTYPES, FP8_MAX, cdiv, check_dtype, check_launchable, check_ndim
-from .fp8_quant import act_dequant_ref, act_quant, act_quant_ref, weight_dequant_ref
+from ._runtime import cdiv, check_launchable
+from .fp8_quant import act_quant
+from .reference import QUANT_BLOCK, check_fused_moe_args
 
 # T = tokens, H = hidden, I = expert intermediate size, E = experts, k = top_k, P = T * k (token, slot) pairs
 
-QUANT_BLOCK = 128
 _TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
@@ -140,39 +139,6 @@ def moe_align(expert_ids: torch.Tensor, n_experts: int, block_m: int) -> tuple[t
     return sorted_pairs, block_expert
 
 
-def _check_args(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
-                expert_ids: torch.Tensor, weights: torch.Tensor, scales: tuple[torch.Tensor | None, ...]) -> bool:
-    """Validate shapes and dtypes; return whether the weights are FP8."""
-    check_dtype("x", x, ACT_DTYPES)
-    check_ndim("x", x, 2, "[T, H]")
-    for name, w in (("w_gate", w_gate), ("w_up", w_up), ("w_down", w_down)):
-        check_ndim(name, w, 3, "[E, out, in]")
-        check_dtype(name, w, (x.dtype, *FP8_MAX))
-    T, H = x.shape
-    E, I = w_gate.shape[:2]
-    if w_gate.shape != (E, I, H) or w_up.shape != (E, I, H) or w_down.shape != (E, H, I):
-        raise ValueError(f"with x [T, H={H}] need w_gate, w_up [E, I, H] and w_down [E, H, I], got "
-                         f"{tuple(w_gate.shape)}, {tuple(w_up.shape)}, {tuple(w_down.shape)}")
-    if len({w_gate.dtype, w_up.dtype, w_down.dtype}) != 1:
-        raise ValueError("w_gate, w_up and w_down must share one dtype")
-    if expert_ids.dim() != 2 or expert_ids.shape[0] != T or weights.shape != expert_ids.shape:
-        raise ValueError(f"expert_ids and weights must both be [T={T}, k], got {tuple(expert_ids.shape)} and "
-                         f"{tuple(weights.shape)}")
-    if expert_ids.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"expert_ids must be int32 or int64, got {expert_ids.dtype}")
-    fp8 = w_gate.dtype in FP8_MAX
-    if fp8:
-        up_grid = (E, cdiv(I, QUANT_BLOCK), cdiv(H, QUANT_BLOCK))
-        want = (up_grid, up_grid, (E, cdiv(H, QUANT_BLOCK), cdiv(I, QUANT_BLOCK)))
-        for name, s, shape in zip(("w_gate_scale", "w_up_scale", "w_down_scale"), scales, want, strict=True):
-            if s is None or tuple(s.shape) != shape or s.dtype != torch.float32:
-                got = None if s is None else (s.dtype, tuple(s.shape))
-                raise ValueError(f"FP8 weights need {name} fp32 {shape} (one per 128x128 block), got {got}")
-    elif any(s is not None for s in scales):
-        raise ValueError("weight scales were given but the weights are not FP8")
-    return fp8
-
-
 def fused_moe(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
               expert_ids: torch.Tensor, weights: torch.Tensor, *, w_gate_scale: torch.Tensor | None = None,
               w_up_scale: torch.Tensor | None = None, w_down_scale: torch.Tensor | None = None,
@@ -189,7 +155,7 @@ def fused_moe(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down:
         y: [T, H] in x's dtype.
     """
     scales = (w_gate_scale, w_up_scale, w_down_scale)
-    fp8 = _check_args(x, w_gate, w_up, w_down, expert_ids, weights, scales)
+    fp8 = check_fused_moe_args(x, w_gate, w_up, w_down, expert_ids, weights, scales)
     check_launchable(moe_gate_up_kernel, x, w_gate, w_up, w_down, expert_ids, weights)
     T, H = x.shape
     E, I = w_gate.shape[:2]
@@ -227,28 +193,3 @@ def fused_moe(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down:
         h, h_scale, w_down.contiguous(), sd, route_w, out, sorted_pairs, block_expert, P, H, I,
         FP8=fp8, PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
     return out.view(T, k, H).sum(dim=1).to(x.dtype)
-
-
-def fused_moe_ref(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
-                  expert_ids: torch.Tensor, weights: torch.Tensor, *, w_gate_scale: torch.Tensor | None = None,
-                  w_up_scale: torch.Tensor | None = None, w_down_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """Loop over experts in plain torch; fp32 math, the intermediate rounded to x's dtype; FP8 as DeepSeek does."""
-    scales = (w_gate_scale, w_up_scale, w_down_scale)
-    fp8 = _check_args(x, w_gate, w_up, w_down, expert_ids, weights, scales)
-    T, H = x.shape
-    out = torch.zeros(T, H, dtype=torch.float32, device=x.device)
-    for e in range(w_gate.shape[0]):
-        tok, slot = torch.where(expert_ids == e)
-        if tok.numel() == 0:
-            continue
-        if fp8:
-            xe = act_dequant_ref(*act_quant_ref(x[tok]))  # [n, H]
-            wg, wu, wd = (weight_dequant_ref(w[e], s[e]) for w, s in zip((w_gate, w_up, w_down), scales, strict=True)
-                          if s is not None)
-        else:
-            xe = x[tok].float()
-            wg, wu, wd = w_gate[e].float(), w_up[e].float(), w_down[e].float()
-        h = (F.silu(xe @ wg.T) * (xe @ wu.T)).to(x.dtype)  # [n, I]
-        he = act_dequant_ref(*act_quant_ref(h)) if fp8 else h.float()
-        out.index_add_(0, tok, (he @ wd.T) * weights[tok, slot].float()[:, None])
-    return out.to(x.dtype)

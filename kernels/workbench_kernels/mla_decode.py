@@ -18,7 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._runtime import ACT_DTYPES, cdiv, check_dtype, check_launchable, check_ndim
+from ._runtime import cdiv, check_launchable
+from .reference import check_mla_decode_args
 
 # B = sequences, nH = heads, C = latent (kv_lora_rank), R = rope dim, S = cache slots, NS = splits
 
@@ -101,25 +102,6 @@ def mla_decode_merge_kernel(o_part_ptr, lse_part_ptr, out_ptr, lse_ptr, n_heads,
     tl.store(lse_ptr + rows, lse_max + tl.log(w_sum), mask=mask_h)
 
 
-def _check_args(q_latent: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor,
-                lengths: torch.Tensor) -> None:
-    for name, t, legend in (("q_latent", q_latent, "[B, nH, C]"), ("q_pe", q_pe, "[B, nH, R]"),
-                            ("c_kv", c_kv, "[B, S_max, C]"), ("k_pe", k_pe, "[B, S_max, R]")):
-        check_ndim(name, t, 3, legend)
-        check_dtype(name, t, ACT_DTYPES)
-    if len({q_latent.dtype, q_pe.dtype, c_kv.dtype, k_pe.dtype}) != 1:
-        raise ValueError("q_latent, q_pe, c_kv and k_pe must share one dtype")
-    B, nH, C = q_latent.shape
-    S_max, R = c_kv.shape[1], k_pe.shape[2]
-    if q_pe.shape != (B, nH, R) or c_kv.shape != (B, S_max, C) or k_pe.shape != (B, S_max, R):
-        raise ValueError(f"shapes disagree: q_latent {tuple(q_latent.shape)}, q_pe {tuple(q_pe.shape)}, "
-                         f"c_kv {tuple(c_kv.shape)}, k_pe {tuple(k_pe.shape)}")
-    if lengths.shape != (B,) or lengths.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"lengths must be int [B={B}], got {lengths.dtype} {tuple(lengths.shape)}")
-    if B and (int(lengths.min()) < 1 or int(lengths.max()) > S_max):
-        raise ValueError(f"lengths must be in [1, S_max={S_max}], got {lengths.tolist()}")
-
-
 def mla_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor,
                lengths: torch.Tensor, softmax_scale: float, num_splits: int | None = None,
                return_lse: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -136,7 +118,7 @@ def mla_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k
         out: [B, nH, C] in the input dtype (multiply by W_UV, then W_O, outside); with `return_lse`
         also lse: [B, nH] fp32 log-sum-exp of the scores.
     """
-    _check_args(q_latent, q_pe, c_kv, k_pe, lengths)
+    check_mla_decode_args(q_latent, q_pe, c_kv, k_pe, lengths)
     check_launchable(mla_decode_split_kernel, q_latent, q_pe, c_kv, k_pe, lengths)
     B, nH, C = q_latent.shape
     S_max, R = c_kv.shape[1], k_pe.shape[2]
@@ -163,23 +145,4 @@ def mla_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k
     mla_decode_merge_kernel[(B, head_blocks)](
         o_part, lse_part, out, lse, nH, C, num_splits,
         BLOCK_H=block_h, BLOCK_C=block_c, BLOCK_NS=triton.next_power_of_2(num_splits))
-    return (out, lse) if return_lse else out
-
-
-def mla_decode_ref(q_latent: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor,
-                   lengths: torch.Tensor, softmax_scale: float,
-                   return_lse: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Plain-torch `mla_decode` in fp32, one sequence at a time (DeepSeek's absorb-path einsums)."""
-    _check_args(q_latent, q_pe, c_kv, k_pe, lengths)
-    B, nH, C = q_latent.shape
-    out = torch.empty(B, nH, C, dtype=torch.float32, device=q_latent.device)
-    lse = torch.empty(B, nH, dtype=torch.float32, device=q_latent.device)
-    for b in range(B):
-        L = int(lengths[b])
-        kv, kp = c_kv[b, :L].float(), k_pe[b, :L].float()  # [L, C], [L, R]
-        scores = (torch.einsum("hc,sc->hs", q_latent[b].float(), kv)
-                  + torch.einsum("hr,sr->hs", q_pe[b].float(), kp)) * softmax_scale  # [nH, L]
-        lse[b] = torch.logsumexp(scores, dim=-1)
-        out[b] = torch.einsum("hs,sc->hc", scores.softmax(dim=-1), kv)
-    out = out.to(q_latent.dtype)
     return (out, lse) if return_lse else out

@@ -6,28 +6,24 @@ Steps, per token (DeepSeek-V2 and V3 semantics):
    experts are picked, never their weights.
 3. Group limit: experts form `n_group` equal groups; a group's score is its max ("group_limited_greedy", V2) or
    the sum of its top two ("noaux_tc", V3); only the best `topk_group` groups stay, the others are set to -inf.
-4. top_k experts by choice; weights are the unbiased scores of those experts, optionally divided by their sum
-   (+1e-20) when `norm_topk_prob`, then multiplied by `routed_scaling_factor` (V3's order; V2's shipped
-   configs never combine normalisation with a factor != 1, so they read the same).
-Ties go to the lower expert / group index in both the kernel and the reference (the reference uses a stable
-sort instead of `topk`, whose tie order is unspecified), so the two agree exactly on which experts win.
+4. top_k experts by choice; weights are the unbiased scores of those experts, divided by their sum (+1e-20)
+   when `norm_topk_prob` and top_k > 1 (DeepSeek's MoEGate), then multiplied by `routed_scaling_factor`.
+Ties go to the lower expert / group index in both the kernel and its reference `reference.route_ref` (the
+model's own torch routing), so the two agree exactly on which experts win.
 """
 
 from __future__ import annotations
-
-from typing import Literal
 
 import torch
 import triton
 import triton.language as tl
 
-from ._runtime import ACT_DTYPES, cdiv, check_dtype, check_launchable, check_ndim
+from ._runtime import cdiv, check_launchable
+from .reference import TOPK_METHODS, ScoringFunc, TopkMethod, check_gate_args
 
 # T = tokens, E = experts, G = groups, k = top_k
 
-ScoringFunc = Literal["softmax", "sigmoid"]
-TopkMethod = Literal["greedy", "group_limited_greedy", "noaux_tc"]
-_METHODS = {"greedy": 0, "group_limited_greedy": 1, "noaux_tc": 2}
+_METHODS = {name: i for i, name in enumerate(TOPK_METHODS)}  # greedy 0, group_limited_greedy 1, noaux_tc 2
 
 
 @triton.jit
@@ -103,31 +99,6 @@ def moe_gate_kernel(logits_ptr, bias_ptr, ids_ptr, weights_ptr, counts_ptr, T, E
     tl.atomic_add(counts_ptr + offs_e, counts, mask=mask_e)
 
 
-def _check_args(logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, n_group: int, topk_group: int,
-                scoring_func: str, topk_method: str) -> None:
-    check_dtype("logits", logits, ACT_DTYPES)
-    check_ndim("logits", logits, 2, "[T, E]")
-    E = logits.shape[1]
-    if bias is not None and (bias.shape != (E,) or not bias.is_floating_point()):
-        raise ValueError(f"bias must be a float [E={E}] tensor, got {bias.dtype} {tuple(bias.shape)}")
-    if scoring_func not in ("softmax", "sigmoid"):
-        raise ValueError(f"scoring_func must be 'softmax' or 'sigmoid', got {scoring_func!r}")
-    if topk_method not in _METHODS:
-        raise ValueError(f"topk_method must be one of {sorted(_METHODS)}, got {topk_method!r}")
-    if topk_method != "greedy":
-        if n_group < 1 or E % n_group:
-            raise ValueError(f"n_group={n_group} must divide the {E} experts")
-        if not 1 <= topk_group <= n_group:
-            raise ValueError(f"topk_group={topk_group} must be in [1, n_group={n_group}]")
-        if topk_method == "noaux_tc" and E // n_group < 2:
-            raise ValueError("noaux_tc scores a group by its top two experts: groups need >= 2 experts")
-        eligible = topk_group * (E // n_group)
-    else:
-        eligible = E
-    if not 1 <= top_k <= eligible:
-        raise ValueError(f"top_k={top_k} must be in [1, {eligible}] (experts in the kept groups)")
-
-
 def moe_gate(logits: torch.Tensor, bias: torch.Tensor | None = None, *, top_k: int, n_group: int = 1,
              topk_group: int = 1, scoring_func: ScoringFunc = "softmax", topk_method: TopkMethod = "greedy",
              norm_topk_prob: bool = False,
@@ -143,7 +114,7 @@ def moe_gate(logits: torch.Tensor, bias: torch.Tensor | None = None, *, top_k: i
         weights: [T, top_k] fp32.
         counts: [E] int32 tokens routed to each expert.
     """
-    _check_args(logits, bias, top_k, n_group, topk_group, scoring_func, topk_method)
+    check_gate_args(logits, bias, top_k, n_group, topk_group, scoring_func, topk_method)
     tensors = (logits,) if bias is None else (logits, bias)
     check_launchable(moe_gate_kernel, *tensors)
     logits = logits.contiguous()
@@ -161,39 +132,7 @@ def moe_gate(logits: torch.Tensor, bias: torch.Tensor | None = None, *, top_k: i
         float(routed_scaling_factor),
         HAS_BIAS=bias is not None, SIGMOID=scoring_func == "sigmoid", METHOD=_METHODS[topk_method],
         N_GROUP=n_group if grouped else 1, TOPK_GROUP=topk_group if grouped else 1, TOP_K=top_k,
-        NORM=norm_topk_prob, BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=triton.next_power_of_2(top_k),
+        NORM=norm_topk_prob and top_k > 1, BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=triton.next_power_of_2(top_k),
         BLOCK_G=triton.next_power_of_2(n_group if grouped else 1),
     )
-    return ids, weights, counts
-
-
-def _top(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the k largest along the last dim, ties to the lower index."""
-    return torch.sort(x, dim=-1, descending=True, stable=True).indices[..., :k]
-
-
-def moe_gate_ref(logits: torch.Tensor, bias: torch.Tensor | None = None, *, top_k: int, n_group: int = 1,
-                 topk_group: int = 1, scoring_func: ScoringFunc = "softmax", topk_method: TopkMethod = "greedy",
-                 norm_topk_prob: bool = False,
-                 routed_scaling_factor: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Plain-torch `moe_gate`, written like DeepSeek's `MoEGate`."""
-    _check_args(logits, bias, top_k, n_group, topk_group, scoring_func, topk_method)
-    T, E = logits.shape
-    logits = logits.float()
-    scores = logits.sigmoid() if scoring_func == "sigmoid" else logits.softmax(dim=-1)  # [T, E]
-    choice = scores if bias is None else scores + bias.float()
-    if topk_method != "greedy":
-        grouped = choice.view(T, n_group, E // n_group)  # [T, G, E/G]
-        top2_sum = topk_method == "noaux_tc"
-        group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1) if top2_sum else grouped.amax(dim=-1)  # [T, G]
-        kept = torch.zeros(T, n_group, dtype=torch.bool, device=logits.device)
-        kept.scatter_(1, _top(group_scores, topk_group), True)
-        expert_kept = kept.repeat_interleave(E // n_group, dim=1)  # [T, E]
-        choice = choice.masked_fill(~expert_kept, float("-inf"))
-    ids = _top(choice, top_k)  # [T, k]
-    weights = scores.gather(1, ids)
-    if norm_topk_prob:
-        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-    weights = weights * routed_scaling_factor
-    counts = torch.bincount(ids.flatten(), minlength=E).to(torch.int32)
     return ids, weights, counts

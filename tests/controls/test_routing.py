@@ -7,7 +7,7 @@ import torch
 
 from workbench.config import PRESETS
 from workbench.controls import ControlError, Controls, RoutingControl
-from workbench.model.moe import RoutingParams, route
+from workbench.model.routing import RoutingParams, route
 
 TINY = PRESETS["tiny"]  # 3 layers, layer 0 dense, MoE layers 1-2; 16 experts in 4 groups, top-4 from 2 groups; C = 32
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from workbench_kernels.fp8_gemm import fp8_gemm, fp8_gemm_ref
-from workbench_kernels.fp8_quant import act_dequant_ref, act_quant_ref, weight_dequant_ref, weight_quant_ref
+from workbench_kernels.fp8_gemm import fp8_gemm
+from workbench_kernels.reference import act_dequant_ref, act_quant_ref, fp8_gemm_ref, weight_dequant_ref, weight_quant_ref
 
 EPS32 = torch.finfo(torch.float32).eps
 

@@ -11,16 +11,8 @@ import pytest
 import torch
 
 from workbench_kernels._runtime import KernelUnavailableError
-from workbench_kernels.fp8_quant import (
-    act_dequant_ref,
-    act_quant,
-    act_quant_ref,
-    pow2_ceil_ref,
-    weight_dequant,
-    weight_dequant_ref,
-    weight_quant,
-    weight_quant_ref,
-)
+from workbench_kernels.fp8_quant import act_quant, weight_dequant, weight_quant
+from workbench_kernels.reference import act_dequant_ref, act_quant_ref, pow2_ceil_ref, weight_dequant_ref, weight_quant_ref
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:

@@ -14,8 +14,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from workbench_kernels.fp8_quant import weight_quant_ref
-from workbench_kernels.fused_moe import fused_moe, fused_moe_ref, moe_align
+from workbench_kernels.fused_moe import fused_moe, moe_align
+from workbench_kernels.reference import fused_moe_ref, weight_quant_ref
 
 
 def _problem(T, H, I, E, k, dtype, device):

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from workbench_kernels.fp8_gemm import fp8_gemm, fp8_gemm_ref
-from workbench_kernels.fp8_quant import act_quant, act_quant_ref, weight_quant
-from workbench_kernels.mla_decode import mla_decode, mla_decode_ref
+from workbench_kernels.fp8_gemm import fp8_gemm
+from workbench_kernels.fp8_quant import act_quant, weight_quant
+from workbench_kernels.mla_decode import mla_decode
+from workbench_kernels.reference import act_quant_ref, fp8_gemm_ref, mla_decode_ref
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 

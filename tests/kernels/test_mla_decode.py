@@ -11,7 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from workbench_kernels.mla_decode import mla_decode, mla_decode_ref
+from workbench_kernels.mla_decode import mla_decode
+from workbench_kernels.reference import mla_decode_ref
 
 
 def _problem(B, nH, C, R, S_max, lengths, dtype, device):

@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from workbench_kernels.moe_gate import moe_gate, moe_gate_ref
+from workbench_kernels.moe_gate import moe_gate
+from workbench_kernels.reference import moe_gate_ref
 
 CONFIGS = {
     # name: (E, top_k, n_group, topk_group, scoring_func, topk_method, norm, scale, bias)

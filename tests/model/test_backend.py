@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from workbench.config import PRESETS
-from workbench.model.backend import route_triton, set_backend
+from workbench.model.backend import set_backend
 from workbench.model.fp8 import enable_fp8
-from workbench.model.moe import RoutingParams, route
+from workbench.model.routing import Gate, RoutingParams, route
 from workbench.model.transformer import DeepSeekModel
 
 
@@ -54,7 +54,11 @@ def test_gate_kernel_routes_like_route(method):
     logits, bias = torch.randn(40, 16, generator=g), torch.randn(16, generator=g) * 0.1
     p = RoutingParams(4, 4, 2, method, "sigmoid" if method == "noaux_tc" else "softmax", True, 2.5)
     want = route(logits, bias if method == "noaux_tc" else None, p)
-    got = route_triton(logits, bias if method == "noaux_tc" else None, p)
+    gate = Gate(PRESETS["tiny"].replace(n_routed_experts=16, topk_method=method))  # the gate keeps its bias for noaux_tc
+    if method == "noaux_tc":
+        gate.e_score_correction_bias.copy_(bias)
+    gate.backend = "triton"
+    got = gate.select(logits, p)  # the moe_gate kernel
     assert torch.equal(got[1], want[1])
     torch.testing.assert_close(got[0], want[0])
     torch.testing.assert_close(got[2], want[2])
@@ -78,7 +82,7 @@ def test_triton_without_cuda_or_interpreter_raises_a_clear_error():
         "import torch\n"
         "from workbench.config import PRESETS\n"
         "from workbench.model.transformer import DeepSeekModel\n"
-        "from workbench.model.backend import KernelUnavailableError, set_backend\n"
+        "from workbench import KernelUnavailableError, set_backend\n"
         "m = DeepSeekModel.random(PRESETS['tiny'])\n"
         "try:\n    set_backend(m, 'triton')\nexcept KernelUnavailableError as e:\n    print('ERR', e)\n"
     )

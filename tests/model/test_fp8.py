@@ -12,11 +12,11 @@ from torch import nn
 
 from workbench.checkpoint import load_checkpoint, save_checkpoint
 from workbench.config import PRESETS
-from workbench.model.fp8 import FP8Format, FP8Linear, disable_fp8, enable_fp8, fp8_sites
+from workbench.model.fp8 import disable_fp8, enable_fp8, fp8_sites
+from workbench.model.fp8_linear import FP8Linear
+from workbench.model.quant import FP8Format
 from workbench.model.transformer import DeepSeekModel
-from workbench_kernels.fp8_gemm import fp8_gemm_ref
-from workbench_kernels.fp8_quant import act_quant_ref, weight_quant_ref
-from workbench_kernels.fused_moe import fused_moe_ref
+from workbench_kernels.reference import act_quant_ref, fp8_gemm_ref, fused_moe_ref, weight_quant_ref
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from workbench.model.mla import attend
+from workbench.model.attention import attend
 
 
 @pytest.mark.parametrize(("B", "S", "T", "nH", "kv_heads", "d", "dv"), [

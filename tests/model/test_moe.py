@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from workbench.model.moe import RoutingParams, experts_forward, route
+from workbench.model.experts import experts_forward
+from workbench.model.routing import RoutingParams, route
 
 P = RoutingParams(top_k=2, n_group=4, topk_group=2, topk_method="noaux_tc", scoring_func="sigmoid",
                   norm_topk_prob=True, routed_scaling_factor=2.5)

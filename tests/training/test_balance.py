@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from workbench.config import PRESETS
-from workbench.model.moe import RoutingParams, route
+from workbench.model.routing import RoutingParams, route
 from workbench.model.transformer import DeepSeekModel
 from workbench.training.balance import expert_load, max_over_mean, sequence_balance_loss, update_bias
 

@@ -26,11 +26,11 @@ import torch
 from workbench.config import ModelConfig
 from workbench.controls.fp8_sites import _fp8_expand, _frozen_fp8, fp8_layer_sites
 from workbench.controls.keys import ControlError, LayerKey, _layer_key
-from workbench.controls.latent import LatentControl, _latent_basis
+from workbench.controls.latent import LatentBasis, LatentControl, _latent_basis
 from workbench.controls.replay import RoutingReplay, _check_replay
 from workbench.controls.routing import RoutingControl, _check_routing, _route_override
-from workbench.model.moe import RoutingParams
-from workbench.model.transformer import LayerControls
+from workbench.model.block import LayerControls
+from workbench.model.routing import RoutingParams
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -58,6 +58,43 @@ class Controls:
                **others: Any) -> Controls:
         """Controls that force the routing recorded for `seq` in a trace store or Dataset (see RoutingReplay)."""
         return cls(routing_replay=RoutingReplay.from_trace(trace, seq, layers), **others)
+
+    # ------------------------------------------------------------------ short forms
+    # One line for the common interventions; combine them with `|` (the right side wins field by field).
+    @classmethod
+    def ablate(cls, experts: Mapping[LayerKey, Iterable[int]] | Iterable[int]) -> Controls:
+        """`Controls.ablate({2: [3]})`: expert 3 of layer 2 is never chosen; a bare list ablates in every MoE layer."""
+        return cls(routing={k: RoutingControl(ablate=tuple(v)) for k, v in _per_layer(experts, "ablate").items()})
+
+    @classmethod
+    def force(cls, experts: Mapping[LayerKey, Iterable[int]] | Iterable[int]) -> Controls:
+        """`Controls.force({2: [5]})`: expert 5 takes the first slot of every token in layer 2 (a list: every layer)."""
+        return cls(routing={k: RoutingControl(force=tuple(v)) for k, v in _per_layer(experts, "force").items()})
+
+    @classmethod
+    def top_k(cls, k: int, layers: Iterable[int] | LayerKey = "all") -> Controls:
+        """`Controls.top_k(2)`: two experts per token in every MoE layer (or in `layers`)."""
+        return cls(routing={layer: RoutingControl(top_k=k) for layer in _layers(layers)})
+
+    @classmethod
+    def bias(cls, offsets: Mapping[LayerKey, Mapping[int, float]]) -> Controls:
+        """`Controls.bias({2: {3: 0.5}})`: +0.5 on expert 3's selection score in layer 2 (its weight is unchanged)."""
+        return cls(routing={k: RoutingControl(bias_offset=v) for k, v in offsets.items()})
+
+    @classmethod
+    def latent_rank(cls, rank: int, layers: Iterable[int] | LayerKey = "all", basis: LatentBasis = "svd") -> Controls:
+        """`Controls.latent_rank(64)`: keep `rank` directions of the KV latent in every layer (or in `layers`)."""
+        return cls(latent={layer: LatentControl(rank, basis) for layer in _layers(layers)})
+
+    def __or__(self, other: Controls) -> Controls:
+        """Both sets of controls; where both set a field of one layer, `other`'s value wins."""
+        if not isinstance(other, Controls):
+            return NotImplemented
+        routing = dict(self.routing)
+        for key, rc in other.routing.items():
+            routing[key] = rc.merged_over(routing.get(key))
+        return Controls(routing=routing, latent={**self.latent, **other.latent}, fp8={**self.fp8, **other.fp8},
+                        routing_replay=other.routing_replay or self.routing_replay)
 
     # ------------------------------------------------------------------ per layer
     def routing_for(self, layer: int) -> RoutingControl | None:
@@ -186,6 +223,24 @@ class Controls:
         except json.JSONDecodeError as e:
             raise ControlError(f"controls: not valid JSON ({e})") from None
         return cls.from_dict(data)
+
+
+def _per_layer(experts: Mapping[LayerKey, Iterable[int]] | Iterable[int], what: str) -> dict[LayerKey, list[int]]:
+    """{layer or "all": expert ids} from a mapping, or from a bare list meaning every MoE layer."""
+    if isinstance(experts, Mapping):
+        out = dict(experts)
+    elif isinstance(experts, (str, bytes)):
+        raise ControlError(f"Controls.{what} takes {{layer: [experts]}} or a list of expert ids, got {experts!r}")
+    else:
+        out = {"all": experts}
+    for key, ids in out.items():
+        if isinstance(ids, (int, str)):
+            raise ControlError(f"Controls.{what}: layer {key!r} needs a list of expert ids, got {ids!r}")
+    return {k: list(v) for k, v in out.items()}
+
+
+def _layers(layers: Iterable[int] | LayerKey) -> list[LayerKey]:
+    return [layers] if isinstance(layers, (int, str)) else list(layers)
 
 
 def _frozen_by_layer(entries: Mapping[Any, Any], what: str) -> Mapping[LayerKey, Any]:

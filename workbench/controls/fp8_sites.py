@@ -17,12 +17,11 @@ from typing import Any
 
 from workbench.config import ModelConfig
 from workbench.controls.keys import ControlError, LayerKey, _layer_key
+from workbench.model.fp8 import ATTN_SITES, SITE_GROUPS, SITES
 
 
 def fp8_layer_sites(config: ModelConfig, layer: int) -> set[str]:
     """The FP8 sites (workbench.model.fp8.SITES) that exist in `layer` of a model of this config."""
-    from workbench.model.fp8 import ATTN_SITES  # the site names live with the FP8 code (which needs Triton)
-
     attn = {p for p in ATTN_SITES if p not in (("q_a_proj", "q_b_proj") if config.q_lora_rank is None else ("q_proj",))}
     if not config.is_moe_layer(layer):
         return attn | {"mlp"}
@@ -31,8 +30,6 @@ def fp8_layer_sites(config: ModelConfig, layer: int) -> set[str]:
 
 def _fp8_expand(names: Sequence[str], available: set[str]) -> frozenset[str]:
     """Site names, groups and "all" -> the sites of a layer they select ("all" / a group: those it has)."""
-    from workbench.model.fp8 import SITE_GROUPS
-
     out: set[str] = set()
     for n in names:
         out |= available if n == "all" else set(SITE_GROUPS[n]) & available if n in SITE_GROUPS else {n}
@@ -45,8 +42,6 @@ def _frozen_fp8(entries: Mapping[Any, Sequence[str] | str]) -> Mapping[LayerKey,
         raise ControlError(f"fp8 must map layer (or 'all') -> sites, got {entries!r}")
     if not entries:
         return MappingProxyType({})
-    from workbench.model.fp8 import SITE_GROUPS, SITES  # only FP8 controls need the FP8 code (and Triton)
-
     out: dict[LayerKey, tuple[str, ...]] = {}
     for key, value in dict(entries).items():
         k = _layer_key(key)

@@ -22,7 +22,7 @@ import torch
 
 from workbench.config import ModelConfig
 from workbench.controls.keys import ControlError, _need_type
-from workbench.model.moe import RouteOverride, RoutingParams
+from workbench.model.routing import RouteOverride, RoutingParams
 
 
 @dataclasses.dataclass(frozen=True)

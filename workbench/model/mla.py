@@ -17,14 +17,16 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from workbench.config import ModelConfig
+from workbench.model import dispatch
+from workbench.model.attention import attend
 from workbench.model.cache import LatentKVCache
 from workbench.model.norm import RMSNorm
 from workbench.model.rope import Rotary
 from workbench.probes import ProbeRegistry
+from workbench_kernels._runtime import ACT_DTYPES
 
 AttnMode = Literal["naive", "absorb"]
 
@@ -37,7 +39,7 @@ class MLA(nn.Module):
         self.nope_dim, self.rope_dim, self.v_dim = config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim
         self.latent_dim = config.kv_lora_rank
         self.softmax_scale = config.softmax_scale
-        self.backend = "auto"  # decode-step attention: "torch", "triton" (mla_decode) or "auto"; see model.backend
+        self.backend: dispatch.Backend = "auto"  # decode-step attention (kind "attn_decode"), see dispatch
         H, nH = config.hidden_size, config.num_attention_heads
         bias = config.attention_bias
         self.q_lora_rank = config.q_lora_rank
@@ -93,12 +95,9 @@ class MLA(nn.Module):
             q_latent = torch.einsum("bshd,hdc->bshc", q_nope, w_uk)  # [B, S, nH, C]
             query = torch.cat([q_latent, q_pe], dim=-1)  # [B, S, nH, C+R]
             key = torch.cat([c_kv, k_pe], dim=-1)[:, :, None]  # [B, T, 1, C+R]: one key shared by all heads
-            o_latent: torch.Tensor | None = None
-            if S == 1 and cache is not None and (self.backend == "triton" or (self.backend == "auto" and x.is_cuda)):
-                from workbench.model.backend import mla_decode_step  # lazy: Triton is optional on CPU
-
-                o_latent = mla_decode_step(self.backend, q_latent, q_pe, c_kv, k_pe, self.softmax_scale)
-            if o_latent is None:
+            if S == 1 and cache is not None and self._decode_on_kernel(q_latent, q_pe, c_kv, k_pe):
+                o_latent = self._decode_kernel(q_latent, q_pe, c_kv, k_pe)  # [B, 1, nH, C]
+            else:
                 o_latent = self._attend(query, key, c_kv[:, :, None], causal)  # [B, S, nH, C]
             z = torch.einsum("bshc,hvc->bshv", o_latent, w_uv)  # [B, S, nH, V]
         else:
@@ -109,33 +108,24 @@ class MLA(nn.Module):
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: torch.Tensor | None) -> torch.Tensor:
         return attend(q, k, v, causal, self.softmax_scale)
 
+    def _decode_on_kernel(self, *tensors: torch.Tensor) -> bool:
+        """Whether this absorbed decode step runs `mla_decode` (the backend of kind "attn_decode")."""
+        dtypes = {t.dtype for t in tensors}
+        supported = len(dtypes) == 1 and dtypes <= set(ACT_DTYPES)
+        why = f"mla_decode needs one fp32/bf16/fp16 dtype for query and cache, got {sorted(map(str, dtypes))}"
+        return dispatch.use_triton(self.backend, tensors[0].device, "attn_decode", supported, why)
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: torch.Tensor | None, scale: float, *,
-           fused: bool = True) -> torch.Tensor:
-    """softmax(q·k * scale) v with q [B, S, nH, d], k [B, T, nH or 1, d], v [B, T, nH or 1, dv] -> [B, S, nH, dv].
+    def _decode_kernel(self, q_latent: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor,
+                       k_pe: torch.Tensor) -> torch.Tensor:
+        """One new token over the whole cached history on the kernel: q_latent [B, 1, nH, C], q_pe [B, 1, nH, R],
+        c_kv [B, T, C], k_pe [B, T, R] -> o_latent [B, 1, nH, C]."""
+        B, T = c_kv.shape[:2]
+        lengths = torch.full((B,), T, dtype=torch.int32, device=c_kv.device)
+        out = dispatch.launcher("mla_decode").mla_decode(q_latent[:, 0].contiguous(), q_pe[:, 0].contiguous(), c_kv,
+                                                          k_pe, lengths, self.softmax_scale)
+        return out[:, None]
 
-    `causal` [S, T] bool (True = may attend) for a query block after cached history; None: causal from the start.
-    `fused` (the default): one `F.scaled_dot_product_attention` call with the narrower of q·k / v zero-padded to the
-    other's width, since torch's CPU flash kernel needs equal widths and its math fallback is ~4x slower (MLA's q·k
-    width D+R or C+R never equals V or C). Zero columns change neither q·k nor the kept part of the output.
-    `fused=False`: the plain reference, softmax(q k^T * scale) v spelled out, which the fused path is tested against.
-    """
-    nH, S = q.shape[2], q.shape[1]
-    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, nH or 1, S or T, d] heads first
-    dv = v.shape[-1]
-    if not fused:
-        logits = (q.float() @ k.float().transpose(-1, -2)) * scale  # [B, nH, S, T]
-        T = k.shape[2]
-        allowed = causal if causal is not None else torch.ones(S, T, dtype=torch.bool, device=q.device).tril()
-        probs = logits.masked_fill(~allowed, float("-inf")).softmax(dim=-1)  # [B, nH, S, T]
-        return (probs @ v.float()).to(q.dtype).transpose(1, 2)
-    width = max(q.shape[-1], dv)
-    q, k, v = (F.pad(t, (0, width - t.shape[-1])) if t.shape[-1] < width else t for t in (q, k, v))
-    if k.shape[1] != nH:  # one key/value shared by all heads (absorbed MLA): padded above, expanded as a view here
-        k, v = k.expand(-1, nH, -1, -1), v.expand(-1, nH, -1, -1)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=causal, is_causal=causal is None and S > 1,
-                                         scale=scale)  # [B, nH, S, width]
-    return out[..., :dv].transpose(1, 2)
+
 
 
 def _dense_weight(linear: nn.Linear, dtype: torch.dtype) -> torch.Tensor:

@@ -1,68 +1,37 @@
-"""The DeepSeek-V2/V3 decoder: embed -> [RMSNorm -> MLA -> RMSNorm -> MoE or dense MLP] x L -> RMSNorm -> lm_head.
+"""The DeepSeek decoder: embed -> L blocks -> RMSNorm -> lm_head, each block built by the config's family.
 
 Shape legend: B batch, S new tokens, H hidden, V vocab.
+The family (`workbench.model.families`, keyed by `config.model_type`) assembles each layer: for V2/V3
+[RMSNorm -> MLA -> RMSNorm -> MoE or dense MLP] on a plain residual stream.
 Parameter names equal the HF checkpoint names (minus the `model.` prefix), except that routed experts are
 stacked (`mlp.experts.gate_proj` [E, I, H]); `workbench.checkpoint` holds the one table between the two.
-Interventions arrive as an explicit `controls` argument ({layer: LayerControls}, built by `workbench.controls`), not
-as state on the modules, so one model serves many sessions and a run without controls is the untouched path.
+Interventions arrive as an explicit `controls` argument (a `workbench.Controls`, resolved here against the config,
+or the {layer: LayerControls} it resolves to), not as state on the modules, so one model serves many sessions and
+a run without controls is the untouched path.
 `forward_from(layer, resid)` runs the tail of the stack from a stored residual: what a live session re-runs.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
 
 from workbench.config import ModelConfig
+from workbench.model.block import Block, LayerControls, ResolvableControls
 from workbench.model.cache import LatentKVCache
-from workbench.model.mla import MLA, AttnMode
-from workbench.model.moe import MLP, MoE, RouteOverride, run_fp8_sites
+from workbench.model.costs import estimate_flops, kv_bytes_per_token
+from workbench.model.families import family_for
+from workbench.model.fp8 import install_fp8_run_hooks
+from workbench.model.mla import AttnMode
 from workbench.model.norm import RMSNorm
 from workbench.model.rope import Rotary
+from workbench.model.sampling import sample_next
 from workbench.probes import ProbeRegistry
 
-
-@dataclass(frozen=True, eq=False)
-class LayerControls:
-    """What one layer is told to do differently; None fields leave that part of the layer alone."""
-
-    routing: RouteOverride | None = None  # MoE layers only
-    latent_basis: torch.Tensor | None = None  # [C, r] orthonormal columns: c_kv is projected onto their span
-    fp8_sites: frozenset[str] | None = None  # exactly these sites compute in FP8 in this layer (None: as the model is)
-
-
-class Block(nn.Module):
-    def __init__(self, config: ModelConfig, layer: int, probes: ProbeRegistry) -> None:
-        super().__init__()
-        self.layer = layer
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = MLA(config, layer, probes)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp: MoE | MLP = (MoE(config, layer, probes) if config.is_moe_layer(layer)
-                               else MLP(config.hidden_size, config.intermediate_size))
-        self.hook_resid_pre = probes.site(f"blocks.{layer}.hook_resid_pre")  # [B, S, H]
-        self.hook_resid_mid = probes.site(f"blocks.{layer}.hook_resid_mid")  # [B, S, H]
-
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary: Rotary,
-                cache: LatentKVCache | None, mode: AttnMode, controls: LayerControls | None = None) -> torch.Tensor:
-        if controls is not None and controls.fp8_sites is not None:
-            with run_fp8_sites(controls.fp8_sites):  # this thread only: the shared modules stay as they are
-                return self._forward(x, cos, sin, rotary, cache, mode, controls)
-        return self._forward(x, cos, sin, rotary, cache, mode, controls)
-
-    def _forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary: Rotary,
-                 cache: LatentKVCache | None, mode: AttnMode, controls: LayerControls | None) -> torch.Tensor:
-        x = self.hook_resid_pre(x)
-        basis = controls.latent_basis if controls is not None else None
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, rotary, cache, mode, basis)
-        x = self.hook_resid_mid(x)
-        h = self.post_attention_layernorm(x)
-        if isinstance(self.mlp, MoE):
-            return x + self.mlp(h, controls.routing if controls is not None else None)
-        return x + self.mlp(h)
+RunControls = Mapping[int, LayerControls] | ResolvableControls  # what forward/generate take as `controls`
 
 
 class DeepSeekModel(nn.Module):
@@ -71,10 +40,12 @@ class DeepSeekModel(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
+        self.family = family_for(config.model_type)
         self.probes = ProbeRegistry()
         self.rotary = Rotary(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(Block(config, i, self.probes) for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(self.family.build_block(config, i, self.probes)
+                                    for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
@@ -118,11 +89,21 @@ class DeepSeekModel(nn.Module):
             raise ValueError(f"input reaches position {end}, beyond max_position_embeddings="
                              f"{self.config.max_position_embeddings}")
 
+    def resolve_controls(self, controls: RunControls | None) -> Mapping[int, LayerControls] | None:
+        """{layer: LayerControls} for a run: a `workbench.Controls` is validated and resolved against this model's
+        config, dtype and device (ControlError naming the bad setting); a resolved mapping passes as it is."""
+        if controls is None or isinstance(controls, Mapping):
+            return controls
+        p = next(self.parameters())
+        return controls.resolve(self.config, dtype=p.dtype if p.is_floating_point() else torch.float32,
+                                device=p.device)
+
     def forward(self, input_ids: torch.Tensor, cache: LatentKVCache | None = None,
-                mode: AttnMode = "naive", controls: Mapping[int, LayerControls] | None = None) -> torch.Tensor:
+                mode: AttnMode = "naive", controls: RunControls | None = None) -> torch.Tensor:
         past = cache.length if cache is not None else 0
         self.check_input(input_ids, past)
-        return self.forward_from(0, self.embed_tokens(input_ids), cache=cache, mode=mode, controls=controls)
+        return self.forward_from(0, self.embed_tokens(input_ids), cache=cache, mode=mode,
+                                 controls=self.resolve_controls(controls))
 
     def forward_from(self, start: int, x: torch.Tensor, *, cache: LatentKVCache | None = None,
                      mode: AttnMode = "naive", controls: Mapping[int, LayerControls] | None = None,
@@ -135,8 +116,6 @@ class DeepSeekModel(nn.Module):
         if not 0 <= start <= len(self.layers):
             raise ValueError(f"start layer {start} is outside 0..{len(self.layers)}")
         if controls and any(c.fp8_sites is not None for c in controls.values()):
-            from workbench.model.fp8 import install_fp8_run_hooks  # FP8 needs Triton's kernel package
-
             install_fp8_run_hooks(self)
         past = cache.length if cache is not None else 0
         S = x.shape[1]
@@ -145,7 +124,8 @@ class DeepSeekModel(nn.Module):
         for layer in range(start, len(self.layers)):
             if residuals is not None:
                 residuals.append(x)
-            x = self.layers[layer](x, cos, sin, self.rotary, cache, mode, controls.get(layer) if controls else None)
+            block = cast("Block", self.layers[layer])
+            x = block(x, cos, sin, self.rotary, cache, mode, controls.get(layer) if controls else None)
         if cache is not None:
             cache.advance(S)
         x = self.hook_resid_final(self.norm(x))
@@ -159,10 +139,9 @@ class DeepSeekModel(nn.Module):
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
                  mode: AttnMode = "absorb", eos_token_id: int | None = None,
-                 controls: Mapping[int, LayerControls] | None = None) -> torch.Tensor:
+                 controls: RunControls | None = None) -> torch.Tensor:
         """Greedy (temperature 0) or sampled continuation on the latent cache; returns prompt + new ids [B, S+n]."""
-        from workbench.model.sampling import sample_next
-
+        controls = self.resolve_controls(controls)  # once, not per step
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         self.check_input(input_ids)
@@ -188,11 +167,7 @@ class DeepSeekModel(nn.Module):
 
     # ------------------------------------------------------------------ costs
     def kv_bytes_per_token(self, dtype_bytes: int = 2) -> dict[str, float]:
-        from workbench.model.costs import kv_bytes_per_token
-
         return kv_bytes_per_token(self.config, dtype_bytes)
 
     def estimate_flops(self, context: int = 1) -> dict[str, float]:
-        from workbench.model.costs import estimate_flops
-
         return estimate_flops(self.config, context)

@@ -32,7 +32,8 @@ from tqdm import tqdm
 
 from workbench.checkpoint import save_checkpoint
 from workbench.config import ModelConfig
-from workbench.model.moe import Gate, MoE
+from workbench.model.moe import MoE
+from workbench.model.routing import Gate
 from workbench.model.transformer import DeepSeekModel
 from workbench.training.balance import expert_load, max_over_mean, sequence_balance_loss, update_bias
 from workbench.training.data import Document, corpus_manifest, eval_windows, load_corpus, sample_batch, split_corpus, token_stream
