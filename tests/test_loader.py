@@ -82,3 +82,30 @@ def test_corrupt_or_mismatched_tokenizer_is_named(bundled_copy):
     bigger.save(str(tok))
     with pytest.raises(BundledModelError, match="more than the model's vocab_size"):
         load_model()
+
+
+# ---------------------------------------------------------------------- devices
+def test_auto_device_is_cuda_else_mps_else_cpu() -> None:
+    got = load_model("tiny-random", device="auto").model.lm_head.weight.device
+    mps = torch.backends.mps.is_available()
+    assert got.type == ("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
+    assert loader.resolve_device("cpu") == torch.device("cpu")
+
+
+@pytest.mark.parametrize(("device", "message"), [
+    ("bogus", "is not a torch device"),
+    ("meta", "runs on 'cpu', 'cuda' or 'mps'"),
+])
+def test_bad_devices_are_refused_by_name(device: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        load_model("tiny-random", device=device)
+
+
+def test_a_device_this_machine_lacks_is_refused() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ValueError, match=r"device 'cuda': torch.cuda.is_available\(\) is False"):
+        load_model("tiny-random", device="cuda")
+    if not torch.backends.mps.is_available():
+        with pytest.raises(ValueError, match="MPS"):
+            load_model("tiny-random", device="mps")

@@ -87,3 +87,18 @@ def test_moe_gate_errors(device) -> None:
         moe_gate(logits, torch.zeros(11, device=device), top_k=2)
     with pytest.raises(ValueError, match="scoring_func"):
         moe_gate(logits, top_k=2, scoring_func="relu")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_equal_scores_pick_the_same_experts_in_the_same_order(name, device) -> None:
+    """All-equal logits (every expert and every group tied): kernel and reference both take the lowest indices,
+    slot for slot, so the model's routing is the same on the torch and the Triton path."""
+    E, k, n_group, topk_group, func, method, norm, scale, _ = CONFIGS[name]
+    kw = {"top_k": k, "n_group": n_group, "topk_group": topk_group, "scoring_func": func, "topk_method": method,
+          "norm_topk_prob": norm, "routed_scaling_factor": scale}
+    logits = torch.zeros(3, E, device=device)
+    ids, w, _ = moe_gate(logits, None, **kw)
+    ids_ref, w_ref, _ = moe_gate_ref(logits, None, **kw)
+    assert torch.equal(ids.cpu(), ids_ref.cpu())
+    assert ids_ref[0].tolist() == list(range(k))
+    torch.testing.assert_close(w.cpu(), w_ref.cpu(), rtol=1e-6, atol=0)
