@@ -1,8 +1,8 @@
 """Suite-wide set-up.
 
 Without CUDA, Triton kernels can only run in its CPU interpreter, and `TRITON_INTERPRET=1` must be set before any
-`@triton.jit` function is defined: set it here, before any test module can import `workbench_kernels` (directly or
-through the checkpoint/model modules). The interpreter's numeric fixes are installed by tests/triton_interpreter.py
+`@triton.jit` function is defined: set it here, before any test module can import a kernel launcher (directly, or
+through a model whose Triton backend runs). The interpreter's numeric fixes are installed by tests/triton_interpreter.py
 in the folders that launch kernels.
 """
 

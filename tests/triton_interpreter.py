@@ -1,7 +1,8 @@
 """Run Triton kernels in the CPU interpreter with its numeric bugs fixed; imported first by the conftests that need it.
 
-`TRITON_INTERPRET=1` must be set before any `@triton.jit` function is defined, i.e. before `workbench_kernels` (or
-`workbench.model.fp8` / `backend`, which import it) is imported, so importing this module sets it. With a CUDA
+`TRITON_INTERPRET=1` must be set before any `@triton.jit` function is defined, i.e. before a launcher module of
+`workbench_kernels` is imported (the model imports one when a Triton backend first runs), so importing this module
+sets it. With a CUDA
 device it is left unset and the same tests run the compiled kernels.
 
 The interpreter rounds float downcasts wrongly and multiplies bf16 dots as integers (see

@@ -194,7 +194,7 @@ def route_ref(logits: torch.Tensor, bias: torch.Tensor | None = None, *, top_k: 
             group_scores = grouped.amax(dim=-1)  # [T, G]
         kept = torch.zeros(T, n_group, dtype=torch.bool, device=logits.device)
         kept.scatter_(1, top_indices(group_scores, topk_group), True)  # [T, G]
-        choice = choice.masked_fill(~kept.repeat_interleave(E // n_group, dim=1), float("-inf"))
+        choice = grouped.masked_fill(~kept[:, :, None], float("-inf")).view(T, E)  # experts of dropped groups out
     if force is not None and force.numel() > 0:
         rest = top_indices(choice.index_fill(1, force, float("-inf")), top_k - force.numel())  # [T, k-f]
         ids = torch.cat([force.to(rest.dtype).expand(T, -1), rest], dim=1)  # [T, k]
