@@ -6,6 +6,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -16,10 +20,13 @@ from torch import nn
 
 from tests.hf_models import VARIANTS, build_hf, save_hf
 from workbench.checkpoint import (
+    DIGEST_CACHE_NAME,
     CheckpointError,
     CheckpointReader,
     build_meta,
+    checkpoint_digest,
     dequantize_fp8_blocks,
+    digest_cache_paths,
     hf_state_dict,
     load_checkpoint,
     save_checkpoint,
@@ -127,6 +134,7 @@ def load_checkpoint_state(hf_tensors, model):
 
 def test_mtp_layers_are_skipped_with_a_note(tmp_path, tiny):
     save_checkpoint(tiny, tmp_path)
+    _edit_config(tmp_path, num_nextn_predict_layers=1)  # DeepSeek-V3's config declares its one MTP module
     tensors = load_file(str(tmp_path / "model.safetensors"))
     L = tiny.config.num_hidden_layers
     tensors[f"model.layers.{L}.eh_proj.weight"] = torch.zeros(4, 4)
@@ -135,6 +143,48 @@ def test_mtp_layers_are_skipped_with_a_note(tmp_path, tiny):
     with pytest.warns(UserWarning, match=rf"skipped 2 tensors of multi-token-prediction layers \[{L}\]"):
         model = load_checkpoint(tmp_path)
     assert torch.equal(model(_ids(tiny)), tiny(_ids(tiny)))
+    # a layer past the declared MTP ones is not MTP: the config does not describe these weights
+    tensors[f"model.layers.{L + 1}.enorm.weight"] = torch.zeros(4)
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=rf"config.json declares {L} layers \(\+ 1 multi-token-prediction\) "
+                                              rf"but the weights hold layer {L + 1}"):
+        load_checkpoint(tmp_path)
+
+
+def test_a_config_with_fewer_layers_than_the_weights_is_refused(tmp_path):
+    """3 layers declared, 4 in the file, no MTP declared: the real layer 3 must not be dropped as if it were MTP."""
+    four = DeepSeekModel.random(PRESETS["tiny"].replace(num_hidden_layers=4), seed=1)
+    save_checkpoint(four, tmp_path)
+    _edit_config(tmp_path, num_hidden_layers=3)
+    with pytest.raises(CheckpointError, match=r"config.json declares 3 layers but the weights hold layer 3 "
+                                              r"\(layers 0..3\); config.json does not match the weights"):
+        load_checkpoint(tmp_path)
+    _edit_config(tmp_path, num_hidden_layers=5)  # and one more than the weights hold
+    with pytest.raises(CheckpointError, match=r"declares 5 layers but the weights hold 4 \(layer 4 has no tensors\)"):
+        load_checkpoint(tmp_path)
+
+
+def test_a_config_of_20000_layers_fails_at_once(tmp_path, tiny):
+    """The header names and shapes are checked before the model is built: no minutes of building 20,000 layers."""
+    save_checkpoint(tiny, tmp_path)
+    _edit_config(tmp_path, num_hidden_layers=20_000)
+    start = time.perf_counter()
+    with pytest.raises(CheckpointError, match="declares 20000 layers but the weights hold 3"):
+        load_checkpoint(tmp_path)
+    assert time.perf_counter() - start < 2.0
+    # a wrong width fails as fast, with file and tensor named (the layer count here is right)
+    _edit_config(tmp_path, num_hidden_layers=3, hidden_size=96, q_lora_rank=48)
+    start = time.perf_counter()
+    with pytest.raises(CheckpointError, match=r"model.safetensors: lm_head.weight: shape \(512, 64\), "
+                                              r"the config implies \(512, 96\)"):
+        load_checkpoint(tmp_path)
+    assert time.perf_counter() - start < 2.0
+
+
+def _edit_config(path: Path, **changes: object) -> None:
+    cfg = json.loads((path / "config.json").read_text())
+    cfg.update(changes)
+    (path / "config.json").write_text(json.dumps(cfg))
 
 
 def test_reader_inspects_layer_by_layer_without_loading(tmp_path, tiny):
@@ -533,3 +583,229 @@ def test_keep_fp8_load_names_a_scale_off_its_grid_or_missing(tmp_path, partial_s
     with pytest.raises(CheckpointError, match="experts.4.up_proj.weight is torch.float8_e4m3fn but .*_scale_inv is "
                                               "missing"):
         load_checkpoint(tmp_path, keep_fp8=True)
+
+
+# ------------------------------------------------------------------------------------------------ NaN / inf
+@pytest.mark.parametrize(("name", "value"), [("model.layers.1.self_attn.o_proj.weight", math.nan),
+                                             ("model.layers.1.mlp.gate.e_score_correction_bias", math.inf)])
+def test_a_nan_or_inf_weight_is_refused_by_name(tmp_path, tiny, name, value):
+    save_checkpoint(tiny, tmp_path)
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    tensors[name].view(-1)[3] = value
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    counts = "1 NaN and 0 inf" if math.isnan(value) else "0 NaN and 1 inf"
+    with pytest.raises(CheckpointError, match=rf"model.safetensors: tensor {name} holds {counts} of \d+ values"):
+        load_checkpoint(tmp_path)
+
+
+def test_a_nan_fp8_code_or_scale_is_refused_dequantized_or_kept(tmp_path, partial_source):
+    (tmp_path / "config.json").write_text((partial_source / "config.json").read_text())
+    tensors = load_file(str(partial_source / "model.safetensors"))
+    name = "model.layers.2.mlp.experts.4.up_proj.weight"
+    for bad in (name, name + "_scale_inv"):
+        broken = {n: t.clone() for n, t in tensors.items()}
+        if bad == name:
+            broken[bad].view(torch.uint8).view(-1)[5] = 0xFF  # e4m3fn's NaN code
+        else:
+            broken[bad].view(-1)[0] = math.nan
+        save_file(broken, str(tmp_path / "model.safetensors"))
+        for keep_fp8 in (False, True):
+            shown = bad if keep_fp8 else name  # dequantized, the NaN scale shows in the weight it scales
+            with pytest.raises(CheckpointError, match=rf"tensor {shown} holds \d+ NaN"):
+                load_checkpoint(tmp_path, keep_fp8=keep_fp8)
+
+
+@pytest.mark.parametrize("fmt", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_every_non_finite_fp8_code_is_caught_and_no_finite_one(fmt):
+    from workbench.checkpoint import _check_finite
+
+    codes = torch.arange(256, dtype=torch.uint8).view(fmt)  # every code of the format once
+    finite = torch.isfinite(codes.float())
+    _check_finite(codes[finite], "finite", Path("f.safetensors"))
+    for code in torch.nonzero(~finite).flatten().tolist():
+        with pytest.raises(CheckpointError, match="f.safetensors: tensor w holds"):
+            _check_finite(torch.cat([codes[finite], codes[code:code + 1]]), "w", Path("f.safetensors"))
+
+
+# ------------------------------------------------------------------------------------------------ index paths
+def _write_index(path: Path, weight_map: object) -> None:
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+@pytest.fixture
+def sharded(tmp_path, tiny) -> Path:
+    save_checkpoint(tiny, tmp_path / "ckpt", max_shard_bytes=60_000)
+    return tmp_path / "ckpt"
+
+
+def _point_one_shard_at(ckpt: Path, target: str) -> None:
+    index = json.loads((ckpt / "model.safetensors.index.json").read_text())
+    first = sorted(set(index["weight_map"].values()))[0]
+    _write_index(ckpt, {n: target if f == first else f for n, f in index["weight_map"].items()})
+
+
+def test_an_index_naming_files_outside_its_folder_is_refused(sharded):
+    outside = sharded.parent / "other"
+    outside.mkdir()
+    shard = sorted(sharded.glob("model-*.safetensors"))[0]
+    (outside / shard.name).write_bytes(shard.read_bytes())  # a loadable shard, but not this checkpoint's
+    for target, message in ((f"../other/{shard.name}", "absolute paths and '..' are refused"),
+                            (str(outside / shard.name), "absolute paths and '..' are refused"),
+                            ("/etc/passwd", "absolute paths and '..' are refused")):
+        _point_one_shard_at(sharded, target)
+        with pytest.raises(CheckpointError, match=rf"model.safetensors.index.json: shard '{target}' .*{message}"):
+            load_checkpoint(sharded)
+    (sharded / "link.safetensors").symlink_to(outside / shard.name)  # inside by name, outside once resolved
+    _point_one_shard_at(sharded, "link.safetensors")
+    with pytest.raises(CheckpointError, match=r"shard 'link.safetensors' resolves to .*other.*, outside the checkpoint "
+                                              r"folder"):
+        load_checkpoint(sharded)
+
+
+def test_a_symlink_inside_the_folder_still_loads(sharded, tiny):
+    """Symlinks that stay inside the folder (as a shard renamed by a link) are fine."""
+    shard = sorted(sharded.glob("model-*.safetensors"))[0]
+    (sharded / "renamed.safetensors").symlink_to(shard.name)
+    _point_one_shard_at(sharded, "renamed.safetensors")
+    assert torch.equal(load_checkpoint(sharded)(_ids(tiny)), tiny(_ids(tiny)))
+
+
+def _load_errors_in_a_subprocess(*paths: Path, timeout: float = 120.0) -> list[str]:
+    """What `load_checkpoint` says for each path, run in a fresh interpreter: a loader that opens a FIFO blocks
+    inside safetensors without releasing the GIL, so only a process can be timed out."""
+    code = ("import sys\nfrom workbench.checkpoint import load_checkpoint\nfor p in sys.argv[1:]:\n"
+            "    try:\n        load_checkpoint(p)\n        print('loaded')\n"
+            "    except Exception as e:\n        print(type(e).__name__, e)\n")
+    try:
+        done = subprocess.run([sys.executable, "-c", code, *map(str, paths)], capture_output=True, text=True,
+                              timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"load_checkpoint blocked for {timeout:g} s: it opened a FIFO")
+    return done.stdout.splitlines()
+
+
+def test_a_fifo_is_never_opened(sharded, tmp_path):
+    os.mkfifo(sharded / "fifo.safetensors")
+    _point_one_shard_at(sharded, "fifo.safetensors")
+    single = tmp_path / "single"
+    single.mkdir()
+    (single / "config.json").write_text((sharded / "config.json").read_text())
+    os.mkfifo(single / "model.safetensors")
+    by_index, alone = _load_errors_in_a_subprocess(sharded, single)
+    assert by_index.startswith("CheckpointError") and "fifo.safetensors is not a regular file" in by_index
+    assert alone.startswith("CheckpointError") and "model.safetensors is not a regular file" in alone
+
+
+@pytest.mark.parametrize(("weight_map", "message"), [
+    (["model-00001-of-00002.safetensors"], "'weight_map' must be an object of tensor name -> shard file name, got list"),
+    ({"model.embed_tokens.weight": 3}, r"weight_map\['model.embed_tokens.weight'\] is 3, expected a shard file name"),
+])
+def test_a_malformed_weight_map_names_the_index(sharded, weight_map, message):
+    _write_index(sharded, weight_map)
+    with pytest.raises(CheckpointError, match=rf"model.safetensors.index.json: not a valid safetensors index: {message}"):
+        load_checkpoint(sharded)
+
+
+# ------------------------------------------------------------------------------------------------ digest
+@pytest.fixture
+def bundled_copy(tmp_path, monkeypatch) -> Path:
+    """A copy of the bundled checkpoint (file times kept, as `cp -p` keeps them) and a private user cache dir."""
+    import shutil
+
+    from workbench.loader import DEFAULT_MODEL_DIR
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "user-cache"))
+    return Path(shutil.copytree(DEFAULT_MODEL_DIR, tmp_path / "model"))
+
+
+def _scale_embeddings(path: Path, factor: float = 1.01) -> None:
+    """A "fine-tune": every shape and config.json as they were, one tensor's values changed."""
+    tensors = load_file(str(path / "model.safetensors"))
+    tensors["model.embed_tokens.weight"] = tensors["model.embed_tokens.weight"] * factor
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+
+
+@pytest.fixture
+def hash_calls(monkeypatch) -> list[Path]:
+    """Every file `checkpoint_digest` streams through sha256."""
+    from workbench import checkpoint
+
+    calls: list[Path] = []
+    real = checkpoint._file_sha256
+    monkeypatch.setattr(checkpoint, "_file_sha256", lambda p: calls.append(p) or real(p))
+    return calls
+
+
+def test_digest_changes_when_any_weight_changes(bundled_copy, tmp_path):
+    import shutil
+
+    original = checkpoint_digest(bundled_copy)
+    tuned = Path(shutil.copytree(bundled_copy, tmp_path / "tuned"))
+    _scale_embeddings(tuned)
+    assert (tuned / "config.json").read_bytes() == (bundled_copy / "config.json").read_bytes()
+    assert checkpoint_digest(tuned) != original
+    assert checkpoint_digest(tuned / "model.safetensors") == checkpoint_digest(tuned)  # the file or its folder
+
+
+def test_digest_is_cached_by_size_and_mtime(bundled_copy, hash_calls):
+    weights = bundled_copy / "model.safetensors"
+    first = checkpoint_digest(bundled_copy)
+    assert hash_calls == [weights]
+    cache = json.loads((bundled_copy / DIGEST_CACHE_NAME).read_text())
+    st = weights.stat()
+    assert cache["files"]["model.safetensors"]["size"] == st.st_size
+    assert cache["files"]["model.safetensors"]["mtime_ns"] == st.st_mtime_ns
+    assert checkpoint_digest(bundled_copy) == first and hash_calls == [weights]  # read from the cache
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # touched: hashed again
+    assert checkpoint_digest(bundled_copy) == first and hash_calls == [weights, weights]
+    assert checkpoint_digest(bundled_copy) == first and len(hash_calls) == 2
+
+
+def test_a_rewrite_in_the_same_timestamp_tick_is_not_mistaken_for_the_cached_file(bundled_copy, hash_calls):
+    """A file changed just now is hashed but not cached: a same-size rewrite that keeps its mtime_ns (coarse file
+    system clocks) must still change the digest."""
+    weights = bundled_copy / "model.safetensors"
+    _scale_embeddings(bundled_copy)
+    st = weights.stat()
+    before = checkpoint_digest(bundled_copy)
+    _scale_embeddings(bundled_copy)
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert weights.stat().st_size == st.st_size
+    assert checkpoint_digest(bundled_copy) != before and len(hash_calls) == 2
+
+
+def test_digest_cache_falls_back_to_the_user_cache_and_never_fails(bundled_copy, tmp_path, monkeypatch, hash_calls):
+    (bundled_copy / DIGEST_CACHE_NAME).mkdir()  # the file cannot be written beside the weights (even as root)
+    first = checkpoint_digest(bundled_copy)
+    [user] = digest_cache_paths(bundled_copy)[1:]
+    assert user.is_relative_to(tmp_path / "user-cache" / "moe-workbench")
+    assert json.loads(user.read_text())["path"] == str(bundled_copy.resolve())
+    assert checkpoint_digest(bundled_copy) == first and len(hash_calls) == 1
+    (tmp_path / "not-a-dir").write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "not-a-dir"))  # no cache can be written anywhere
+    assert checkpoint_digest(bundled_copy) == first == checkpoint_digest(bundled_copy)
+    assert len(hash_calls) == 3
+    assert not list(bundled_copy.glob("*.tmp")) and not list(tmp_path.glob("*.tmp"))
+
+
+def test_the_bundled_model_is_cached_outside_the_package(tmp_path, monkeypatch):
+    from workbench.loader import DEFAULT_MODEL_DIR
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert [p.parent for p in digest_cache_paths(DEFAULT_MODEL_DIR)] == [tmp_path / "moe-workbench" / "digests"]
+    assert digest_cache_paths(tmp_path)[0] == tmp_path / DIGEST_CACHE_NAME
+
+
+def test_a_hugging_face_hub_snapshot_still_loads(tmp_path, tiny):
+    """The hub's cache links every file of `snapshots/<rev>/` to `../../blobs/<hash>`: outside the folder, but the
+    layout the hub itself makes, so it is allowed (and nothing else outside is)."""
+    save_checkpoint(tiny, tmp_path / "saved", max_shard_bytes=60_000)
+    repo = tmp_path / "models--org--tiny"
+    (repo / "blobs").mkdir(parents=True)
+    snapshot = repo / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    for i, f in enumerate(sorted((tmp_path / "saved").iterdir())):
+        f.rename(repo / "blobs" / f"blob{i}")
+        (snapshot / f.name).symlink_to(f"../../blobs/blob{i}")
+    assert torch.equal(load_checkpoint(snapshot)(_ids(tiny)), tiny(_ids(tiny)))
+    assert checkpoint_digest(snapshot).startswith("sha256:")

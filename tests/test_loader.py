@@ -33,6 +33,21 @@ def test_default_is_the_bundled_checkpoint_and_loads_by_path_too():
     assert load_model(dtype=torch.bfloat16).model.embed_tokens.weight.dtype == torch.bfloat16
 
 
+def test_a_fine_tune_of_the_same_shapes_is_another_model(tmp_path, monkeypatch):
+    """The digest traces are checked against names the weights themselves, not their config and shapes."""
+    from safetensors.torch import load_file, save_file
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    tuned = shutil.copytree(DEFAULT_MODEL_DIR, tmp_path / "tuned")
+    tensors = load_file(str(tuned / "model.safetensors"))
+    tensors["model.embed_tokens.weight"] = tensors["model.embed_tokens.weight"] * 1.01
+    save_file(tensors, str(tuned / "model.safetensors"), metadata={"format": "pt"})
+    default, other = load_model(), load_model(tuned)
+    assert other.model.config == default.model.config
+    assert other.digest.startswith("sha256:") and other.digest != default.digest
+    assert load_model(shutil.copytree(DEFAULT_MODEL_DIR, tmp_path / "copy")).digest == default.digest
+
+
 def test_tiny_random_is_the_seeded_random_preset():
     a, b = load_model("tiny-random"), load_model("tiny-random")
     assert isinstance(a.tokenizer, ByteTokenizer) and a.digest == "random:tiny:0"

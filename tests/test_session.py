@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 
+import numpy as np
 import pytest
 import torch
 
@@ -99,6 +100,55 @@ def test_impossible_settings_leave_the_session_as_it_was(session, request_, mess
         session.apply(request_)
     assert session._state is before_state and session.generation == before_generation
     assert session.controls == Controls(routing={2: RoutingControl(top_k=2)})
+
+
+# ---------------------------------------------------------------------- the session's own arguments
+@pytest.mark.parametrize(("prompt", "kwargs", "message"), [
+    # token ids are never rounded: a float prompt was truncated to ints before
+    (torch.tensor([5.0, 6.0, 7.5]), {}, r"prompt token ids must be integers, got torch.float32 values"),
+    (torch.tensor([[5.0, 6.0, 7.0]], dtype=torch.float64), {}, "prompt token ids must be integers, got torch.float64"),
+    ([5.5, 6.0, 7.0], {}, "prompt token ids must be integers"),
+    (torch.tensor([True, False, True]), {}, "prompt token ids must be integers, got torch.bool"),
+    # one sequence: a batch would be run, then compared on its first row only
+    (torch.ones(2, 5, dtype=torch.long), {}, r"a session takes one sequence: the prompt must have shape \[S\] or "
+                                             r"\[1, S\], got shape \[2, 5\]"),
+    ([[5, 6, 7], [8, 9, 10]], {}, r"got shape \[2, 3\]"),
+    (torch.ones(1, 1, 5, dtype=torch.long), {}, r"got shape \[1, 1, 5\]"),
+    (torch.tensor(5), {}, r"got shape \[\]"),
+    ([5], {}, "the prompt needs at least 2 tokens"),
+    ([], {}, "the prompt needs at least 2 tokens"),
+    ([5, 5000], {}, r"token id 5000 at position \[0, 1\] is outside the vocabulary \[0, 2048\)"),
+    ([5] * 1020, {"continuation": 8}, "input reaches position 1028, beyond max_position_embeddings=1024"),
+    ("text", {"tokenizer": None}, "a text prompt needs a tokenizer"),
+    ([5, 6, 7], {"top": -1}, "top must be an int >= 1, got -1"),  # was torch's raw topk error
+    ([5, 6, 7], {"top": 0}, "top must be an int >= 1, got 0"),
+    ([5, 6, 7], {"top": 2.5}, "top must be an int >= 1, got 2.5"),
+    ([5, 6, 7], {"top": True}, "top must be an int >= 1, got True"),
+    ([5, 6, 7], {"continuation": -1}, "continuation must be an int >= 0, got -1"),
+    ([5, 6, 7], {"continuation": 1.5}, "continuation must be an int >= 0, got 1.5"),
+    ([5, 6, 7], {"calibration": torch.tensor([1.0, 2.0])}, "calibration token ids must be integers"),
+    ([5, 6, 7], {"calibration": torch.ones(2, 4, dtype=torch.long)}, r"the calibration must have shape \[S\] or \[1, S\]"),
+    ([5, 6, 7], {"calibration": "text", "tokenizer": None}, "a text calibration needs a tokenizer"),
+])
+def test_bad_session_arguments_are_named(loaded, prompt, kwargs, message):
+    kwargs = {"tokenizer": loaded.tokenizer, "continuation": 0, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        Session(loaded.model, prompt, **kwargs)
+
+
+@pytest.mark.parametrize("prompt", [
+    [5, 6, 7], (5, 6, 7), torch.tensor([5, 6, 7]), torch.tensor([[5, 6, 7]]), torch.tensor([5, 6, 7], dtype=torch.int32),
+    torch.tensor([5, 6, 7], dtype=torch.uint8), np.array([5, 6, 7]),
+])
+def test_one_sequence_of_integer_ids_in_any_form_is_the_same_prompt(loaded, prompt):
+    s = Session(loaded.model, prompt, continuation=0, top=2)
+    assert s.input_ids.dtype == torch.long and s.input_ids.tolist() == [[5, 6, 7]]
+    assert len(s.result.top_after) == 2
+
+
+def test_top_above_the_vocabulary_reports_all_of_it(loaded):
+    s = Session(loaded.model, [5, 6, 7], continuation=0, top=10**6)
+    assert len(s.result.top_after) == loaded.model.config.vocab_size
 
 
 def test_the_latest_request_wins(session, loaded):
@@ -298,4 +348,15 @@ def test_replay_refuses_another_prompt_model_or_trace(tmp_path, session, loaded)
     ds, _ = _record(loaded, session.input_ids, Controls())
     with pytest.raises(ControlError, match="in-memory trace, so JSON cannot bring it back"):
         Controls.from_json(Controls.replay(ds).to_json())
+    with pytest.raises(ControlError, match=r"an in-memory trace holds no \['expert_weights'\]; record it with sites"):
+        Controls.replay(ds.drop_vars("expert_weights"))
+    lost = ds.copy(deep=True)
+    lost["expert_ids"].loc[{"layer": 2}] = -1  # what a trace that did not capture layer 2 holds
+    with pytest.raises(ControlError, match=r"did not capture the routing of layers \[2\] for seq 0"):
+        Controls.replay(lost)
+    assert Controls.replay(lost, layers=[1]).replayed(1)  # the captured layer alone still replays
+    wild = ds.copy(deep=True)
+    wild["expert_ids"].loc[{"layer": 1}] = 99
+    with pytest.raises(ControlError, match="layer 1 names experts outside 0..15"):
+        session.apply(Controls.replay(wild))
     assert session._state is state

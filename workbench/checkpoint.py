@@ -7,23 +7,37 @@
   them; in memory they are stacked [E, ...]. transformers' fused in-memory `gate_up_proj` layout is read too.
 - FP8 (e4m3) weights with `weight_scale_inv` in 128x128 blocks are dequantized block by block; a last partial
   block (V3's kv_a_proj_with_mqa is 576 x 7168) takes the scale of the block it falls in.
-- Multi-token-prediction layers (index >= num_hidden_layers) are skipped, and the skip is reported.
+- Multi-token-prediction layers (index in [num_hidden_layers, num_hidden_layers + num_nextn_predict_layers)) are
+  skipped, and the skip is reported; any other layer index the config does not declare is a mismatch.
+- Before the model is built, the tensor names and shapes in the safetensors headers are checked against the config
+  (a config of 20,000 layers fails in milliseconds, allocating nothing); every tensor read is checked for NaN/inf.
+- An index may name only regular files inside the checkpoint folder (symlinks resolved): no absolute paths, no
+  `..`, and nothing that is not a regular file is ever opened (a FIFO would block the reader forever).
 - A model that kept its FP8 weights (`keep_fp8=True`) is saved in the same FP8 layout it was read from: e4m3
   codes + fp32 `weight_scale_inv` per linear and per expert under DeepSeek's names, and the
   `quantization_config` in config.json, so it reads back bit for bit (here and in transformers).
 Every mismatch raises `CheckpointError` naming the file and tensor.
+- `checkpoint_digest` identifies the weights by their bytes (sha256 of config.json and every weight file), cached
+  by file size and mtime_ns beside the checkpoint or in the user cache dir.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
+import os
 import re
+import stat
+import tempfile
+import time
 import warnings
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -73,6 +87,80 @@ def dequantize_fp8_blocks(weight: torch.Tensor, scale_inv: torch.Tensor, block: 
         raise CheckpointError(f"weight_scale_inv does not tile weight {weight.shape[0]}x{weight.shape[1]}: {e}") from e
 
 
+# ---------------------------------------------------------------------------------------------- files
+def _weight_files(path: Path) -> tuple[Path, list[Path]]:
+    """The checkpoint folder and the safetensors files the loader reads: a file given as is, the shards an index
+    names, or `model.safetensors`; each one checked to be a regular file before anything opens it."""
+    if not path.is_dir():
+        _regular_file(path, str(path))
+        return path.parent, [path]
+    if (path / INDEX_NAME).exists() or (path / INDEX_NAME).is_symlink():
+        return path, _index_shards(path / INDEX_NAME)
+    if (path / SINGLE_NAME).exists():
+        _regular_file(path / SINGLE_NAME, str(path))
+        return path, [path / SINGLE_NAME]
+    raise CheckpointError(f"{path}: no {SINGLE_NAME} or {INDEX_NAME}")
+
+
+def _index_shards(index: Path) -> list[Path]:
+    """The shard files `index` names, refused unless each is a regular file inside the index's folder."""
+    _regular_file(index, str(index))
+    try:
+        data = json.loads(index.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index}: not a valid safetensors index: 'weight_map' must be an object of tensor "
+                              f"name -> shard file name, got {type(weight_map).__name__}")
+    bad = next(((k, v) for k, v in weight_map.items() if not isinstance(v, str)), None)
+    if bad is not None:
+        raise CheckpointError(f"{index}: not a valid safetensors index: weight_map[{bad[0]!r}] is {bad[1]!r}, "
+                              "expected a shard file name")
+    files = [_shard_path(index, name) for name in sorted(set(weight_map.values()))]
+    missing = [f.name for f in files if not (f.exists() or f.is_symlink())]
+    if missing:
+        raise CheckpointError(f"{index} lists shards that do not exist: {missing}")
+    for f in files:
+        _regular_file(f, str(index))
+    return files
+
+
+def _shard_path(index: Path, name: str) -> Path:
+    """`index`'s folder / `name`, refused when `name` is absolute, holds `..`, or resolves (symlinks followed)
+    outside the folder: an index must never make the loader read another file of the machine.
+
+    The one exception is a Hugging Face hub snapshot (`.../snapshots/<rev>/`), whose files are symlinks into the
+    repo's `blobs/` folder.
+    """
+    root = index.parent
+    win = PureWindowsPath(name)  # splits on both separators and knows drives
+    if not name or PurePosixPath(name).is_absolute() or win.is_absolute() or win.drive or ".." in win.parts:
+        raise CheckpointError(f"{index}: shard {name!r} is not a file name inside the checkpoint folder "
+                              "(absolute paths and '..' are refused)")
+    try:
+        real, inside = (root / name).resolve(), root.resolve()
+    except (OSError, RuntimeError) as e:  # a symlink loop
+        raise CheckpointError(f"{index}: shard {name!r} cannot be resolved ({e})") from None
+    hub_blobs = inside.parent.parent / "blobs" if inside.parent.name == "snapshots" else None
+    if not (real.is_relative_to(inside) or (hub_blobs is not None and real.is_relative_to(hub_blobs))):
+        raise CheckpointError(f"{index}: shard {name!r} resolves to {real}, outside the checkpoint folder {inside}; "
+                              "an index may name only files inside its folder")
+    return root / name
+
+
+def _regular_file(path: Path, where: str) -> None:
+    """Refuse `path` unless it is a regular file (after symlinks), with os.stat alone: a FIFO is never opened."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise CheckpointError(f"{where}: {path} does not exist") from None
+    except OSError as e:
+        raise CheckpointError(f"{where}: cannot stat {path} ({e.strerror or e})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise CheckpointError(f"{where}: {path} is not a regular file (a FIFO, device or directory is never read)")
+
+
 # ---------------------------------------------------------------------------------------------- reading
 @dataclass
 class CheckpointReader:
@@ -82,12 +170,15 @@ class CheckpointReader:
     config: ModelConfig
     weight_map: dict[str, Path] = field(default_factory=dict)  # HF tensor name -> file
     block: tuple[int, int] = (128, 128)
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # HF tensor name -> shape, from the headers
 
     @classmethod
     def open(cls, path: str | Path, config: ModelConfig | None = None) -> CheckpointReader:
         path = Path(path)
         root = path if path.is_dir() else path.parent
         if config is None:
+            if (root / "config.json").exists():
+                _regular_file(root / "config.json", str(root))
             try:
                 config = ModelConfig.from_json(root / "config.json")
             except ConfigError as e:
@@ -96,35 +187,23 @@ class CheckpointReader:
             family_for(config.model_type)  # the family that will build the model; refused here, before any read
         except ConfigError as e:
             raise CheckpointError(f"{root / 'config.json'}: {e}") from None
-        files: list[Path]
-        if path.is_file():
-            files = [path]
-        elif (root / INDEX_NAME).exists():
-            try:
-                index = json.loads((root / INDEX_NAME).read_text())
-                shard_names = sorted(set(index["weight_map"].values()))
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise CheckpointError(f"{root / INDEX_NAME}: not a valid safetensors index ({e})") from None
-            files = [root / s for s in shard_names]
-            missing = [f.name for f in files if not f.exists()]
-            if missing:
-                raise CheckpointError(f"{root / INDEX_NAME} lists shards that do not exist: {missing}")
-        elif (root / SINGLE_NAME).exists():
-            files = [root / SINGLE_NAME]
-        else:
-            raise CheckpointError(f"{root}: no {SINGLE_NAME} or {INDEX_NAME}")
+        _, files = _weight_files(path)
         weight_map: dict[str, Path] = {}
+        shapes: dict[str, tuple[int, ...]] = {}
         for f in files:
-            for name in _keys(f):
+            for name, shape in _header_shapes(f).items():
                 weight_map[name] = f
+                shapes[name] = shape
         quant = dict(config.hf_extra).get("quantization_config") or {}
         block = tuple(quant.get("weight_block_size", (128, 128)))
-        return cls(path, config, weight_map, (int(block[0]), int(block[1])))
+        return cls(path, config, weight_map, (int(block[0]), int(block[1])), shapes)
 
     def names(self) -> list[str]:
         return list(self.weight_map)
 
     def shape(self, name: str) -> tuple[int, ...]:
+        if name in self.shapes:
+            return self.shapes[name]
         with _SafeOpen(self.weight_map[name]) as f:
             return tuple(f.get_slice(name).get_shape())
 
@@ -158,9 +237,10 @@ class CheckpointReader:
         return {n: self.get(n) for n in self.layer_names(layer)}
 
 
-def _keys(path: Path) -> list[str]:
+def _header_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Every tensor's name and shape in one file, from its header alone."""
     with _SafeOpen(path) as f:
-        return list(f.keys())
+        return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118 (no iter)
 
 
 class _SafeOpen:
@@ -180,22 +260,137 @@ class _SafeOpen:
         self._cm.__exit__(*exc)
 
 
+# ---------------------------------------------------------------------------------------------- checks
+def _check_layers(reader: CheckpointReader) -> None:
+    """Refuse layer indices the config does not declare, from the tensor names alone (nothing built or read).
+
+    Layers [N, N + num_nextn_predict_layers) are DeepSeek's multi-token-prediction modules (skipped when loading);
+    any other index >= N, or a main layer without tensors, means config.json describes another model.
+    """
+    cfg = reader.config
+    N, mtp = cfg.num_hidden_layers, cfg.num_nextn_predict_layers
+    held = sorted({int(m.group(1)) for m in map(_LAYER.match, map(hf_to_ours, reader.names())) if m})
+    beyond = [i for i in held if i >= N + mtp]
+    declared = f"{N} layers" + (f" (+ {mtp} multi-token-prediction)" if mtp else "")
+    if beyond:
+        raise CheckpointError(f"{reader.path}: config.json declares {declared} but the weights hold layer "
+                              f"{beyond[0]}{f' (layers {held[0]}..{held[-1]})' if len(held) > 1 else ''}; "
+                              "config.json does not match the weights")
+    main = {i for i in held if i < N}
+    if len(main) < N:
+        lost = next(i for i in range(N) if i not in main)
+        raise CheckpointError(f"{reader.path}: config.json declares {declared} but the weights hold {len(main)} "
+                              f"(layer {lost} has no tensors); config.json does not match the weights")
+
+
+def _check_shapes(reader: CheckpointReader) -> None:
+    """Compare every header shape with what the config implies, before the full model is built.
+
+    Layer j is compared with the same kind of layer (dense or MoE) of a meta model of at most a few layers, so the
+    check costs milliseconds whatever num_hidden_layers says. Names the model has no place for are left to the
+    load, which reports them all at once.
+    """
+    cfg = reader.config
+    N = cfg.num_hidden_layers
+    scan = range(min(N, cfg.first_k_dense_replace + max(cfg.moe_layer_freq, 1) + 1))
+    dense = next((i for i in scan if not cfg.is_moe_layer(i)), None)
+    moe = next((i for i in scan if cfg.is_moe_layer(i)), None)
+    kinds = [i for i in (dense, moe) if i is not None]
+    with torch.device("meta"):
+        template = DeepSeekModel(cfg.replace(num_hidden_layers=max(kinds) + 1))
+    want = {n: tuple(t.shape) for n, t in _loadable(template, cfg).items()}
+    for hf_name in reader.names():
+        ours = hf_to_ours(hf_name)
+        m = _LAYER.match(ours)
+        if hf_name.endswith("_scale_inv") or (m and int(m.group(1)) >= N):
+            continue
+        if m:
+            same = moe if cfg.is_moe_layer(int(m.group(1))) else dense
+            ours = f"layers.{same}.{ours[m.end():]}"
+        expect = _expected_shape(ours, want)
+        got = reader.shape(hf_name)
+        if expect is not None and got != expect:
+            raise CheckpointError(f"{reader.weight_map[hf_name]}: {hf_name}: shape {got}, the config implies "
+                                  f"{expect}; config.json does not match the weights")
+
+
+def _expected_shape(ours: str, want: dict[str, tuple[int, ...]]) -> tuple[int, ...] | None:
+    """The shape a checkpoint tensor called `ours` (on-disk layout) must have; None: the model has no such tensor
+    (reported at load with every other unexpected name; an expert index past E is checked there too)."""
+    e = _EXPERT.match(ours)
+    if e:
+        stacked = want.get(f"layers.{e.group(1)}.mlp.experts.{e.group(3)}")
+        return stacked[1:] if stacked else None  # one expert: [N, K] of the stacked [E, N, K]
+    fused = _FUSED.match(ours)
+    if fused and fused.group(2) == "gate_up_proj":  # transformers' [E, 2I, H]
+        gate = want.get(f"layers.{fused.group(1)}.mlp.experts.gate_proj")
+        return (gate[0], 2 * gate[1], gate[2]) if gate else None
+    return want.get(ours)
+
+
+# the first non-finite FP8 code of each sign's magnitude: e4m3fn's only one is NaN (S.1111.111); e5m2 is IEEE-like
+# (exponent all ones: inf, then NaNs). Read as int8, +non-finite codes are >= it; read as uint8, -non-finite >= 0x80|it.
+_FP8_FIRST_NONFINITE = {torch.float8_e4m3fn: 0x7F, torch.float8_e5m2: 0x7C}
+
+
+def _check_finite(t: torch.Tensor, hf_name: str, file: Path) -> None:
+    """Refuse a floating tensor holding NaN or inf: one NaN weight turns every logit NaN, and one in
+    `e_score_correction_bias` sends every token to expert 0 with finite logits, so neither may load quietly.
+
+    Two reductions that propagate NaN and inf (min/max: ~30-50 GB/s on one core, against ~1 GB/s for isfinite),
+    so a checkpoint of hundreds of GB pays seconds; FP8 codes are compared as integers, with no float copy.
+    """
+    if t.numel() == 0:
+        return
+    if t.dtype in _FP8_FIRST_NONFINITE:
+        first = _FP8_FIRST_NONFINITE[t.dtype]
+        if int(t.view(torch.int8).max()) < first and int(t.view(torch.uint8).max()) < 0x80 | first:
+            return
+        magnitude = t.view(torch.uint8) & 0x7F
+        bad = int((magnitude >= first).sum())
+        n_inf = int((magnitude == 0x7C).sum()) if t.dtype == torch.float8_e5m2 else 0
+        n_nan = bad - n_inf
+    elif t.is_floating_point():
+        lo, hi = torch.aminmax(t)
+        if bool(torch.isfinite(lo)) and bool(torch.isfinite(hi)):
+            return
+        n_nan, n_inf = int(t.isnan().sum()), int(t.isinf().sum())
+    else:
+        return
+    raise CheckpointError(f"{file}: tensor {hf_name} holds {n_nan} NaN and {n_inf} inf of {t.numel()} values; "
+                          "the checkpoint is corrupt (or was saved from a diverged run)")
+
+
+def _loadable(model: DeepSeekModel, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """The model's tensors a checkpoint fills: every parameter, and the buffers it saves (V3's
+    `e_score_correction_bias`; V2's routing has no bias, so its unused zero buffer is not read)."""
+    params: dict[str, torch.Tensor] = dict(model.named_parameters())
+    params.update({n: b for n, b in model.named_buffers() if not n.endswith("e_score_correction_bias")
+                   or cfg.topk_method == "noaux_tc"})
+    return params
+
+
+# ---------------------------------------------------------------------------------------------- loading
 def _iter_model_tensors(reader: CheckpointReader, skipped: list[str], keep_fp8: bool = False
                         ) -> Iterator[tuple[str, int | None, torch.Tensor, str]]:
     """Yield (our name, expert index or None, tensor, HF name); MTP layers go to `skipped`.
 
-    With `keep_fp8`, linear weights (`*proj.weight`, experts) come as stored, FP8 codes undequantized.
+    With `keep_fp8`, linear weights (`*proj.weight`, experts) come as stored, FP8 codes undequantized. Every
+    tensor is checked for NaN/inf as it is read. Layers past the MTP ones come through and are unexpected (only
+    `strict=False` gets that far: `_check_layers` refuses them first).
     """
     def read(hf_name: str, keep: bool) -> torch.Tensor:
-        return reader.raw(hf_name) if keep else reader.get(hf_name)
+        t = reader.raw(hf_name) if keep else reader.get(hf_name)
+        _check_finite(t, hf_name, reader.weight_map[hf_name])
+        return t
 
-    L = reader.config.num_hidden_layers
+    L, mtp = reader.config.num_hidden_layers, reader.config.num_nextn_predict_layers
     for hf_name in reader.names():
         if hf_name.endswith("_scale_inv"):
             continue
         ours = hf_to_ours(hf_name)
         m = _LAYER.match(ours)
-        if m and int(m.group(1)) >= L:
+        if m and L <= int(m.group(1)) < L + mtp:
             skipped.append(hf_name)
             continue
         e = _EXPERT.match(ours)
@@ -212,17 +407,21 @@ def load_checkpoint(path: str | Path, *, dtype: torch.dtype = torch.float32, con
 
     `keep_fp8`: FP8 linear weights stay e4m3 codes + `weight_scale_inv` in `FP8Linear`s / FP8 `Experts` (see
     `workbench.model.fp8`), run in DeepSeek-V3's FP8 recipe, instead of being dequantized to `dtype`.
+    The layer indices and shapes in the headers are checked against the config first (with `strict`, layers the
+    config does not declare are refused; without, they are ignored like any unexpected tensor), and a tensor
+    holding NaN or inf is refused by name.
     """
     reader = CheckpointReader.open(path, config)
     cfg = reader.config
     if keep_fp8 and reader.block != (128, 128):
         raise CheckpointError(f"{reader.path}: keep_fp8 needs 128x128 weight blocks, the checkpoint has {reader.block}")
+    if strict:
+        _check_layers(reader)
+    _check_shapes(reader)
     fp8_values: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     with torch.device("meta"):
         model = DeepSeekModel(cfg)
-    params: dict[str, torch.Tensor] = dict(model.named_parameters())
-    params.update({n: b for n, b in model.named_buffers() if not n.endswith("e_score_correction_bias")
-                   or cfg.topk_method == "noaux_tc"})
+    params = _loadable(model, cfg)
     values: dict[str, torch.Tensor] = {}
     expert_filled: dict[str, set[int]] = {}
     unexpected: list[str] = []
@@ -301,6 +500,7 @@ def _put_fp8(fp8_values: dict[str, tuple[torch.Tensor, torch.Tensor]], params: d
     if hf_name + "_scale_inv" not in reader.weight_map:
         raise CheckpointError(f"{hf_name} is {q.dtype} but {hf_name}_scale_inv is missing")
     scale = reader.raw(hf_name + "_scale_inv").float()
+    _check_finite(scale, hf_name + "_scale_inv", reader.weight_map[hf_name + "_scale_inv"])
     full = tuple(params[ours].shape)
     want = full if expert is None else full[1:]
     grid = (math.ceil(want[0] / 128), math.ceil(want[1] / 128))
@@ -471,18 +671,122 @@ def build_meta(config: ModelConfig) -> DeepSeekModel:
         return DeepSeekModel(config)
 
 
+# ---------------------------------------------------------------------------------------------- identity
+DIGEST_CACHE_NAME = ".workbench-digest.json"
+_HASH_BLOCK = 8 << 20  # bytes per read while hashing: large sequential reads, one reused buffer per thread
+_RACY_NS = 3_000_000_000  # a file changed this recently is hashed but not cached: a rewrite of the same size within
+# the file system's timestamp granularity (1 ns to 2 s) would keep its (size, mtime_ns) key (git's "racy" case)
+_PACKAGE_DIR = Path(__file__).resolve().parent  # the bundled model lives here; an installed package is never written
+
+
 def checkpoint_digest(path: str | Path) -> str:
-    """sha256 of config.json and every safetensors header + size: identifies a checkpoint without reading GBs."""
-    path = Path(path)
-    root = path if path.is_dir() else path.parent
+    """`sha256:` + 16 hex digits over config.json and every byte of the weight files the loader reads.
+
+    Traces, trace stores and replays are checked against it, so it changes when any weight byte changes (a
+    fine-tune keeps every shape). Hashing streams each file (about 1.6 GB/s per core with SHA-NI; files in parallel
+    threads), and each file's sha256 is cached by (size, mtime_ns) in `.workbench-digest.json` beside the
+    checkpoint, or where that cannot be written (or for the bundled model) in the user cache dir: a checkpoint of
+    hundreds of GB is hashed once, and a cache that cannot be read or written only costs the hashing again.
+    """
+    root, files = _weight_files(Path(path))
     h = hashlib.sha256()
     cfg = root / "config.json"
-    if cfg.exists():
-        h.update(cfg.read_bytes())
-    files = [path] if path.is_file() else sorted(root.glob("*.safetensors"))
-    for f in files:
-        with f.open("rb") as fh:
-            n = int.from_bytes(fh.read(8), "little")
-            h.update(fh.read(min(n, 100_000_000)))
-        h.update(str(f.stat().st_size).encode())
+    if cfg.is_file():
+        h.update(b"config.json\0" + hashlib.sha256(cfg.read_bytes()).digest())
+    for f, file_hash in zip(files, _file_hashes(root, files), strict=True):
+        h.update(f.relative_to(root).as_posix().encode() + b"\0" + bytes.fromhex(file_hash))
     return "sha256:" + h.hexdigest()[:16]
+
+
+def digest_cache_paths(path: str | Path) -> list[Path]:
+    """Where a checkpoint's digest cache is looked for and written, in order: beside it (not for a checkpoint
+    inside the installed package), then `$XDG_CACHE_HOME` (or ~/.cache) / moe-workbench / digests, keyed by the
+    folder's absolute path."""
+    root = Path(path) if Path(path).is_dir() else Path(path).parent
+    real = root.resolve()
+    paths = [] if real.is_relative_to(_PACKAGE_DIR) else [root / DIGEST_CACHE_NAME]
+    base = os.environ.get("XDG_CACHE_HOME", "")
+    if not os.path.isabs(base):
+        try:
+            base = str(Path.home() / ".cache")
+        except RuntimeError:  # no home directory: beside the checkpoint only
+            return paths
+    key = hashlib.sha256(str(real).encode()).hexdigest()[:24]
+    return [*paths, Path(base) / "moe-workbench" / "digests" / f"{key}.json"]
+
+
+def _file_hashes(root: Path, files: list[Path]) -> list[str]:
+    """sha256 hex of each file: from a cache whose (size, mtime_ns) still match the file, else streamed; what was
+    hashed goes back to the first cache that can be written."""
+    caches = digest_cache_paths(root)
+    entries = [_read_cache(p) for p in caches]
+    names = [f.relative_to(root).as_posix() for f in files]
+    stats = [os.stat(f) for f in files]
+    cached = [_cached_hash(entries, n, st) for n, st in zip(names, stats, strict=True)]
+    todo = [i for i, known in enumerate(cached) if known is None]
+    started = time.time_ns()
+    with ThreadPoolExecutor(max_workers=max(1, min(len(todo), os.cpu_count() or 1, 8))) as pool:
+        fresh = dict(zip(todo, pool.map(lambda i: _file_sha256(files[i]), todo), strict=True))
+    hashes = [fresh[i] if known is None else known for i, known in enumerate(cached)]
+    if not todo:
+        return hashes
+    keep: dict[str, dict[str, Any]] = {}
+    for i, (name, st) in enumerate(zip(names, stats, strict=True)):
+        now = os.stat(files[i])
+        stable = (now.st_size, now.st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+        if stable and (i not in fresh or started - st.st_mtime_ns >= _RACY_NS):
+            keep[name] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": hashes[i]}
+    if any(names[i] in keep for i in todo):
+        _write_cache(caches, {"version": 1, "path": str(root.resolve()), "files": keep})
+    return hashes
+
+
+def _cached_hash(entries: list[dict[str, Any]], name: str, st: os.stat_result) -> str | None:
+    for files in entries:
+        e = files.get(name)
+        if (isinstance(e, dict) and e.get("size") == st.st_size and e.get("mtime_ns") == st.st_mtime_ns
+                and isinstance(e.get("sha256"), str) and re.fullmatch(r"[0-9a-f]{64}", e["sha256"])):
+            return str(e["sha256"])
+    return None
+
+
+def _file_sha256(path: Path) -> str:
+    """sha256 hex of a file's bytes, read in `_HASH_BLOCK` blocks into one buffer (memory: one block)."""
+    h = hashlib.sha256()
+    buf = bytearray(_HASH_BLOCK)
+    view = memoryview(buf)
+    with path.open("rb", buffering=0) as fh:
+        while n := fh.readinto(buf):
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+def _read_cache(path: Path) -> dict[str, Any]:
+    """A digest cache's per-file entries; {} when it is missing, unreadable or not ours."""
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return {}
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return {}
+    files = data.get("files") if isinstance(data, dict) and data.get("version") == 1 else None
+    return files if isinstance(files, dict) else {}
+
+
+def _write_cache(paths: list[Path], data: dict[str, Any]) -> None:
+    """Write `data` atomically (temp file + rename: concurrent loaders never see half a file) to the first path
+    that takes it; none taking it is not an error."""
+    text = json.dumps(data, indent=1, sort_keys=True) + "\n"
+    for path in paths:
+        tmp = None
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+            with os.fdopen(fd, "w") as fh:
+                fh.write(text)
+            os.replace(tmp, path)
+            return
+        except OSError:
+            if tmp is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)

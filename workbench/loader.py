@@ -6,6 +6,8 @@
   benchmarks that need a model whose shape is fixed and that costs nothing to build.
 - A directory (or a safetensors file): an HF checkpoint, with its `tokenizer.json` when there is one.
 A bundled asset that is missing or unreadable raises an error naming the file, never a silently random model.
+`LoadedModel.digest` names the weights by their bytes (`checkpoint_digest`), so a fine-tune of the same shapes is
+another model to every trace check.
 
 `device` puts the model on "cpu", "cuda" (or "cuda:N"), "mps", or "auto" (CUDA where available, else Apple's MPS,
 else the CPU). The torch path runs on any of them; a device this machine does not have is refused by name.
@@ -38,7 +40,7 @@ class LoadedModel:
     model: DeepSeekModel
     tokenizer: Tokenizer
     name: str  # what was asked for: "default", "tiny-random", or the checkpoint path
-    digest: str  # identifies the weights (sha256 of config.json + safetensors headers, or "random:<preset>:<seed>")
+    digest: str  # identifies the weights: sha256 of config.json + every weight byte (cached), or "random:<preset>:<seed>"
 
 
 def load_model(name_or_path: str | Path = "default", *, dtype: torch.dtype = torch.float32,

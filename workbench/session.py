@@ -82,10 +82,11 @@ class Session:
 
     Args:
         model: the model; the session only reads it (no parameters or modules are changed).
-        prompt: text (needs `tokenizer`; BOS is prepended when the config has one) or token ids.
+        prompt: text (needs `tokenizer`; BOS is prepended when the config has one) or the integer token ids of one
+            sequence, shape [S] or [1, S] (float ids and batches are refused, not rounded or cut to one row).
         tokenizer: turns text into ids and ids back into text for the reports.
         continuation: greedy tokens generated after the prompt before/after (0 skips it and the KV cache).
-        top: how many top tokens to report.
+        top: how many top tokens to report (an int >= 1; more than the vocabulary reports all of it).
         calibration: text or ids whose latents give the SVD bases for latent truncation (default: the prompt).
         mode: attention computation, "naive" (the reference) or "absorb".
     """
@@ -93,11 +94,11 @@ class Session:
     def __init__(self, model: DeepSeekModel, prompt: str | Sequence[int] | torch.Tensor, tokenizer: Tokenizer | None = None,
                  *, continuation: int = 8, top: int = 5, calibration: str | Sequence[int] | torch.Tensor | None = None,
                  mode: AttnMode = "naive") -> None:
-        if continuation < 0:
-            raise ValueError(f"continuation must be >= 0, got {continuation}")
+        _need_count("continuation", continuation, 0)
+        _need_count("top", top, 1)
         self.model, self.tokenizer, self.config = model, tokenizer, model.config
         self.n_continue, self.top, self.mode = continuation, top, mode
-        self.input_ids = self._encode(prompt)  # [1, S]
+        self.input_ids = self._encode(prompt, "prompt")  # [1, S]
         if self.input_ids.shape[1] < 2:
             raise ValueError("the prompt needs at least 2 tokens (one to predict from, one to predict)")
         model.check_input(self.input_ids, past=continuation)  # the prompt plus its continuation must fit
@@ -110,7 +111,7 @@ class Session:
             self.baseline = self._run(None, Controls(), {}, 0, latents=calib_latents)
             if calibration is not None:
                 calib_latents.clear()
-                self._capture_latents(self._encode(calibration), calib_latents)
+                self._capture_latents(self._encode(calibration, "calibration"), calib_latents)
         self.svd_bases = {layer: svd_basis(lat) for layer, lat in calib_latents.items()}  # layer -> [C, C]
         self._base_stats = self._stats(self.baseline)  # the baseline's side of every comparison, computed once
         baseline_result = self._compare(self.baseline, 0, self.config.num_hidden_layers, 0.0)
@@ -273,16 +274,25 @@ class Session:
             return " ".join(f"<{i}>" for i in ids)
         return self.tokenizer.decode(list(ids))
 
-    def _encode(self, prompt: str | Sequence[int] | torch.Tensor) -> torch.Tensor:
+    def _encode(self, prompt: str | Sequence[int] | torch.Tensor, what: str) -> torch.Tensor:
+        """Text or ids -> [1, S] int64. Ids are never rounded (a float tensor is refused) and a batch is refused:
+        every comparison the session reports is of one sequence."""
         device = next(self.model.parameters()).device
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise ValueError("a text prompt needs a tokenizer (or pass token ids)")
+                raise ValueError(f"a text {what} needs a tokenizer (or pass token ids)")
             bos = self.config.bos_token_id
             ids = ([bos] if bos is not None else []) + self.tokenizer.encode(prompt)
             return torch.tensor([ids], dtype=torch.long, device=device)
-        t = torch.as_tensor(prompt, dtype=torch.long, device=device)
-        return t[None] if t.dim() == 1 else t
+        t = torch.as_tensor(prompt)
+        if t.numel() and (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool):
+            raise ValueError(f"{what} token ids must be integers, got {t.dtype} values (ids are never rounded)")
+        if t.dim() == 1:
+            t = t[None]
+        if t.dim() != 2 or t.shape[0] != 1:
+            raise ValueError(f"a session takes one sequence: the {what} must have shape [S] or [1, S], "
+                             f"got shape {list(t.shape)}")
+        return t.to(device=device, dtype=torch.long)
 
 
 class _Collector:
@@ -297,6 +307,11 @@ class _Collector:
             self.expert_ids[layer] = value.detach()  # [S, k]
         elif self.latents is not None:
             self.latents[layer] = value.detach().reshape(-1, value.shape[-1])  # [S, C]
+
+
+def _need_count(name: str, value: int, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
 def _changed_fraction(before: torch.Tensor, after: torch.Tensor, n_experts: int) -> float:

@@ -22,9 +22,17 @@ def test_impossible_latent_settings_are_named(controls, message):
         controls.validate(TINY)
 
 
-def test_bad_latent_json_is_named():
-    with pytest.raises(ControlError, match="rank must be int"):
-        Controls.from_json('{"latent": {"0": {"rank": "8"}}}')
+@pytest.mark.parametrize(("text", "message"), [
+    ('{"latent": {"0": {"rank": "8"}}}', r"latent\[0\]: LatentControl.rank must be int, got '8'"),
+    ('{"latent": {"0": {"rank": 8.0}}}', "rank must be int, got 8.0"),
+    ('{"latent": {"all": {"rank": true}}}', r"latent\['all'\]: LatentControl.rank must be int, got True"),
+    ('{"latent": {"1": {"basis": "raw"}}}', r"latent\[1\] needs 'rank' \(and optionally 'basis'\); got fields \['basis'\]"),
+    ('{"latent": {"1": {"rank": 4, "bases": "raw"}}}', r"latent\[1\] needs 'rank'.*\['bases', 'rank'\]"),
+    ('{"latent": {"1.5": {"rank": 4}}}', "latent: layer key must be an int or 'all'"),
+])
+def test_bad_latent_json_is_named(text, message):
+    with pytest.raises(ControlError, match=message):
+        Controls.from_json(text)
 
 
 def test_latent_truncation(model, ids):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -40,9 +42,53 @@ def test_sampling_is_reproducible_and_differs_from_greedy(tiny):
         tiny.generate(ids, 2, temperature=1.0, top_p=1.5)
 
 
-def test_generate_stops_at_the_position_limit(tiny):
+def test_generate_stops_at_the_position_limit_and_says_so(tiny):
     ids = torch.ones(1, 1020, dtype=torch.long)
-    assert tiny.generate(ids, 50).shape == (1, 1024)
+    with pytest.warns(UserWarning, match=r"only 4 of the 50 new tokens asked for fit: the prompt's 1020 tokens plus 50 "
+                                         r"would pass max_position_embeddings=1024") as record:
+        assert tiny.generate(ids, 50).shape == (1, 1024)
+    assert [w.filename for w in record] == [__file__]  # the warning points at the caller, not at torch's wrapper
+    with pytest.warns(UserWarning, match="only 0 of the 3 new tokens"):
+        assert tiny.generate(torch.ones(1, 1024, dtype=torch.long), 3).shape == (1, 1024)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # exactly up to the limit, or nothing asked: no warning
+        assert tiny.generate(torch.ones(1, 1000, dtype=torch.long), 24).shape == (1, 1024)
+        assert tiny.generate(torch.ones(1, 1024, dtype=torch.long), 0).shape == (1, 1024)
+
+
+def test_generate_runs_one_forward_per_new_token(tiny):
+    """The prefill gives the first token, each decode step one more; the last token needs no forward of its own."""
+    calls = []
+    handle = tiny.register_forward_hook(lambda _m, args, _out: calls.append(args[0].shape[1]))
+    try:
+        out = tiny.generate(torch.tensor([[5, 6, 7]]), 4)
+    finally:
+        handle.remove()
+    assert out.shape == (1, 7) and calls == [3, 1, 1, 1]
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"max_new_tokens": -1}, "max_new_tokens must be an int >= 0, got -1"),
+    ({"max_new_tokens": 2.5}, "max_new_tokens must be an int >= 0, got 2.5"),
+    ({"max_new_tokens": True}, "max_new_tokens must be an int >= 0, got True"),
+    ({"temperature": -1.0}, "temperature must be >= 0"),
+    ({"temperature": float("nan")}, "temperature must be a finite number >= 0, got nan"),
+    ({"temperature": float("inf")}, "temperature must be a finite number >= 0, got inf"),
+    ({"temperature": 1.0, "top_k": 0}, "top_k must be >= 1"),
+    ({"temperature": 1.0, "top_k": 2.5}, r"top_k must be >= 1 \(an int\), got 2.5"),
+    ({"temperature": 1.0, "top_p": 0.0}, r"top_p must be in \(0, 1\], got 0.0"),
+    ({"top_p": 1.5}, r"top_p must be in \(0, 1\]"),  # refused under greedy too, where it was silently ignored
+])
+def test_bad_generate_arguments_are_named_before_any_forward(tiny, kwargs, message):
+    kwargs = {"max_new_tokens": 2, **kwargs}
+    calls = []
+    handle = tiny.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        with pytest.raises(ValueError, match=message):
+            tiny.generate(torch.tensor([[5, 6, 7]]), **kwargs)
+    finally:
+        handle.remove()
+    assert calls == []
 
 
 def test_kv_bytes_match_published_figures():

@@ -11,21 +11,16 @@ import pytest
 import xarray as xr
 from tornado.httpclient import HTTPClientError
 
-from workbench.cli import main as workbench_cli
-
 
 @pytest.fixture
-def stores(jp_root_dir, tmp_path_factory):
+def stores(jp_root_dir, tmp_path_factory, copy_store):
     """Two real stores written by `workbench trace`, a corrupt one, a hidden one, and a symlink out of the root.
 
-    They come from the fixed-shape `tiny-random` model (3 layers, MoE layers 1-2, 16 experts), so the shapes below
-    do not move when the bundled default model is retrained.
+    They are copies of the session's `tiny-random` store (3 layers, MoE layers 1-2, 16 experts; see conftest.py),
+    so the shapes below do not move when the bundled default model is retrained.
     """
-    corpus = tmp_path_factory.mktemp("input") / "in.txt"
-    corpus.write_text("def f(x):\n    return x + 1\nthe expert routes a token\n")
-    (jp_root_dir / "runs" / "deep").mkdir(parents=True)
     for rel in ("a.zarr", "runs/deep/b.zarr", ".hidden/c.zarr"):
-        assert workbench_cli(["trace", "--model", "tiny-random", "--input", str(corpus), "--out", str(jp_root_dir / rel)]) == 0
+        copy_store(jp_root_dir / rel)
     bad = jp_root_dir / "runs" / "broken.zarr"
     bad.mkdir()
     (bad / "zarr.json").write_text("{ this is not json")

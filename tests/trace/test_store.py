@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ from workbench.trace import (
     TraceStoreError,
     open_trace,
 )
+from workbench.trace.store import WriterLock
 
 TEXTS = corpus(12, seed=3)
 
@@ -99,7 +101,10 @@ def test_disk_full_mid_batch_keeps_every_committed_batch_and_resume_finishes(tmp
     monkeypatch.setattr(TraceStore, "_put", real_put)
     ds = open_trace(path)
     assert ds.sizes["token"] == committed and not ds.attrs["complete"]
-    # resume: a fresh handle continues after the committed batches
+    # resume: a fresh handle continues after the committed batches, once the failed one let go of the region
+    with pytest.raises(TraceStoreError, match="another writer holds it"):
+        TraceStore.open_for_append(path, t.attrs(), t.layout)
+    store.release()
     again = TraceStore.open_for_append(path, t.attrs(), t.layout)
     assert again.tokens == committed and again.seqs == sum(n for _, n in batches[:2])
     for b, n in batches[2:]:
@@ -192,3 +197,109 @@ def test_two_processes_fill_disjoint_regions(tmp_path, loaded):
     np.testing.assert_array_equal(ds.token_id.values, np.concatenate([w.token_id.values for w in want]))
     np.testing.assert_array_equal(ds.expert_ids.values, np.concatenate([w.expert_ids.values for w in want]))
     assert set(np.unique(ds.seq.values) // 1000) == {0, 1}
+
+
+# ---------------------------------------------------------------------- the writer lock
+def test_one_handle_per_writer_region_and_regions_of_other_writers_run_together(tmp_path, loaded):
+    t = Trace(loaded.model, None, tokenizer=loaded.tokenizer, keep=False, checkpoint=loaded.digest)
+    single = tmp_path / "one.zarr"
+    store = TraceStore.create(single, t.attrs(), t.layout, chunk_tokens=16, vocab=t.vocab())
+    for second in (lambda: TraceStore.open_for_append(single, t.attrs(), t.layout),
+                   lambda: TraceStore.create(single, t.attrs(), t.layout, chunk_tokens=16)):
+        with pytest.raises(TraceStoreError, match=rf"{single}: another writer holds it .*another TraceStore handle in "
+                                                  "this process: close it first"):
+            second()
+    store.close(complete=False)
+    again = TraceStore.open_for_append(single, t.attrs(), t.layout)  # closing let go of the region
+    again.close(complete=False)
+    # flock locks belong to an open file, so two in one process exclude each other as two processes do
+    first = WriterLock(single, 0)
+    with pytest.raises(TraceStoreError, match="another writer holds it"):
+        WriterLock(single, 0)
+    first.release()
+    WriterLock(single, 0).release()
+    # writers of different regions (--shard I/N) take different locks
+    many = tmp_path / "many.zarr"
+    TraceStore.create(many, t.attrs(), t.layout, chunk_tokens=16, writers=2, region_tokens=64).close(complete=False)
+    w0 = TraceStore.open_for_append(many, t.attrs(), t.layout, writer=0)
+    w1 = TraceStore.open_for_append(many, t.attrs(), t.layout, writer=1)
+    with pytest.raises(TraceStoreError, match="writer 1's lock"):
+        TraceStore.open_for_append(many, t.attrs(), t.layout, writer=1)
+    w0.close()
+    w1.close()
+    # the lock files sit where zarr and xarray never look: no warning about unknown objects
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert "progress" in dict(zarr.open_group(single, mode="r").members())
+        xr.open_zarr(single, consolidated=False)
+        assert open_trace(many).attrs["complete"]
+
+
+def test_reopening_one_region_keeps_the_temporary_files_other_writers_are_writing(tmp_path, loaded):
+    t = Trace(loaded.model, None, tokenizer=loaded.tokenizer, keep=False, checkpoint=loaded.digest)
+    path = tmp_path / "t.zarr"
+    TraceStore.create(path, t.attrs(), t.layout, chunk_tokens=16, writers=2, region_tokens=64).close(complete=False)
+    theirs = [path / "token_id" / "c" / "0.1.2.partial", path / "expert_ids" / "c" / "3" / "0.1.2.partial",
+              path / "progress" / "c" / "0" / "0.1.2.partial"]  # writer 0: chunks 0..3, progress row 0
+    ours = [path / "token_id" / "c" / "4.1.2.partial", path / "expert_ids" / "c" / "7" / "0.1.2.partial",
+            path / "progress" / "c" / "1" / "0.1.2.partial"]  # writer 1: chunks 4..7, progress row 1
+    for f in (*theirs, *ours):
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_bytes(b"half a chunk")
+    TraceStore.open_for_append(path, t.attrs(), t.layout, writer=1).close(complete=False)
+    assert all(f.exists() for f in theirs) and not any(f.exists() for f in ours)
+    single = tmp_path / "one.zarr"
+    write_store(single, loaded, TEXTS[:2], close=False)
+    leftover = single / "token_id" / "c" / "9.1.2.partial"
+    leftover.write_bytes(b"x")
+    TraceStore.open_for_append(single, t.attrs(), t.layout).close(complete=False)
+    assert not leftover.exists()  # a single writer owns every file
+
+
+def test_a_create_that_fails_removes_what_it_wrote_and_a_rerun_creates_it(tmp_path, loaded, monkeypatch):
+    import zarr.storage._local as local
+
+    t = Trace(loaded.model, None, tokenizer=loaded.tokenizer, keep=False, checkpoint=loaded.digest)
+    real = local._put
+    calls = {"n": 0}
+
+    def full_disk(path, value, exclusive=False):
+        calls["n"] += 1
+        if calls["n"] % 5 == 0:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, value, exclusive=exclusive)
+
+    made_here, users_dir = tmp_path / "new" / "t.zarr", tmp_path / "empty.zarr"
+    users_dir.mkdir()
+    for path in (made_here, users_dir):
+        calls["n"] = 0
+        monkeypatch.setattr(local, "_put", full_disk)
+        with pytest.raises(TraceStoreError, match=rf"creating {path} failed \(the disk is full\); removed what was "
+                                                  "written"):
+            TraceStore.create(path, t.attrs(), t.layout, chunk_tokens=16, vocab=t.vocab())
+        monkeypatch.setattr(local, "_put", real)
+        if path == made_here:
+            assert not path.exists()
+        else:  # a folder the user made stays, empty but for the lock file
+            assert [str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()] == ["progress/writer-0.lock"]
+        TraceStore.create(path, t.attrs(), t.layout, chunk_tokens=16, vocab=t.vocab()).close()
+        assert open_trace(path).attrs["complete"]
+    (tmp_path / "file.zarr").write_text("notes")
+    with pytest.raises(TraceStoreError, match="is a file, not a trace store folder"):
+        TraceStore.create(tmp_path / "file.zarr", t.attrs(), t.layout)
+    with pytest.raises(TraceStoreError, match="is a file, not a trace store"):
+        open_trace(tmp_path / "file.zarr")
+
+
+def test_discard_removes_only_a_store_this_handle_created_without_commits(tmp_path, loaded):
+    t = Trace(loaded.model, None, tokenizer=loaded.tokenizer, keep=False, checkpoint=loaded.digest)
+    path = tmp_path / "t.zarr"
+    assert TraceStore.create(path, t.attrs(), t.layout, chunk_tokens=16).discard() and not path.exists()
+    write_store(path, loaded, TEXTS[:2], close=False)
+    reopened = TraceStore.open_for_append(path, t.attrs(), t.layout)
+    assert not reopened.discard() and path.exists()  # not created by this handle
+    committed = TraceStore.create(tmp_path / "c.zarr", t.attrs(), t.layout, chunk_tokens=16, flush_tokens=1)
+    with t:
+        for batch, n in run_windows(t, TEXTS[:1], loaded.tokenizer):
+            committed.append(batch, windows=n)
+    assert not committed.discard() and open_trace(tmp_path / "c.zarr").sizes["token"] == committed.tokens > 0

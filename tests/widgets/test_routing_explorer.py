@@ -57,6 +57,45 @@ def test_stored_trace_pages_and_switches_sources(live: LiveSession, corpus_trace
         view.set_source("nope")
 
 
+@pytest.mark.parametrize("page", [1.5, 0.0, -1, 4, True, "1", None])
+def test_show_page_takes_a_whole_page_number_in_range(page: object) -> None:
+    view = RoutingExplorer(trace=synthetic_routing(1000), page_tokens=256)  # pages 0..3
+    view.show_page(2)
+    with pytest.raises(ValueError, match=r"page .* is outside 0\.\.3 \(a whole page number\)"):
+        view.show_page(page)  # type: ignore[arg-type]
+    assert view.page_slider.value == 2 and view.grid.data["page"] == 2  # (1.5 was floored to page 1 before)
+    view.show_page(np.int64(3))  # type: ignore[arg-type]
+    assert view.grid.data["page"] == 3
+
+
+@pytest.mark.parametrize("token", [1000, 5000, -2])
+def test_a_selected_token_outside_the_source_is_refused(token: int) -> None:
+    view = RoutingExplorer(trace=synthetic_routing(1000), page_tokens=256)
+    view.grid.selected = 999  # the last token: on another page than the one shown, still in the source
+    assert view.selected_choices()[0]["layer"] == 1
+    with pytest.raises(ValueError, match=r"selected token -?\d+ is outside 0\.\.999 \(-1: none\) of this 1000-token"):
+        view.grid.selected = token
+    assert view.grid.selected == 999
+    view.grid.selected = -1
+    assert view.selected_choices() == []
+
+
+def test_switching_to_a_shorter_source_clears_the_selection(live: LiveSession) -> None:
+    view = RoutingExplorer(live=live, trace=synthetic_routing(1000))
+    view.grid.selected = 900
+    view.set_source("live")  # the prompt has far fewer tokens: the selection cannot carry over
+    n = view.grid.data["n_total"]
+    assert view.grid.selected == -1 and n < 900
+    with pytest.raises(ValueError, match=f"outside 0\\.\\.{n - 1}"):
+        view.grid.selected = n
+
+
+@pytest.mark.parametrize("page_tokens", [0, -5, 1.5, True])
+def test_bad_page_tokens_are_named(page_tokens: object) -> None:
+    with pytest.raises(ValueError, match=r"page_tokens must be an int >= 1"):
+        RoutingExplorer(trace=synthetic_routing(10), page_tokens=page_tokens)  # type: ignore[arg-type]
+
+
 def test_trace_alone_needs_no_model() -> None:
     ds = synthetic_routing(5000)
     view = RoutingExplorer(trace=ds, page_tokens=1000)

@@ -58,6 +58,18 @@ def test_bad_page_is_named(page: object) -> None:
         routing_page(ds, page, page_tokens=300)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("page_tokens", [0, 1.5, True])
+def test_bad_page_tokens_are_named(page_tokens: object) -> None:
+    with pytest.raises(ValueError, match="page_tokens must be an int >= 1"):
+        routing_page(synthetic_routing(10), 0, page_tokens=page_tokens)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("token", [50, -1, 1.5, True, "3"])
+def test_token_choices_take_a_token_of_the_source(token: object) -> None:
+    with pytest.raises(ValueError, match=r"token .* is outside 0\.\.49"):
+        token_choices(synthetic_routing(50), token)  # type: ignore[arg-type]
+
+
 def test_token_choices_and_bounds() -> None:
     ds = synthetic_routing(50)
     rows = token_choices(ds, 7)

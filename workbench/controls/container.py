@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
@@ -25,7 +25,7 @@ import torch
 
 from workbench.config import ModelConfig
 from workbench.controls.fp8_sites import _fp8_expand, _frozen_fp8, fp8_layer_sites
-from workbench.controls.keys import ControlError, LayerKey, _layer_key
+from workbench.controls.keys import ControlError, LayerKey, _layer_key, _need_mapping
 from workbench.controls.latent import LatentBasis, LatentControl, _latent_basis
 from workbench.controls.replay import RoutingReplay, _check_replay
 from workbench.controls.routing import RoutingControl, _check_routing, _route_override
@@ -79,6 +79,7 @@ class Controls:
     @classmethod
     def bias(cls, offsets: Mapping[LayerKey, Mapping[int, float]]) -> Controls:
         """`Controls.bias({2: {3: 0.5}})`: +0.5 on expert 3's selection score in layer 2 (its weight is unchanged)."""
+        offsets = _need_mapping(offsets, "Controls.bias", "a mapping {layer: {expert: offset}}")
         return cls(routing={k: RoutingControl(bias_offset=v) for k, v in offsets.items()})
 
     @classmethod
@@ -208,16 +209,21 @@ class Controls:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Controls:
-        unknown = sorted(set(d) - {"routing", "latent", "fp8", "replay"})
+        """From `to_dict`'s shape; every level is checked, so a list where an object belongs is named, not crashed on."""
+        d = _need_mapping(d, "controls", "an object with sections 'routing', 'latent', 'fp8', 'replay'")
+        unknown = sorted(set(d) - {"routing", "latent", "fp8", "replay"}, key=str)
         if unknown:
             raise ControlError(f"controls: unknown section(s) {unknown}; known: ['fp8', 'latent', 'replay', 'routing']")
-        return cls(routing={_layer_key(k): RoutingControl.from_dict(v) for k, v in d.get("routing", {}).items()},
-                   latent={_layer_key(k): LatentControl.from_dict(v) for k, v in d.get("latent", {}).items()},
-                   fp8=dict(d.get("fp8", {})),
-                   routing_replay=RoutingReplay.from_dict(d["replay"]) if d.get("replay") else None)
+        replay = d.get("replay")
+        return cls(routing=_section(d, "routing", RoutingControl.from_dict),
+                   latent=_section(d, "latent", LatentControl.from_dict),
+                   fp8=d.get("fp8", {}),  # checked level by level in _frozen_fp8
+                   routing_replay=RoutingReplay.from_dict(replay) if replay is not None else None)
 
     @classmethod
     def from_json(cls, text: str) -> Controls:
+        if not isinstance(text, (str, bytes, bytearray)):
+            raise ControlError(f"controls: from_json takes JSON text, got {type(text).__name__}; use from_dict for a dict")
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
@@ -240,13 +246,28 @@ def _per_layer(experts: Mapping[LayerKey, Iterable[int]] | Iterable[int], what: 
 
 
 def _layers(layers: Iterable[int] | LayerKey) -> list[LayerKey]:
-    return [layers] if isinstance(layers, (int, str)) else list(layers)
+    if isinstance(layers, (int, str)):
+        return [layers]
+    if not isinstance(layers, Iterable):
+        raise ControlError(f"layers must be a layer, 'all' or a list of layers, got {layers!r}")
+    return list(layers)
+
+
+def _section(d: Mapping[str, Any], name: str, load: Callable[[Any, str], Any]) -> dict[LayerKey, Any]:
+    """One JSON section {layer: entry} -> {layer key: control}, each entry's messages starting with `name[layer]`."""
+    entries = _need_mapping(d.get(name, {}), f"controls[{name!r}]", f"an object of layer (or 'all') -> {name} control")
+    out: dict[LayerKey, Any] = {}
+    for key, entry in entries.items():
+        layer = _layer_key(key, name)
+        out[layer] = load(entry, f"{name}[{layer!r}]")
+    return out
 
 
 def _frozen_by_layer(entries: Mapping[Any, Any], what: str) -> Mapping[LayerKey, Any]:
+    _need_mapping(entries, what, f"a mapping of layer (or 'all') -> {what} control")
     out: dict[LayerKey, Any] = {}
     for key, value in dict(entries).items():
-        out[_layer_key(key)] = value
+        out[_layer_key(key, what)] = value
     ints = sorted(k for k in out if k != "all")
     ordered: dict[LayerKey, Any] = {"all": out["all"]} if "all" in out else {}
     ordered.update({k: out[k] for k in ints})

@@ -44,7 +44,7 @@ def _frozen_fp8(entries: Mapping[Any, Sequence[str] | str]) -> Mapping[LayerKey,
         return MappingProxyType({})
     out: dict[LayerKey, tuple[str, ...]] = {}
     for key, value in dict(entries).items():
-        k = _layer_key(key)
+        k = _layer_key(key, "fp8")
         names = [value] if isinstance(value, str) else value
         if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
             raise ControlError(f"fp8[{k!r}] must be 'all' or a list of site names, got {value!r}")

@@ -4,11 +4,16 @@ Design choices:
 - Keys are a layer index or "all"; a layer's own entry overrides the "all" entry field by field (routing) or as a
   whole (latent). Every `None` field means "as the model is".
 - JSON keys arrive as strings ("2"); they become ints here, so a control reads the same whether built in Python or
-  loaded from JSON.
+  loaded from JSON. Only whole numbers become keys: 1.9, "1.9" or True are refused, never rounded to a layer.
+- JSON can put any type anywhere, so every level of a loaded control checks it got a mapping (`_need_mapping`) and
+  says where it did not, instead of failing later with an AttributeError.
 """
 
 from __future__ import annotations
 
+import numbers
+import re
+from collections.abc import Mapping
 from typing import Any, Literal
 
 LayerKey = int | Literal["all"]
@@ -29,12 +34,33 @@ def _need_type(control: object, name: str, kind: type | tuple[type, ...]) -> boo
     return True
 
 
-def _layer_key(key: Any) -> LayerKey:
-    if key == "all":
+def _integral(value: Any) -> int | None:
+    """`value` as an int when it is one: an int (bool is not) or a string of digits as JSON keys arrive ("3")."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    if isinstance(value, str) and re.fullmatch(r"-?[0-9]+", value):
+        return int(value)
+    return None  # 1.9, "1.9", True, None, ...: never rounded to a layer or expert
+
+
+def _layer_key(key: Any, where: str = "") -> LayerKey:
+    """An int layer or "all"; `where` ("routing", "fp8", ...) starts the message when the key is neither."""
+    if isinstance(key, str) and key == "all":
         return "all"
-    if isinstance(key, bool):
-        raise ControlError(f"layer key must be an int or 'all', got {key!r}")
-    try:
-        return int(key)
-    except (TypeError, ValueError):
-        raise ControlError(f"layer key must be an int or 'all', got {key!r}") from None
+    layer = _integral(key)
+    if layer is None:
+        raise ControlError(f"{where + ': ' if where else ''}layer key must be an int or 'all' "
+                           f"(in JSON a string of digits such as \"3\"), got {key!r}")
+    return layer
+
+
+def _need_mapping(value: Any, where: str, what: str) -> Mapping[Any, Any]:
+    """Raise naming `where` unless `value` is a mapping (a JSON object); JSON can put a list or a number anywhere."""
+    if not isinstance(value, Mapping):
+        raise ControlError(f"{where} must be {what}, got {type(value).__name__} {_short(value)}")
+    return value
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

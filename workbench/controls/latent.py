@@ -17,7 +17,7 @@ from typing import Any, Literal
 import torch
 
 from workbench.config import ModelConfig
-from workbench.controls.keys import ControlError, _need_type
+from workbench.controls.keys import ControlError, _need_mapping, _need_type
 
 LatentBasis = Literal["svd", "raw"]
 
@@ -36,11 +36,16 @@ class LatentControl:
         return {"rank": self.rank, "basis": self.basis}
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> LatentControl:
-        unknown = sorted(set(d) - {"rank", "basis"})
+    def from_dict(cls, d: Mapping[str, Any], where: str = "latent control") -> LatentControl:
+        """From JSON's object {rank, basis}; `where` (e.g. "latent[0]") starts every message, so it names the layer."""
+        d = _need_mapping(d, where, "an object {rank, basis}")
+        unknown = sorted(set(d) - {"rank", "basis"}, key=str)
         if unknown or "rank" not in d:
-            raise ControlError(f"latent control needs 'rank' (and optionally 'basis'); got fields {sorted(d)}")
-        return cls(d["rank"], d.get("basis", "svd"))
+            raise ControlError(f"{where} needs 'rank' (and optionally 'basis'); got fields {sorted(d, key=str)}")
+        try:
+            return cls(d["rank"], d.get("basis", "svd"))
+        except ControlError as e:
+            raise ControlError(f"{where}: {e}") from None
 
 
 def svd_basis(latents: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from workbench.config import ModelConfig
-from workbench.controls.keys import ControlError
+from workbench.controls.keys import ControlError, _integral, _need_mapping
 from workbench.controls.routing import RoutingControl
 
 if TYPE_CHECKING:
@@ -82,10 +82,22 @@ class RoutingReplay:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> RoutingReplay:
+        d = _need_mapping(d, "replay", "an object {source, seq, layers}")
+        unknown = sorted(set(d) - {"source", "seq", "layers"}, key=str)
+        if unknown:
+            raise ControlError(f"replay: unknown field(s) {unknown}; known: ['layers', 'seq', 'source']")
         if not d.get("source"):
             raise ControlError("replay: recorded from an in-memory trace, so JSON cannot bring it back; "
                                "replay from a store path")
-        return cls.from_trace(d["source"], int(d.get("seq", 0)), d.get("layers"))
+        source, seq, layers = d["source"], d.get("seq", 0), d.get("layers")
+        if not isinstance(source, str):
+            raise ControlError(f"replay.source must be a store path, got {source!r}")
+        if _integral(seq) is None or isinstance(seq, str):
+            raise ControlError(f"replay.seq must be an int, got {seq!r}")
+        if layers is not None and (not isinstance(layers, list) or any(_integral(v) is None or isinstance(v, str)
+                                                                       for v in layers)):
+            raise ControlError(f"replay.layers must be a list of MoE layers, got {layers!r}")
+        return cls.from_trace(source, int(seq), layers)
 
 
 def _check_replay(replay: RoutingReplay, config: ModelConfig,

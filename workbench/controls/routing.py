@@ -6,6 +6,9 @@ Design choices:
 - `_check_routing` rejects what no router could do (top-k 0 or above the experts left after ablation, forced experts
   that are also ablated, groups too few to hold top-k free experts, ...) naming the layer and field, before anything
   runs; `_route_override` then turns a checked control into the model's `RouteOverride`.
+- Float fields are checked against float32, not Python's float64: the router computes in float32 (or bf16, same
+  range), where 1e39 is inf and its logits NaN, so a value is refused unless float32 holds it (a temperature also
+  needs 1/t to fit: at least float32's smallest normal).
 
 Shape legend: E routed experts.
 """
@@ -14,14 +17,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+import numbers
+from collections.abc import Iterable, Mapping
 from types import MappingProxyType
 from typing import Any
 
 import torch
 
 from workbench.config import ModelConfig
-from workbench.controls.keys import ControlError, _need_type
+from workbench.controls.keys import ControlError, _integral, _need_mapping, _need_type
 from workbench.model.routing import RouteOverride, RoutingParams
 
 
@@ -44,23 +48,18 @@ class RoutingControl:
             _need_type(self, name, int)
         for name in ("routed_scaling_factor", "temperature"):
             if _need_type(self, name, (int, float)):
-                object.__setattr__(self, name, float(getattr(self, name)))
+                object.__setattr__(self, name, _as_float(name, getattr(self, name)))
         for name in ("norm_topk_prob", "shared_experts"):
             _need_type(self, name, bool)
         if self.bias_offset is not None:
-            if not isinstance(self.bias_offset, Mapping):
-                raise ControlError(f"routing bias_offset must map expert -> offset, got {self.bias_offset!r}")
-            try:
-                offsets = {int(e): float(v) for e, v in self.bias_offset.items()}
-            except (TypeError, ValueError):
-                raise ControlError(f"routing bias_offset must map expert -> offset, got {dict(self.bias_offset)}") from None
-            object.__setattr__(self, "bias_offset", MappingProxyType(dict(sorted(offsets.items()))))
+            object.__setattr__(self, "bias_offset", _offsets(self.bias_offset))
         for name in ("ablate", "force"):
             value = getattr(self, name)
             if value is not None:
-                if isinstance(value, (str, bytes)) or not all(isinstance(e, int) and not isinstance(e, bool) for e in value):
+                ids = list(value) if isinstance(value, Iterable) and not isinstance(value, (str, bytes, Mapping)) else None
+                if ids is None or not all(isinstance(e, int) and not isinstance(e, bool) for e in ids):
                     raise ControlError(f"routing {name} must be a list of expert ids, got {value!r}")
-                object.__setattr__(self, name, tuple(int(e) for e in value))
+                object.__setattr__(self, name, tuple(int(e) for e in ids))
 
     def merged_over(self, base: RoutingControl | None) -> RoutingControl:
         """This control's set fields over `base`'s (a layer's entry over the "all" entry)."""
@@ -83,12 +82,49 @@ class RoutingControl:
         return out
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> RoutingControl:
+    def from_dict(cls, d: Mapping[str, Any], where: str = "routing control") -> RoutingControl:
+        """From JSON's object of fields; `where` (e.g. "routing[2]") starts every message, so it names the layer."""
+        d = _need_mapping(d, where, "an object of routing fields")
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
+        unknown = sorted(set(d) - known, key=str)
         if unknown:
-            raise ControlError(f"routing control: unknown field(s) {unknown}; known: {sorted(known)}")
-        return cls(**d)  # JSON's string expert keys become ints in __post_init__
+            raise ControlError(f"{where}: unknown field(s) {unknown}; known: {sorted(known)}")
+        try:
+            return cls(**d)  # JSON's string expert keys become ints in __post_init__
+        except ControlError as e:
+            raise ControlError(f"{where}: {e}") from None
+
+
+# the model computes in float32 (or bf16, whose range is the same): a value past this is inf there, and NaN follows
+FP32_MAX = float(torch.finfo(torch.float32).max)
+FP32_TINY = float(torch.finfo(torch.float32).tiny)  # the smallest normal float32; below it 1/x overflows
+
+
+def _fits_fp32(value: float) -> bool:
+    return math.isfinite(value) and abs(value) <= FP32_MAX
+
+
+def _as_float(name: str, value: Any) -> float:
+    try:
+        return float(value)
+    except OverflowError:  # an int past float64's range
+        raise ControlError(f"routing {name} overflows float32, got an int of {len(str(value))} digits") from None
+
+
+def _offsets(value: Any) -> Mapping[int, float]:
+    """{expert: offset} with int experts (JSON's "7" included; 1.9 or True refused) and number offsets, sorted."""
+    if not isinstance(value, Mapping):
+        raise ControlError(f"routing bias_offset must map expert -> offset, got {value!r}")
+    out: dict[int, float] = {}
+    for key, offset in value.items():
+        expert = _integral(key)
+        if expert is None:
+            raise ControlError(f"routing bias_offset must map expert -> offset; {key!r} is not an expert id")
+        if isinstance(offset, bool) or not isinstance(offset, numbers.Real):
+            raise ControlError(f"routing bias_offset must map expert -> offset; expert {expert} has {offset!r}, "
+                               "not a number")
+        out[expert] = _as_float(f"bias_offset[{expert}]", offset)
+    return MappingProxyType(dict(sorted(out.items())))
 
 
 def _check_routing(rc: RoutingControl, config: ModelConfig, layer: int) -> None:
@@ -123,12 +159,16 @@ def _check_routing(rc: RoutingControl, config: ModelConfig, layer: int) -> None:
     if rc.bias_offset is not None:
         bad = [e for e in rc.bias_offset if not 0 <= e < E]
         need(not bad, f"bias_offset names expert(s) {bad} outside 0..{E - 1}")
-        need(all(math.isfinite(v) for v in rc.bias_offset.values()), "bias_offset values must be finite")
+        wild = {e: v for e, v in rc.bias_offset.items() if not _fits_fp32(v)}
+        need(not wild, f"bias_offset values must be finite in float32 (|offset| <= {FP32_MAX:.4g}), got {wild}")
     if rc.temperature is not None:
-        need(math.isfinite(rc.temperature) and rc.temperature > 0, f"temperature must be > 0, got {rc.temperature}")
+        t = rc.temperature
+        need(_fits_fp32(t) and t >= FP32_TINY,
+             f"temperature must be > 0 and finite in float32 ({FP32_TINY:.4g}..{FP32_MAX:.4g}), got {t!r}")
     if rc.routed_scaling_factor is not None:
-        need(math.isfinite(rc.routed_scaling_factor) and rc.routed_scaling_factor >= 0,
-             f"routed_scaling_factor must be finite and >= 0, got {rc.routed_scaling_factor}")
+        f = rc.routed_scaling_factor
+        need(_fits_fp32(f) and f >= 0, f"routed_scaling_factor must be finite in float32 and >= 0 "
+                                       f"(0..{FP32_MAX:.4g}), got {f!r}")
 
 
 def _route_override(rc: RoutingControl, config: ModelConfig, base: RoutingParams,

@@ -13,6 +13,7 @@ a run without controls is the untouched path.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from typing import cast
 
@@ -28,7 +29,7 @@ from workbench.model.fp8 import install_fp8_run_hooks
 from workbench.model.mla import AttnMode
 from workbench.model.norm import RMSNorm
 from workbench.model.rope import Rotary
-from workbench.model.sampling import sample_next
+from workbench.model.sampling import check_sampling, sample_next
 from workbench.probes import ProbeRegistry
 
 RunControls = Mapping[int, LayerControls] | ResolvableControls  # what forward/generate take as `controls`
@@ -140,13 +141,23 @@ class DeepSeekModel(nn.Module):
                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
                  mode: AttnMode = "absorb", eos_token_id: int | None = None,
                  controls: RunControls | None = None) -> torch.Tensor:
-        """Greedy (temperature 0) or sampled continuation on the latent cache; returns prompt + new ids [B, S+n]."""
+        """Greedy (temperature 0) or sampled continuation on the latent cache; returns prompt + new ids [B, S+n].
+
+        Stops at max_position_embeddings: then n < max_new_tokens, and a UserWarning gives both numbers (the tokens
+        generated are still useful, so this does not raise).
+        """
         controls = self.resolve_controls(controls)  # once, not per step
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        check_sampling(temperature=temperature, top_k=top_k, top_p=top_p)
         self.check_input(input_ids)
         B, S = input_ids.shape
-        total = min(S + max_new_tokens, self.config.max_position_embeddings)
+        limit = self.config.max_position_embeddings
+        total = min(S + max_new_tokens, limit)
+        if total - S < max_new_tokens:
+            warnings.warn(f"generate: only {total - S} of the {max_new_tokens} new tokens asked for fit: the "
+                          f"prompt's {S} tokens plus {max_new_tokens} would pass max_position_embeddings={limit}",
+                          UserWarning, stacklevel=3)  # 3: past torch.no_grad's wrapper, at the caller
         cache = self.new_cache(B, total)
         gen = torch.Generator(device=input_ids.device)
         if seed is not None:
@@ -160,7 +171,7 @@ class DeepSeekModel(nn.Module):
                 nxt = torch.where(finished, torch.full_like(nxt, eos_token_id), nxt)
                 finished |= nxt == eos_token_id
             out = torch.cat([out, nxt[:, None]], dim=1)
-            if cache.length >= total or bool(finished.all()):
+            if out.shape[1] >= total or bool(finished.all()):  # the last token needs no forward of its own
                 break
             logits = self(nxt[:, None], cache=cache, mode=mode, controls=controls)[:, -1]
         return out

@@ -5,20 +5,40 @@ Three kinds, one per action in the lab front end:
   trace-only views (routing explorer, expert specialisation);
 - `workbench` (beside a store): the dashboard on that store, `Workbench(trace=...)`;
 - `live` (in a folder): the dashboard on the default model, `Workbench()`.
-Notebooks refer to the store by its name relative to the notebook, so the pair can be moved together.
+Notebooks refer to the store by its name relative to the notebook, so the pair can be moved together. A store's
+name is whatever its folder is called, so it is escaped for each cell: literal text in markdown (`markdown_text`),
+a Python string literal (`repr`) in code. Every write checks its own target is inside the server root.
 """
 
 from __future__ import annotations
 
+import string
 from pathlib import Path
 
 import nbformat
+
+from workbench.server.discovery import PathRefusedError
 
 STORE_KINDS = ("analysis", "workbench")  # notebooks about one trace store, written beside it
 FOLDER_KINDS = ("live",)  # notebooks about no store, written into a folder
 KINDS = STORE_KINDS + FOLDER_KINDS
 LIVE_STEM = "live-workbench"
 MAX_SUFFIX = 1000  # `-1` ... `-999` before giving up on a free name
+
+
+def markdown_text(text: str) -> str:
+    """`text` as markdown that renders as exactly that text: every ASCII punctuation character backslash-escaped
+    (CommonMark and JupyterLab's renderer honour that for all of them, so no code span, link, emphasis, heading or
+    HTML can start inside a name) and characters that do not print (newlines among them) shown as \\uXXXX."""
+    out = []
+    for ch in text:
+        if ch in string.punctuation:
+            out.append("\\" + ch)
+        elif not ch.isprintable():
+            out.append(f"\\\\u{ord(ch):04x}")
+        else:
+            out.append(ch)
+    return "".join(out)
 
 
 def notebook_cells(kind: str, store_name: str | None) -> list[nbformat.NotebookNode]:
@@ -34,13 +54,14 @@ def notebook_cells(kind: str, store_name: str | None) -> list[nbformat.NotebookN
         ]
     if store_name is None:
         raise ValueError(f"a {kind!r} notebook needs a trace store")
+    title = markdown_text(store_name)
     if kind == "workbench":
         return [
-            md(f"# Workbench on `{store_name}`\n\nThe dashboard on this trace store and the default model."),
+            md(f"# Workbench on {title}\n\nThe dashboard on this trace store and the default model."),
             code(f"from workbench.widgets import Workbench\n\nWorkbench(trace={store_name!r})"),
         ]
     return [
-        md(f"# Analysis of `{store_name}`\n\nOpened lazily with dask: nothing is loaded until a result is computed."),
+        md(f"# Analysis of {title}\n\nOpened lazily with dask: nothing is loaded until a result is computed."),
         code(f"from workbench import analysis, open_trace\n\nds = open_trace({store_name!r})\nds"),
         md("## Expert load and balance per MoE layer"),
         code("analysis.load_balance(ds).to_dataframe()"),
@@ -54,9 +75,10 @@ def notebook_cells(kind: str, store_name: str | None) -> list[nbformat.NotebookN
     ]
 
 
-def create_notebook(kind: str, *, store: Path | None = None, folder: Path | None = None) -> Path:
+def create_notebook(kind: str, *, root: Path, store: Path | None = None, folder: Path | None = None) -> Path:
     """Write a `kind` notebook and return its path: `<store stem>-<kind>.ipynb` beside `store` for store kinds,
-    `live-workbench.ipynb` in `folder` for `live`; `-1`, `-2`, ... are appended while a name is taken."""
+    `live-workbench.ipynb` in `folder` for `live`; `-1`, `-2`, ... are appended while a name is taken. Refuses
+    (PathRefusedError) a folder that is not inside `root`, whatever the caller checked before."""
     if kind in STORE_KINDS:
         if store is None:
             raise ValueError(f"a {kind!r} notebook needs a trace store")
@@ -69,6 +91,7 @@ def create_notebook(kind: str, *, store: Path | None = None, folder: Path | None
         where, stem = folder, LIVE_STEM
     else:
         raise ValueError(f"unknown notebook kind {kind!r}; known: {list(KINDS)}")
+    where = _inside(root, where)
     nb = nbformat.v4.new_notebook(cells=cells)
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     for i in range(MAX_SUFFIX):
@@ -81,4 +104,13 @@ def create_notebook(kind: str, *, store: Path | None = None, folder: Path | None
             return target
         except FileExistsError:
             continue
-    raise FileExistsError(f"{MAX_SUFFIX} {kind} notebooks named {stem}*.ipynb already exist in {where}")
+    raise FileExistsError(f"{MAX_SUFFIX} {kind} notebooks named {stem!r}*.ipynb already exist in {where.name!r}")
+
+
+def _inside(root: Path, where: Path) -> Path:
+    """The real folder `where`, once it is the root or below it: the last check before a byte is written."""
+    root, real = root.resolve(), where.resolve()
+    if real != root and root not in real.parents:
+        raise PathRefusedError(f"a notebook would be written in {real.name or real}, outside the server root; "
+                               "nothing was written")
+    return real

@@ -13,22 +13,30 @@ Design choices:
   resumed run rewrites whatever the killed flush left half-written. Commits fall on batch boundaries only, so a
   resumed run rebuilds exactly the batches an uninterrupted one would have run.
 - Several writers: the token axis is cut into regions of `region_tokens` (a multiple of the chunk), one per
-  writer, and `progress` has one row per writer in its own chunk, so writers never write the same file and
-  need no lock. A single writer owns one region, created with room for INITIAL_CHUNKS chunks (metadata only)
-  and grown GROWTH-fold when full; close trims it, after which plain `xarray.open_zarr` sees exactly the trace.
+  writer, and `progress` has one row per writer in its own chunk, so writers never write the same file.
+- One handle per region: a writer holds an exclusive OS lock on its region (`WriterLock`) from create/open to
+  close, so a second writer of the same region is refused instead of interleaving commits (readers saw the
+  committed count go backwards). The OS drops the lock when the process dies, so a killed writer never blocks
+  --resume. Writers of different regions take different locks and run together.
+- A single writer owns one region, created with room for INITIAL_CHUNKS chunks (metadata only) and grown
+  GROWTH-fold when full; close trims it, after which plain `xarray.open_zarr` sees exactly the trace.
 - Schema 1.1 keeps the token text once per vocabulary entry (`vocab_text`); readers derive the `text`
   coordinate from `token_id`.
 - Appending checks the model config, checkpoint digest, schema version and layout first and refuses a
-  mismatch before writing a byte.
+  mismatch before writing a byte. Creating refuses a path that holds anything, and a failed create (a full disk)
+  removes what it wrote, so the rerun that follows the fix creates the store as if nothing had happened.
 Shape legend: N tokens, L MoE layers, k top-k, V vocabulary.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
 import shutil
+import socket
+import sys
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -69,6 +77,75 @@ INITIAL_CHUNKS = 64  # a new single-writer store's row capacity, in chunks: capa
 GROWTH = 8  # capacity multiplier when a single writer outgrows it
 CHUNK_BYTES = 8 << 20  # per-layer arrays keep whole layers in one chunk up to this size (uncompressed)
 _IDENTITY_ATTRS = ("model_config", "checkpoint", "layout")  # what must match for batches to share a store
+LOCK_FILE = "writer-{}.lock"  # in the `progress` array's folder: zarr never lists an array's folder, while a file
+# beside the arrays would make every `members()` / `xarray.open_zarr` warn about an unknown object
+
+if sys.platform == "win32":
+    import msvcrt
+
+    def _lock_fd(fd: int) -> None:
+        msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)  # byte 0; raises OSError when another handle holds it
+else:
+    import fcntl
+
+    def _lock_fd(fd: int) -> None:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises BlockingIOError when another handle holds it
+
+
+class WriterLock:
+    """The exclusive lock on writer `writer`'s region of the store at `store`, held until `release` (or until the
+    process ends: the OS drops it however the process dies, kill -9 included, so it is never stale).
+
+    flock locks belong to an open file description, so two handles in one process exclude each other as two
+    processes do. The file holds the holder's pid and host for the refusal message; it is never deleted while
+    the store lives (removing a lock file another writer has open would let two writers hold "the" lock).
+    """
+
+    def __init__(self, store: Path, writer: int) -> None:
+        self.store, self.writer = store, writer
+        self._fd: int | None = None
+        self.path = store / PROGRESS / LOCK_FILE.format(writer)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise TraceStoreError(f"{store}: cannot create the writer lock {self.path} ({_why(e)})") from None
+        try:
+            _lock_fd(fd)
+        except OSError:
+            holder = _holder(fd)
+            os.close(fd)
+            raise TraceStoreError(f"{store}: another writer holds it (writer {writer}'s lock {self.path} is held "
+                                  f"by {holder}); wait for it to finish or stop it, then rerun") from None
+        if sys.platform != "win32":  # Windows forbids reading a locked byte, so there is no holder to show
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        """Drop the lock (closing the file does); safe to call twice."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+    def __del__(self) -> None:  # a forgotten handle frees its region once collected, not at interpreter exit
+        with contextlib.suppress(Exception):  # late in interpreter shutdown `os` may be gone; the OS closes it then
+            self.release()
+
+
+def _holder(fd: int) -> str:
+    """Who holds the lock, from the pid and host its holder wrote (best effort: the file may be mid-write)."""
+    try:
+        pid, host = os.pread(fd, 200, 0).decode().split()
+    except (OSError, ValueError, AttributeError):  # AttributeError: no pread (Windows)
+        return "another process"
+    if pid == str(os.getpid()) and host == socket.gethostname():
+        return "another TraceStore handle in this process: close it first"
+    return f"pid {pid} on {host}"
+
+
+def _why(e: OSError) -> str:
+    return "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
 
 
 class TraceStore:
@@ -77,9 +154,11 @@ class TraceStore:
     `tokens` / `seqs` count what is committed on disk; `pending_tokens` what is buffered for the next flush.
     """
 
-    def __init__(self, path: Path, group: zarr.Group, layout: Layout, writer: int, flush_tokens: int | None = None
-                 ) -> None:
+    def __init__(self, path: Path, group: zarr.Group, layout: Layout, writer: int, flush_tokens: int | None = None,
+                 lock: WriterLock | None = None) -> None:
         self.path, self.group, self.layout, self.writer = path, group, layout, writer
+        self.lock = lock  # held until close() or release()
+        self.created = self._made_dir = False  # `create` made the store (and its folder): `discard` may remove them
         attrs: dict[str, Any] = dict(group.attrs)
         self.writers = int(attrs["writers"])
         self.region_tokens = int(attrs["region_tokens"])  # 0: one growing region
@@ -104,20 +183,44 @@ class TraceStore:
     def create(cls, path: str | Path, attrs: dict[str, Any], layout: Layout, *, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
                writers: int = 1, region_tokens: int = 0, writer: int = 0, vocab: Sequence[str] | None = None,
                flush_tokens: int | None = None) -> TraceStore:
-        """A new, empty store; refuses an existing non-empty path so nothing is ever overwritten.
+        """A new, empty store, holding writer `writer`'s lock; refuses a path that holds anything (so nothing is
+        ever overwritten) or that another writer is creating.
 
         `vocab`: the text of every token id (index = id), stored once as `vocab_text`; without it `text` reads "".
         `flush_tokens`: buffer this many tokens before writing (default one chunk; 1 writes every batch at once).
+        A create that fails part way (a full disk, an interrupt) removes what it wrote, the folder too when it made
+        it, and raises TraceStoreError for an OSError: a rerun then starts from a clean path.
         """
         path = Path(path)
-        if path.exists() and any(path.iterdir()):
-            raise TraceStoreError(f"{path} already exists; pass --resume to continue it or choose a new path")
         if chunk_tokens < 1:
             raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
         if writers > 1 and (region_tokens < chunk_tokens or region_tokens % chunk_tokens):
             raise ValueError(f"with {writers} writers, region_tokens ({region_tokens}) must be a positive multiple "
                              f"of chunk_tokens ({chunk_tokens}) so no two writers share a chunk")
-        group = zarr.open_group(path, mode="w-", zarr_format=3)
+        if path.exists() and not path.is_dir():
+            raise TraceStoreError(f"{path} is a file, not a trace store folder; choose a new path")
+        made = not path.exists()
+        lock = WriterLock(path, writer)  # before looking inside: a writer creating this path right now refuses us
+        if _holds_data(path):
+            lock.release()
+            raise TraceStoreError(f"{path} already exists; pass --resume to continue it or choose a new path")
+        try:
+            store = cls._build(path, attrs, layout, chunk_tokens, writers, region_tokens, writer, vocab, flush_tokens)
+        except BaseException as e:
+            _remove_created(path, made)
+            lock.release()
+            if isinstance(e, OSError):
+                raise TraceStoreError(f"creating {path} failed ({_why(e)}); removed what was written, rerun once "
+                                      "fixed") from e
+            raise
+        store.lock, store.created, store._made_dir = lock, True, made
+        return store
+
+    @classmethod
+    def _build(cls, path: Path, attrs: dict[str, Any], layout: Layout, chunk_tokens: int, writers: int,
+               region_tokens: int, writer: int, vocab: Sequence[str] | None, flush_tokens: int | None) -> TraceStore:
+        """The arrays, `progress` and the group attrs (last: a store without them is recognisably partial)."""
+        group = zarr.open_group(path, mode="a", zarr_format=3)  # "a": the folder holds our lock; create checked it
         capacity = writers * region_tokens if writers > 1 else INITIAL_CHUNKS * chunk_tokens
         coord_names = " ".join(n for n in COORDS if n not in DERIVED)
         specs: list[tuple[str, dict[str, Any], Any]] = []  # (name, create_array kwargs, values or None)
@@ -167,11 +270,17 @@ class TraceStore:
         missing = [n for n in (*layout.stored_names(), PROGRESS) if n not in group]
         if missing:
             raise TraceStoreError(f"{path} is a partial store: arrays {missing} are missing")
-        store = cls(path, group, layout, writer, flush_tokens)
-        if bool(np.asarray(store.progress[writer])[2]):
-            raise TraceStoreError(f"{path}: writer {writer} already finished this store ({store.tokens} tokens)")
-        remove_partials(path)
-        store._load_tail()
+        lock = WriterLock(path, writer)  # before reading progress or touching a file: the region is ours from here
+        try:
+            store = cls(path, group, layout, writer, flush_tokens, lock)
+            if bool(np.asarray(store.progress[writer])[2]):
+                raise TraceStoreError(f"{path}: writer {writer} already finished this store ({store.tokens} tokens)")
+            remove_partials(path, None if store.writers == 1 else store._owns_chunk)  # ours only: others may be
+            # writing their regions right now
+            store._load_tail()
+        except BaseException:
+            lock.release()
+            raise
         return store
 
     # ------------------------------------------------------------------ writing
@@ -209,9 +318,8 @@ class TraceStore:
             self._write_all(start, end, data)
             self._commit(self.tokens + n, self.seqs + self.pending_seqs, done=False)
         except OSError as e:
-            why = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
             raise OSError(e.errno, f"writing tokens {self.tokens}..{self.tokens + n} of {self.path} failed "
-                                   f"({why}); the store keeps its {self.tokens} committed tokens, rerun with "
+                                   f"({_why(e)}); the store keeps its {self.tokens} committed tokens, rerun with "
                                    "--resume once fixed") from e
         self.tokens += n
         self.seqs += self.pending_seqs
@@ -318,6 +426,13 @@ class TraceStore:
             self.arrays = {n: array_of(self.group, n) for n in self.arrays}
         self._capacity = rows
 
+    def _owns_chunk(self, name: str, index: int) -> bool:
+        """Whether chunk `index` (along the first axis) of array `name` lies in this writer's region."""
+        if name == PROGRESS:
+            return index == self.writer
+        chunks = self.region_tokens // self.chunk_tokens
+        return name in self.arrays and self.writer * chunks <= index < (self.writer + 1) * chunks
+
     def _load_tail(self) -> None:
         """After reopening: the committed rows of the partly filled last chunk, so flushes stay chunk-aligned."""
         keep = self.tokens % self.chunk_tokens
@@ -328,21 +443,46 @@ class TraceStore:
 
     def close(self, complete: bool = True) -> None:
         """Flush, then mark this writer done; a single writer also trims the arrays so plain readers see exactly
-        the trace. `complete=False` only flushes (the run stopped early and may be resumed)."""
+        the trace. `complete=False` only flushes (the run stopped early and may be resumed). Either way the writer
+        lock is released last, also when closing fails."""
         try:
-            self.flush()
+            try:
+                self.flush()
+            finally:
+                self._stop_pool()
+            if not complete:
+                return
+            if self.writers == 1:
+                self._resize_all(self.tokens)
+            self._commit(self.tokens, self.seqs, done=True)
+            rows = np.asarray(self.progress[:])
+            if rows[:, 2].all():
+                self.group.attrs["complete"] = True
         finally:
-            if self._pool is not None:
-                self._pool.shutdown()
-                self._pool = None
-        if not complete:
-            return
-        if self.writers == 1:
-            self._resize_all(self.tokens)
-        self._commit(self.tokens, self.seqs, done=True)
-        rows = np.asarray(self.progress[:])
-        if rows[:, 2].all():
-            self.group.attrs["complete"] = True
+            self.release()
+
+    def release(self) -> None:
+        """Give up this handle without committing what is buffered: stop the writer threads and drop the lock, so
+        another handle (a --resume) may take the region. For a writer that stopped on an error."""
+        self._stop_pool()
+        if self.lock is not None:
+            self.lock.release()
+
+    def discard(self) -> bool:
+        """Remove a store this handle created that has no committed tokens (a run that failed before its first
+        commit), so a plain rerun can create it again; anything else is kept. Releases the handle; returns
+        whether the store was removed."""
+        empty = self.created and self.writers == 1 and self.tokens == 0
+        self._stop_pool()
+        if empty:
+            _remove_created(self.path, self._made_dir)
+        self.release()
+        return empty
+
+    def _stop_pool(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
 
     def last_window(self) -> np.ndarray:
         """Token ids of the last committed window (resume checks the input still starts the same way)."""
@@ -355,6 +495,28 @@ class TraceStore:
         return ids[seq == seq[-1]]
 
 
+def _contents(path: Path) -> list[Path]:
+    """What the folder holds besides writer lock files (which an empty folder gets when a writer takes it)."""
+    entries = [e for e in path.iterdir() if e.name != PROGRESS]
+    if (path / PROGRESS).is_dir():
+        entries += [e for e in (path / PROGRESS).iterdir() if not (e.name.startswith("writer-") and e.suffix == ".lock")]
+    return entries
+
+
+def _holds_data(path: Path) -> bool:
+    return bool(_contents(path))
+
+
+def _remove_created(path: Path, made_dir: bool) -> None:
+    """Undo a create: the whole folder when the create made it, else everything in it but the lock files (the
+    folder was empty before, as `create` checked)."""
+    if made_dir:
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    for entry in _contents(path):
+        shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+
+
 async def _create_arrays(path: Path, specs: list[tuple[str, dict[str, Any], Any]]) -> None:
     group = await zarr.api.asynchronous.open_group(store=path, mode="r+", zarr_format=3)
 
@@ -363,7 +525,12 @@ async def _create_arrays(path: Path, specs: list[tuple[str, dict[str, Any], Any]
         if values is not None:
             await arr.setitem(slice(None), values)
 
-    await asyncio.gather(*(one(*spec) for spec in specs))
+    # every write finishes before the first failure is raised: `create` removes what was written, and a write
+    # still in flight would put files back into the folder it removes
+    results = await asyncio.gather(*(one(*spec) for spec in specs), return_exceptions=True)
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
 
 
 def _chunks(shape: tuple[int, ...], chunk_tokens: int, itemsize: int) -> tuple[int, ...]:

@@ -6,7 +6,7 @@ numcodecs and written as files, which the writer uses because zarr's per-call co
 from __future__ import annotations
 
 import os
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,8 @@ def open_store(path: Path, mode: str) -> tuple[zarr.Group, dict[str, Any]]:
     version reads; every reader and writer opens stores through here, so each refusal reads the same."""
     if not path.exists():
         raise FileNotFoundError(f"no trace store at {path}")
+    if not path.is_dir():
+        raise TraceStoreError(f"{path} is a file, not a trace store (a zarr folder)")
     try:
         group = zarr.open_group(path, mode=mode, zarr_format=3)  # type: ignore[arg-type]
     except Exception as e:  # zarr raises a zoo of types for a missing or garbled zarr.json
@@ -47,12 +49,25 @@ def open_store(path: Path, mode: str) -> tuple[zarr.Group, dict[str, Any]]:
     return group, attrs
 
 
-def remove_partials(path: Path) -> None:
-    """Temporary files a killed writer left behind (zarr writes `<chunk>.<uuid>.partial` and renames)."""
+def remove_partials(path: Path, owned: Callable[[str, int], bool] | None = None) -> None:
+    """Temporary files a killed writer left behind (zarr writes `<chunk>.<uuid>.partial` and renames).
+
+    `owned(array, first chunk index)`: remove only the chunk files it accepts, i.e. one writer's region of a
+    store other writers may be writing right now (their in-flight temporary files must survive)."""
     for root, _, files in os.walk(path):
         for f in files:
-            if f.endswith(".partial"):
+            if f.endswith(".partial") and (owned is None or _owned_chunk(path, Path(root, f), owned)):
                 Path(root, f).unlink(missing_ok=True)
+
+
+def _owned_chunk(store: Path, file: Path, owned: Callable[[str, int], bool]) -> bool:
+    """Whether a temporary chunk file `<array>/c/<i>[/<j>...].<tmp>.partial` belongs to `owned`; metadata
+    files and anything else are not."""
+    parts = file.relative_to(store).parts
+    if len(parts) < 3 or parts[1] != "c":
+        return False
+    first = parts[2].split(".", 1)[0]
+    return first.isdigit() and owned(parts[0], int(first))
 
 
 def zstd_codec(arr: zarr.Array) -> Any:

@@ -38,6 +38,14 @@ class RoutingGrid(anywidget.AnyWidget):
     data = traitlets.Dict().tag(sync=True)
     selected = traitlets.Int(-1).tag(sync=True)
 
+    @traitlets.validate("selected")
+    def _check_selected(self, proposal: traitlets.Bunch) -> int:
+        """A token of the source or -1 (none): an index past the source would only fail later, in selected_choices."""
+        value, n = proposal["value"], int(self.data.get("n_total", 0))
+        if isinstance(value, bool) or not -1 <= value < n:
+            raise ValueError(f"selected token {value!r} is outside 0..{n - 1} (-1: none) of this {n}-token source")
+        return int(value)
+
 
 class RoutingExplorer(View):
     """Tokens x MoE layers coloured by chosen expert; switch between `sources` ("live" and/or "trace").
@@ -54,8 +62,8 @@ class RoutingExplorer(View):
     def __init__(self, model: ModelArg | None = None, *, trace: str | Path | xr.Dataset | None = None,
                  prompt: str | None = None, live: LiveSession | None = None,
                  page_tokens: int = DEFAULT_PAGE_TOKENS) -> None:
-        if page_tokens < 1:
-            raise ValueError(f"page_tokens must be >= 1, got {page_tokens}")
+        if isinstance(page_tokens, bool) or not isinstance(page_tokens, int) or page_tokens < 1:
+            raise ValueError(f"page_tokens must be an int >= 1, got {page_tokens!r}")
         self.page_tokens = page_tokens
         self.live: LiveSession | None
         self.traces: dict[str, xr.Dataset]
@@ -107,10 +115,11 @@ class RoutingExplorer(View):
 
     # ------------------------------------------------------------------ updates
     def show_page(self, page: int) -> None:
+        """Show page `page`, a whole number in 0..pages-1 (1.5 is refused, not rounded: the slider would floor it)."""
         pages = self.page_slider.max + 1
-        if not 0 <= page < pages:
-            raise ValueError(f"page {page} is outside 0..{pages - 1}")
-        self.page_slider.value = page
+        if isinstance(page, bool) or not isinstance(page, (int, np.integer)) or not 0 <= page < pages:
+            raise ValueError(f"page {page!r} is outside 0..{pages - 1} (a whole page number)")
+        self.page_slider.value = int(page)
 
     def set_source(self, name: str) -> None:
         if name not in self.source_picker.options:

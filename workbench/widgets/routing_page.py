@@ -37,8 +37,8 @@ def _finite_or_none(values: np.ndarray, decimals: int) -> list[float | None]:
 def routing_page(ds: xr.Dataset, page: int, *, page_tokens: int = DEFAULT_PAGE_TOKENS, load: np.ndarray | None = None,
                  source: str = "trace") -> dict[str, Any]:
     """The grid's data for page `page` of `ds` (JSON-ready; NaN weights become null)."""
-    if page_tokens < 1:
-        raise ValueError(f"page_tokens must be >= 1, got {page_tokens}")
+    if isinstance(page_tokens, bool) or not isinstance(page_tokens, (int, np.integer)) or page_tokens < 1:
+        raise ValueError(f"page_tokens must be an int >= 1, got {page_tokens!r}")
     N = int(ds.sizes["token"])
     pages = n_pages(N, page_tokens)
     if isinstance(page, bool) or not isinstance(page, (int, np.integer)) or not 0 <= page < pages:
@@ -67,9 +67,9 @@ def routing_page(ds: xr.Dataset, page: int, *, page_tokens: int = DEFAULT_PAGE_T
 def token_choices(ds: xr.Dataset, token: int) -> list[dict[str, Any]]:
     """Top-k experts and weights of one token in every MoE layer: [{layer, experts, weights}]."""
     N = int(ds.sizes["token"])
-    if not 0 <= token < N:
-        raise ValueError(f"token {token} is outside 0..{N - 1}")
-    one = ds.isel(token=token)
+    if isinstance(token, bool) or not isinstance(token, (int, np.integer)) or not 0 <= token < N:
+        raise ValueError(f"token {token!r} is outside 0..{N - 1}")
+    one = ds.isel(token=int(token))
     ids = np.asarray(one["expert_ids"].transpose("layer", "slot").values)  # [L, k]
     w = (np.asarray(one["expert_weights"].transpose("layer", "slot").values) if "expert_weights" in one
          else np.full(ids.shape, np.nan))
