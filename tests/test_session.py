@@ -360,3 +360,24 @@ def test_replay_refuses_another_prompt_model_or_trace(tmp_path, session, loaded)
     with pytest.raises(ControlError, match="layer 1 names experts outside 0..15"):
         session.apply(Controls.replay(wild))
     assert session._state is state
+
+
+def test_replay_refuses_a_trace_of_another_checkpoint_with_the_same_config(tmp_path, session, loaded):
+    """A fine-tune has this model's config but routes differently: its recorded routing is not this model's."""
+    import copy
+
+    path = tmp_path / "t.zarr"
+    _record(loaded, session.input_ids, Controls(), path)
+    assert loaded.model.checkpoint_digest == loaded.digest  # the loader names the weights on the model too
+    tuned = copy.deepcopy(loaded.model)
+    with torch.no_grad():
+        tuned.embed_tokens.weight.mul_(1.01)
+    tuned.checkpoint_digest = "sha256:0123456789abcdef"
+    with pytest.raises(ControlError, match=r"recorded with another checkpoint \(digest sha256:\w+, this model is "
+                                           r"sha256:0123456789abcdef\)"):
+        Session(tuned, session.input_ids[0], continuation=0).apply(Controls.replay(path))
+    with pytest.raises(ControlError, match="another checkpoint"):
+        tuned(session.input_ids, controls=Controls.replay(path))  # a bare forward checks it too
+    tuned.checkpoint_digest = None  # a model of unknown origin: only the config can be checked
+    Session(tuned, session.input_ids[0], continuation=0).apply(Controls.replay(path))
+    assert session.apply(Controls.replay(path)).kl == 0.0  # the recording model itself replays

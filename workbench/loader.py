@@ -49,6 +49,7 @@ def load_model(name_or_path: str | Path = "default", *, dtype: torch.dtype = tor
     on `device`."""
     target = resolve_device(device)
     loaded = _load(name_or_path, dtype)
+    loaded.model.checkpoint_digest = loaded.digest
     if target.type != "cpu":
         loaded.model.to(target)
     return loaded

@@ -183,7 +183,7 @@ class Session:
                                f"{len(replay.token_ids)} tokens {_head(replay.token_ids)}, this session's prompt is "
                                f"{self.input_ids.shape[1]} tokens {_head(self.input_ids[0].tolist())}")
         resolved = controls.resolve(self.config, svd_bases=self.svd_bases, dtype=self._param.dtype,
-                                    device=self._param.device)
+                                    device=self._param.device, checkpoint=self.model.checkpoint_digest)
         if self.mode == "absorb" and any(lc.fp8_sites is not None for lc in resolved.values()):
             for layer, lc in resolved.items():
                 block = cast("Block", self.model.layers[layer])

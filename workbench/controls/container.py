@@ -131,8 +131,9 @@ class Controls:
         return self.routing_replay if self.replayed(layer) else None
 
     # ------------------------------------------------------------------ checks
-    def validate(self, config: ModelConfig) -> Controls:
-        """Raise ControlError naming the first impossible setting; return self so calls chain."""
+    def validate(self, config: ModelConfig, *, checkpoint: str | None = None) -> Controls:
+        """Raise ControlError naming the first impossible setting; return self so calls chain. `checkpoint` (the
+        running model's digest) is checked against a routing replay's recording model."""
         L, moe = config.num_hidden_layers, config.moe_layers
         for key in self.routing:
             if key == "all":
@@ -163,18 +164,19 @@ class Controls:
             if absent:
                 raise ControlError(f"fp8[{key}]: layer {key} has no {absent} (it has {sorted(fp8_layer_sites(config, key))})")
         if self.routing_replay is not None:
-            _check_replay(self.routing_replay, config, self.routing_for)
+            _check_replay(self.routing_replay, config, self.routing_for, checkpoint)
         return self
 
     # ------------------------------------------------------------------ to the model
     def resolve(self, config: ModelConfig, *, svd_bases: Mapping[int, torch.Tensor] | None = None,
-                dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> dict[int, LayerControls]:
+                dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                checkpoint: str | None = None) -> dict[int, LayerControls]:
         """Validated controls -> {layer: LayerControls} for `DeepSeekModel.forward(controls=...)`.
 
         `svd_bases` maps a layer to its full right-singular basis [C, C] (columns by decreasing singular value);
         needed for every layer whose latent control uses basis "svd".
         """
-        self.validate(config)
+        self.validate(config, checkpoint=checkpoint)
         base = RoutingParams.from_config(config)
         out: dict[int, LayerControls] = {}
         for layer in range(config.num_hidden_layers):

@@ -42,6 +42,7 @@ class RoutingReplay:
     model_config: str  # the recording model's HF config, JSON
     source: str  # the store path ("" for an in-memory Dataset)
     seq: int
+    checkpoint: str = ""  # the recording model's digest (trace attr `checkpoint`; "" when the trace has none)
 
     @classmethod
     def from_trace(cls, trace: str | Path | xr.Dataset, seq: int = 0, layers: Iterable[int] | None = None
@@ -75,7 +76,8 @@ class RoutingReplay:
                                      for v in chosen}),
                    MappingProxyType({v: torch.from_numpy(weights[:, moe_layers.index(v)].astype(np.float32))
                                      for v in chosen}),
-                   str(ds.attrs.get("model_config", "")), "" if isinstance(trace, xr.Dataset) else str(trace), seq)
+                   str(ds.attrs.get("model_config", "")), "" if isinstance(trace, xr.Dataset) else str(trace), seq,
+                   str(ds.attrs.get("checkpoint", "")))
 
     def to_dict(self) -> dict[str, Any]:
         return {"source": self.source, "seq": self.seq, "layers": sorted(self.expert_ids)}
@@ -101,9 +103,16 @@ class RoutingReplay:
 
 
 def _check_replay(replay: RoutingReplay, config: ModelConfig,
-                  routing_for: Callable[[int], RoutingControl | None]) -> None:
-    """Raise ControlError unless `replay` fits this model; `routing_for` gives a layer's effective routing control."""
+                  routing_for: Callable[[int], RoutingControl | None], checkpoint: str | None = None) -> None:
+    """Raise ControlError unless `replay` fits this model; `routing_for` gives a layer's effective routing control.
+
+    `checkpoint` (the running model's digest, when known) must equal the recording one: a fine-tune of the same
+    config routes differently, so its trace is not this model's routing.
+    """
     where = f"replay of {replay.source or 'an in-memory trace'} (seq {replay.seq})"
+    if checkpoint and replay.checkpoint and checkpoint != replay.checkpoint:
+        raise ControlError(f"{where}: recorded with another checkpoint (digest {replay.checkpoint}, this model is "
+                           f"{checkpoint})")
     ours = json.dumps(config.to_hf_dict(), sort_keys=True)
     if replay.model_config and json.loads(replay.model_config) != json.loads(ours):
         raise ControlError(f"{where}: recorded with another model (its config differs from this model's)")

@@ -40,7 +40,8 @@ class ResolvableControls(Protocol):
     resolves itself against the model's config (the model cannot import the controls package, which imports it)."""
 
     def resolve(self, config: ModelConfig, *, svd_bases: Mapping[int, torch.Tensor] | None = None,
-                dtype: torch.dtype = ..., device: torch.device | str = ...) -> dict[int, LayerControls]: ...
+                dtype: torch.dtype = ..., device: torch.device | str = ...,
+                checkpoint: str | None = ...) -> dict[int, LayerControls]: ...
 
 
 class Block(nn.Module):

@@ -42,6 +42,7 @@ class DeepSeekModel(nn.Module):
         super().__init__()
         self.config = config
         self.family = family_for(config.model_type)
+        self.checkpoint_digest: str | None = None  # set by the loader: which weights these are (replays check it)
         self.probes = ProbeRegistry()
         self.rotary = Rotary(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
@@ -97,7 +98,7 @@ class DeepSeekModel(nn.Module):
             return controls
         p = next(self.parameters())
         return controls.resolve(self.config, dtype=p.dtype if p.is_floating_point() else torch.float32,
-                                device=p.device)
+                                device=p.device, checkpoint=self.checkpoint_digest)
 
     def forward(self, input_ids: torch.Tensor, cache: LatentKVCache | None = None,
                 mode: AttnMode = "naive", controls: RunControls | None = None) -> torch.Tensor:

@@ -180,7 +180,7 @@ class LiveSession:
         got: dict[str, torch.Tensor] = {}
         names = [f"blocks.{layer}.mlp.hook_expert_{what}" for layer in cfg.moe_layers for what in ("indices", "weights")]
         resolved = controls.resolve(cfg, svd_bases=self.session.svd_bases, dtype=next(self.model.parameters()).dtype,
-                                    device=self.input_ids.device)
+                                    device=self.input_ids.device, checkpoint=self.model.checkpoint_digest)
         with self.lock, self.model.probes.listen(names, lambda name, v: got.__setitem__(name, v.detach().cpu()),
                                                  own_thread=True):
             self.model(self.input_ids, controls=resolved)
