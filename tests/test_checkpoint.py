@@ -119,7 +119,7 @@ def test_fp8_checkpoint_loads_dequantized(tmp_path, tiny):
 
 
 def load_checkpoint_state(hf_tensors, model):
-    """Stack per-expert tensors by hand (independent of checkpoint.py's table) for the reference model."""
+    """Stack per-expert tensors by hand (independent of workbench.checkpoint's table) for the reference model."""
     state = {}
     for name in model.state_dict():
         hf = name if name.startswith("lm_head") else f"model.{name}"
@@ -617,7 +617,7 @@ def test_a_nan_fp8_code_or_scale_is_refused_dequantized_or_kept(tmp_path, partia
 
 @pytest.mark.parametrize("fmt", [torch.float8_e4m3fn, torch.float8_e5m2])
 def test_every_non_finite_fp8_code_is_caught_and_no_finite_one(fmt):
-    from workbench.checkpoint import _check_finite
+    from workbench.checkpoint.checks import check_finite as _check_finite
 
     codes = torch.arange(256, dtype=torch.uint8).view(fmt)  # every code of the format once
     finite = torch.isfinite(codes.float())
@@ -728,7 +728,7 @@ def _scale_embeddings(path: Path, factor: float = 1.01) -> None:
 @pytest.fixture
 def hash_calls(monkeypatch) -> list[Path]:
     """Every file `checkpoint_digest` streams through sha256."""
-    from workbench import checkpoint
+    from workbench.checkpoint import digest as checkpoint
 
     calls: list[Path] = []
     real = checkpoint._file_sha256
