@@ -8,6 +8,7 @@ import shutil
 import pytest
 import torch
 
+from tests.fine_tune import write_fine_tune
 from workbench import loader
 from workbench.loader import BUNDLED_FILES, DEFAULT_MODEL_DIR, BundledModelError, load_model
 from workbench.tokenizer import ByteTokenizer, HFTokenizer
@@ -35,13 +36,8 @@ def test_default_is_the_bundled_checkpoint_and_loads_by_path_too():
 
 def test_a_fine_tune_of_the_same_shapes_is_another_model(tmp_path, monkeypatch):
     """The digest traces are checked against names the weights themselves, not their config and shapes."""
-    from safetensors.torch import load_file, save_file
-
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    tuned = shutil.copytree(DEFAULT_MODEL_DIR, tmp_path / "tuned")
-    tensors = load_file(str(tuned / "model.safetensors"))
-    tensors["model.embed_tokens.weight"] = tensors["model.embed_tokens.weight"] * 1.01
-    save_file(tensors, str(tuned / "model.safetensors"), metadata={"format": "pt"})
+    tuned = write_fine_tune(tmp_path / "tuned")
     default, other = load_model(), load_model(tuned)
     assert other.model.config == default.model.config
     assert other.digest.startswith("sha256:") and other.digest != default.digest

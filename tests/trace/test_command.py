@@ -131,15 +131,11 @@ def test_resume_refuses_another_checkpoint_of_the_same_shapes(tmp_path, capsys, 
     """A fine-tune (same config.json, same shapes, other weights) must not append its tokens to the original's store."""
     import shutil
 
-    from safetensors.torch import load_file, save_file
-
+    from tests.fine_tune import write_fine_tune
     from workbench.loader import DEFAULT_MODEL_DIR
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    tuned = shutil.copytree(DEFAULT_MODEL_DIR, tmp_path / "tuned")
-    tensors = load_file(str(tuned / "model.safetensors"))
-    tensors["model.embed_tokens.weight"] = tensors["model.embed_tokens.weight"] * 1.01
-    save_file(tensors, str(tuned / "model.safetensors"), metadata={"format": "pt"})
+    tuned = write_fine_tune(tmp_path / "tuned")
     src = tmp_path / "in.txt"
     src.write_text("\n".join(corpus(10, seed=7)) + "\n")
     out = tmp_path / "t.zarr"

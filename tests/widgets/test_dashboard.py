@@ -66,18 +66,13 @@ def test_foreign_trace_is_refused(loaded: LoadedModel) -> None:
 
 def test_trace_of_a_fine_tune_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Same config and shapes, other weights: the checkpoint digest tells the two models apart."""
-    import shutil
 
-    from safetensors.torch import load_file, save_file
-
-    from workbench.loader import DEFAULT_MODEL_DIR, load_model
+    from tests.fine_tune import write_fine_tune
+    from workbench.loader import load_model
     from workbench.widgets.trace_source import check_trace_matches, load_trace
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    tuned_dir = shutil.copytree(DEFAULT_MODEL_DIR, tmp_path / "tuned")
-    tensors = load_file(str(tuned_dir / "model.safetensors"))
-    tensors["model.embed_tokens.weight"] = tensors["model.embed_tokens.weight"] * 1.01
-    save_file(tensors, str(tuned_dir / "model.safetensors"), metadata={"format": "pt"})
+    tuned_dir = write_fine_tune(tmp_path / "tuned")
     original, tuned = load_model(), load_model(tuned_dir)
     with record_trace(original.model, sites=["expert_ids"], checkpoint=original.digest) as t:
         original.model(torch.tensor([[0, *original.tokenizer.encode("def f(x): return x")]]))
