@@ -422,7 +422,7 @@ def test_a_full_disk_while_the_store_is_created_is_one_line_and_leaves_nothing(t
 _HOLDER = """
 import sys, time
 from pathlib import Path
-from workbench.trace.store import WriterLock
+from workbench.trace.writer_lock import WriterLock
 lock = WriterLock(Path(sys.argv[1]), 0)
 print("locked", flush=True)
 time.sleep(120)

@@ -22,7 +22,7 @@ from workbench.trace import (
     TraceStoreError,
     open_trace,
 )
-from workbench.trace.store import WriterLock
+from workbench.trace.writer_lock import WriterLock
 
 TEXTS = corpus(12, seed=3)
 

@@ -14,7 +14,7 @@ Design choices:
   resumed run rebuilds exactly the batches an uninterrupted one would have run.
 - Several writers: the token axis is cut into regions of `region_tokens` (a multiple of the chunk), one per
   writer, and `progress` has one row per writer in its own chunk, so writers never write the same file.
-- One handle per region: a writer holds an exclusive OS lock on its region (`WriterLock`) from create/open to
+- One handle per region: a writer holds an exclusive OS lock on its region (`writer_lock.WriterLock`) from create/open to
   close, so a second writer of the same region is refused instead of interleaving commits (readers saw the
   committed count go backwards). The OS drops the lock when the process dies, so a killed writer never blocks
   --resume. Writers of different regions take different locks and run together.
@@ -31,12 +31,8 @@ Shape legend: N tokens, L MoE layers, k top-k, V vocabulary.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import errno
 import os
 import shutil
-import socket
-import sys
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -61,6 +57,7 @@ from workbench.trace.schema import (
     Layout,
     SchemaError,
 )
+from workbench.trace.writer_lock import WriterLock, os_error_reason
 from workbench.trace.zarr_io import (
     TraceStoreError,
     array_of,
@@ -77,77 +74,6 @@ INITIAL_CHUNKS = 64  # a new single-writer store's row capacity, in chunks: capa
 GROWTH = 8  # capacity multiplier when a single writer outgrows it
 CHUNK_BYTES = 8 << 20  # per-layer arrays keep whole layers in one chunk up to this size (uncompressed)
 _IDENTITY_ATTRS = ("model_config", "checkpoint", "layout")  # what must match for batches to share a store
-LOCK_FILE = "writer-{}.lock"  # in the `progress` array's folder: zarr never lists an array's folder, while a file
-# beside the arrays would make every `members()` / `xarray.open_zarr` warn about an unknown object
-
-if sys.platform == "win32":
-    import msvcrt
-
-    def _lock_fd(fd: int) -> None:
-        msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)  # byte 0; raises OSError when another handle holds it
-else:
-    import fcntl
-
-    def _lock_fd(fd: int) -> None:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises BlockingIOError when another handle holds it
-
-
-class WriterLock:
-    """The exclusive lock on writer `writer`'s region of the store at `store`, held until `release` (or until the
-    process ends: the OS drops it however the process dies, kill -9 included, so it is never stale).
-
-    flock locks belong to an open file description, so two handles in one process exclude each other as two
-    processes do. The file holds the holder's pid and host for the refusal message; it is never deleted while
-    the store lives (removing a lock file another writer has open would let two writers hold "the" lock).
-    """
-
-    def __init__(self, store: Path, writer: int) -> None:
-        self.store, self.writer = store, writer
-        self._fd: int | None = None
-        self.path = store / PROGRESS / LOCK_FILE.format(writer)
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            raise TraceStoreError(f"{store}: cannot create the writer lock {self.path} ({_why(e)})") from None
-        try:
-            _lock_fd(fd)
-        except OSError:
-            holder = _holder(fd)
-            os.close(fd)
-            raise TraceStoreError(f"{store}: another writer holds it (writer {writer}'s lock {self.path} is held "
-                                  f"by {holder}); wait for it to finish or stop it, then rerun") from None
-        if sys.platform != "win32":  # Windows forbids reading a locked byte, so there is no holder to show
-            os.ftruncate(fd, 0)
-            os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
-        self._fd = fd
-
-    def release(self) -> None:
-        """Drop the lock (closing the file does); safe to call twice."""
-        fd, self._fd = self._fd, None
-        if fd is not None:
-            os.close(fd)
-
-    def __del__(self) -> None:  # a forgotten handle frees its region once collected, not at interpreter exit
-        with contextlib.suppress(Exception):  # late in interpreter shutdown `os` may be gone; the OS closes it then
-            self.release()
-
-
-def _holder(fd: int) -> str:
-    """Who holds the lock, from the pid and host its holder wrote (best effort: the file may be mid-write)."""
-    try:
-        pid, host = os.pread(fd, 200, 0).decode().split()
-    except (OSError, ValueError, AttributeError):  # AttributeError: no pread (Windows)
-        return "another process"
-    if pid == str(os.getpid()) and host == socket.gethostname():
-        return "another TraceStore handle in this process: close it first"
-    return f"pid {pid} on {host}"
-
-
-def _why(e: OSError) -> str:
-    return "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
-
-
 class TraceStore:
     """One writer's handle on a trace store; see the module docstring. Use `create` or `open_for_append`.
 
@@ -210,7 +136,7 @@ class TraceStore:
             _remove_created(path, made)
             lock.release()
             if isinstance(e, OSError):
-                raise TraceStoreError(f"creating {path} failed ({_why(e)}); removed what was written, rerun once "
+                raise TraceStoreError(f"creating {path} failed ({os_error_reason(e)}); removed what was written, rerun once "
                                       "fixed") from e
             raise
         store.lock, store.created, store._made_dir = lock, True, made
@@ -319,7 +245,7 @@ class TraceStore:
             self._commit(self.tokens + n, self.seqs + self.pending_seqs, done=False)
         except OSError as e:
             raise OSError(e.errno, f"writing tokens {self.tokens}..{self.tokens + n} of {self.path} failed "
-                                   f"({_why(e)}); the store keeps its {self.tokens} committed tokens, rerun with "
+                                   f"({os_error_reason(e)}); the store keeps its {self.tokens} committed tokens, rerun with "
                                    "--resume once fixed") from e
         self.tokens += n
         self.seqs += self.pending_seqs
