@@ -92,7 +92,7 @@ def test_impossible_configs_are_refused_with_the_field_named(change, message):
 
 
 def test_non_deepseek_config_is_refused(tmp_path):
-    with pytest.raises(ConfigError, match="not DeepSeek-V2 or V3"):
+    with pytest.raises(ConfigError, match="is not one of .*deepseek_v4"):
         ModelConfig.from_hf_dict({"model_type": "llama", "architectures": ["LlamaForCausalLM"]})
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):

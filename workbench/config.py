@@ -18,11 +18,18 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-ScoringFunc = Literal["softmax", "sigmoid"]
+ScoringFunc = Literal["softmax", "sigmoid", "sqrtsoftplus"]
 TopkMethod = Literal["greedy", "group_limited_greedy", "noaux_tc"]
 RopeLayout = Literal["rope_parameters", "rope_scaling"]
 
-ARCHITECTURES = {"deepseek_v2": "DeepseekV2ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM"}
+ModelType = Literal["deepseek_v2", "deepseek_v3", "deepseek_v32", "deepseek_v4"]
+ConfigForm = Literal["hf", "hub"]  # V4 only: transformers' layer_types/compress_rates, or DeepSeek's compress_ratios
+
+ARCHITECTURES = {"deepseek_v2": "DeepseekV2ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM",
+                 "deepseek_v32": "DeepseekV32ForCausalLM", "deepseek_v4": "DeepseekV4ForCausalLM"}
+# V4's attention kinds, by transformers' layer_types names; DeepSeek's code tells them apart by compress ratio
+SLIDING, CSA, HCA = "sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"
+CSA_RATIO = 4  # DeepSeek's inference code: ratio 4 = CSA (overlapping windows + indexer), any other > 0 = HCA
 
 
 class ConfigError(ValueError):
@@ -31,7 +38,7 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    model_type: Literal["deepseek_v2", "deepseek_v3"] = "deepseek_v3"
+    model_type: ModelType = "deepseek_v3"
     vocab_size: int = 512  # tokenizer size
     hidden_size: int = 64  # residual stream width H
     intermediate_size: int = 128  # dense MLP width (layers < first_k_dense_replace)
@@ -72,6 +79,23 @@ class ModelConfig:
     eos_token_id: int | list[int] | None = 1
     pad_token_id: int | None = None
     num_nextn_predict_layers: int = 0  # MTP modules in the checkpoint (skipped when loading)
+    # --- lightning indexer (V3.2 over tokens, V4 over compressed entries; 0 heads = none) ---
+    index_n_heads: int = 0  # H_I
+    index_head_dim: int = 0  # d_I
+    index_topk: int = 0  # entries kept per query
+    # --- V4 attention (single shared K=V head of width head_dim; MLA fields above unused) ---
+    head_dim: int = 0  # d
+    o_groups: int = 0  # grouped low-rank output projection: groups g ...
+    o_lora_rank: int = 0  # ... each projected to this rank
+    sliding_window: int = 0  # W: window keys per query, self included
+    compress_ratios: tuple[int, ...] = ()  # per layer: 0 window only, 4 CSA, other m HCA at rate m (DeepSeek's rule)
+    compress_rope_theta: float = 160000.0  # rope base of compressed layers (rope_scaling applies to these only)
+    hc_mult: int = 4  # mHC residual streams n
+    hc_sinkhorn_iters: int = 20
+    hc_eps: float = 1e-6
+    num_hash_layers: int = 0  # the first layers route by tid2eid[token id], not by score
+    swiglu_limit: float | None = None  # clamp of SwiGLU's gate (above) and up (both sides); None: no clamp
+    config_form: ConfigForm = "hf"  # V4: which config.json form was read, and is written back
     hf_extra: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -87,11 +111,29 @@ class ModelConfig:
         return ARCHITECTURES[self.model_type]
 
     def is_moe_layer(self, layer: int) -> bool:
+        if self.is_v4:
+            return True  # every V4 layer is MoE
         return (
             self.n_routed_experts > 0
             and layer >= self.first_k_dense_replace
             and layer % max(self.moe_layer_freq, 1) == 0
         )
+
+    @property
+    def is_v4(self) -> bool:
+        return self.model_type == "deepseek_v4"
+
+    def compress_ratio(self, layer: int) -> int:
+        """V4: the layer's compression rate m (0 = sliding window only)."""
+        return self.compress_ratios[layer] if self.is_v4 else 0
+
+    def attention_kind(self, layer: int) -> str:
+        """V4: SLIDING | CSA | HCA (transformers' layer_types names) of one layer."""
+        m = self.compress_ratio(layer)
+        return SLIDING if m == 0 else CSA if m == CSA_RATIO else HCA
+
+    def is_hash_layer(self, layer: int) -> bool:
+        return self.is_v4 and layer < self.num_hash_layers
 
     @property
     def moe_layers(self) -> tuple[int, ...]:
@@ -115,19 +157,34 @@ class ModelConfig:
             if not cond:
                 raise ConfigError(f"invalid ModelConfig: {msg}")
 
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank",
-                     "qk_rope_head_dim", "v_head_dim", "max_position_embeddings"):
+        need(self.model_type in ARCHITECTURES, f"model_type must be one of {sorted(ARCHITECTURES)}, got "
+             f"{self.model_type!r}")
+        mla = ("kv_lora_rank", "v_head_dim") if not self.is_v4 else ()
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", *mla,
+                     "qk_rope_head_dim", "max_position_embeddings"):
             need(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
         need(self.qk_nope_head_dim >= 0, f"qk_nope_head_dim must be >= 0, got {self.qk_nope_head_dim}")
+        if self.model_type == "deepseek_v32":
+            self._validate_indexer(need, "V3.2")
+            need(self.q_lora_rank is not None, "q_lora_rank must be set for deepseek_v32 (its indexer reads the "
+                 "query latent)")
+        if self.is_v4:
+            self._validate_v4(need)
+        else:
+            need(self.scoring_func != "sqrtsoftplus", "scoring_func 'sqrtsoftplus' is V4's; use softmax|sigmoid "
+                 f"for {self.model_type}")
         need(self.q_lora_rank is None or self.q_lora_rank > 0,
              f"q_lora_rank must be null or positive, got {self.q_lora_rank}")
         need(self.qk_rope_head_dim % 2 == 0, f"qk_rope_head_dim must be even for RoPE, got {self.qk_rope_head_dim}")
-        need(self.scoring_func in ("softmax", "sigmoid"), f"scoring_func must be softmax|sigmoid, got {self.scoring_func!r}")
+        need(self.scoring_func in ("softmax", "sigmoid", "sqrtsoftplus"),
+             f"scoring_func must be softmax|sigmoid|sqrtsoftplus, got {self.scoring_func!r}")
+        need(self.swiglu_limit is None or self.swiglu_limit > 0,
+             f"swiglu_limit must be null or positive, got {self.swiglu_limit}")
         need(self.topk_method in ("greedy", "group_limited_greedy", "noaux_tc"),
              f"topk_method must be greedy|group_limited_greedy|noaux_tc, got {self.topk_method!r}")
         need(self.n_routed_experts >= 0, f"n_routed_experts must be >= 0, got {self.n_routed_experts}")
         need(self.first_k_dense_replace >= 0, f"first_k_dense_replace must be >= 0, got {self.first_k_dense_replace}")
-        if self.n_routed_experts > 0 and self.first_k_dense_replace < self.num_hidden_layers:
+        if not self.is_v4 and self.n_routed_experts > 0 and self.first_k_dense_replace < self.num_hidden_layers:
             need(self.moe_intermediate_size > 0, f"moe_intermediate_size must be positive, got {self.moe_intermediate_size}")
             need(1 <= self.num_experts_per_tok <= self.n_routed_experts,
                  f"num_experts_per_tok={self.num_experts_per_tok} must be in 1..n_routed_experts={self.n_routed_experts}")
@@ -141,7 +198,7 @@ class ModelConfig:
                  f"num_experts_per_tok={self.num_experts_per_tok} choices")
             if self.topk_method == "noaux_tc" and self.n_group > 1:
                 need(per_group >= 2, f"noaux_tc scores a group by its top-2 experts; groups of {per_group} are too small")
-        if self.first_k_dense_replace > 0 or self.n_routed_experts == 0:
+        if not self.is_v4 and (self.first_k_dense_replace > 0 or self.n_routed_experts == 0):
             need(self.intermediate_size > 0, f"intermediate_size must be positive, got {self.intermediate_size}")
         if self.rope_scaling:
             rt = rope_type(self.rope_scaling)
@@ -151,9 +208,47 @@ class ModelConfig:
                 need("original_max_position_embeddings" in self.rope_scaling,
                      "rope_scaling needs original_max_position_embeddings for yarn")
 
+    def _validate_indexer(self, need: Any, family: str) -> None:
+        for name in ("index_n_heads", "index_head_dim", "index_topk"):
+            need(getattr(self, name) > 0, f"{name} must be positive for {family}'s indexer, got {getattr(self, name)}")
+        need(self.index_head_dim >= self.qk_rope_head_dim,
+             f"index_head_dim={self.index_head_dim} must hold the qk_rope_head_dim={self.qk_rope_head_dim} rope dims")
+
+    def _validate_v4(self, need: Any) -> None:
+        L = self.num_hidden_layers
+        need(self.head_dim > 0, f"head_dim must be positive for deepseek_v4, got {self.head_dim}")
+        need(self.qk_rope_head_dim <= self.head_dim,
+             f"qk_rope_head_dim={self.qk_rope_head_dim} must fit in head_dim={self.head_dim}")
+        need(self.q_lora_rank is not None, "q_lora_rank must be set for deepseek_v4")
+        need(self.o_groups > 0 and self.num_attention_heads % self.o_groups == 0,
+             f"o_groups={self.o_groups} must be positive and divide num_attention_heads={self.num_attention_heads}")
+        need(self.o_lora_rank > 0, f"o_lora_rank must be positive for deepseek_v4, got {self.o_lora_rank}")
+        need(self.sliding_window > 0, f"sliding_window must be positive for deepseek_v4, got {self.sliding_window}")
+        need(len(self.compress_ratios) == L,
+             f"compress_ratios has {len(self.compress_ratios)} entries for num_hidden_layers={L}")
+        need(all(isinstance(m, int) and m >= 0 for m in self.compress_ratios),
+             f"compress_ratios must be integers >= 0 (0: window only), got {list(self.compress_ratios)}")
+        if any(m == CSA_RATIO for m in self.compress_ratios):
+            self._validate_indexer(need, "V4 CSA")
+        need(0 <= self.num_hash_layers <= L, f"num_hash_layers={self.num_hash_layers} must be in 0..{L}")
+        need(self.hc_mult >= 1, f"hc_mult must be >= 1, got {self.hc_mult}")
+        need(self.hc_sinkhorn_iters >= 1, f"hc_sinkhorn_iters must be >= 1, got {self.hc_sinkhorn_iters}")
+        need(self.hc_eps > 0, f"hc_eps must be positive, got {self.hc_eps}")
+        need(self.scoring_func in ("sqrtsoftplus", "sigmoid"),
+             f"scoring_func must be sqrtsoftplus|sigmoid for deepseek_v4, got {self.scoring_func!r}")
+        need(self.n_group == 1 and self.topk_group == 1,
+             f"deepseek_v4 routes without expert groups; got n_group={self.n_group}, topk_group={self.topk_group}")
+        need(self.n_shared_experts == 1,
+             f"deepseek_v4 has one shared expert of width moe_intermediate_size; got n_shared_experts="
+             f"{self.n_shared_experts}")
+        need(self.n_routed_experts > 0 and 1 <= self.num_experts_per_tok <= self.n_routed_experts,
+             f"num_experts_per_tok={self.num_experts_per_tok} must be in 1..n_routed_experts={self.n_routed_experts}")
+        need(self.moe_intermediate_size > 0, f"moe_intermediate_size must be positive, got {self.moe_intermediate_size}")
+
     # ------------------------------------------------------------------ HF config.json
     @classmethod
     def from_hf_dict(cls, d: Mapping[str, Any]) -> ModelConfig:
+        """Read an HF config.json dict (transformers 4.x or 5.x; for V4 also DeepSeek's hub form)."""
         d = dict(d)
         model_type = d.get("model_type")
         if model_type not in ARCHITECTURES:
@@ -161,13 +256,17 @@ class ModelConfig:
             model_type = next((m for m, a in ARCHITECTURES.items() if a in archs), None)
             if model_type is None:
                 raise ConfigError(f"config.json: model_type {d.get('model_type')!r} / architectures {archs} "
-                                  "is not DeepSeek-V2 or V3")
+                                  f"is not one of {sorted(ARCHITECTURES)}")
+        if model_type == "deepseek_v4":
+            kw, extra = _v4_from_hf(d)
+            return cls(**kw, hf_extra=extra)
+        fields = _HF_FIELDS + (_INDEX_FIELDS if model_type == "deepseek_v32" else ())
         kw: dict[str, Any] = {"model_type": model_type}
         extra: dict[str, Any] = {}
-        is_v3 = model_type == "deepseek_v3"
+        is_v3 = model_type in ("deepseek_v3", "deepseek_v32")
         present: list[str] = []
         for key, value in d.items():
-            if key in _HF_FIELDS:
+            if key in fields:
                 kw[key] = value
                 present.append(key)
             elif key not in ("model_type", "rope_parameters", "rope_scaling", "rope_theta"):
@@ -200,19 +299,29 @@ class ModelConfig:
             kw["q_lora_rank"] = None
         if not is_v3 and "rope_interleave" not in kw:
             kw["rope_interleave"] = True  # V2 always rotates interleaved pairs
+        mlp_types = d.get("mlp_layer_types")
+        if mlp_types is not None:  # transformers 5.x: must say what first_k_dense_replace says
+            L, k = int(kw.get("num_hidden_layers", 2)), int(kw.get("first_k_dense_replace", 1))
+            if list(mlp_types) != ["dense"] * min(k, L) + ["sparse"] * max(L - k, 0):
+                raise ConfigError(f"config.json: mlp_layer_types {list(mlp_types)} disagrees with "
+                                  f"first_k_dense_replace={k} over num_hidden_layers={L}")
         extra["__present__"] = present
         extra["__nulls__"] = [k for k in ("n_group", "topk_group", "num_experts_per_tok") if d.get(k, 0) is None]
         return cls(**kw, hf_extra=extra)
 
     def to_hf_dict(self) -> dict[str, Any]:
+        """The config.json dict; `from_hf_dict(d).to_hf_dict() == d` for every form read."""
+        if self.is_v4:
+            return _v4_to_hf(self)
         extra = dict(self.hf_extra)
         present = extra.pop("__present__", None)
         nulls = set(extra.pop("__nulls__", []))
         no_scaling_key = extra.pop("__no_rope_scaling_key__", False)
         no_theta_key = extra.pop("__no_rope_theta_key__", False)
         out: dict[str, Any] = {"model_type": self.model_type}
+        fields = _HF_FIELDS + (_INDEX_FIELDS if self.model_type == "deepseek_v32" else ())
         keys = present if present is not None else [
-            k for k in _HF_FIELDS if k not in _NOT_IN_V2 or self.model_type == "deepseek_v3"]
+            k for k in fields if k not in _NOT_IN_V2 or self.model_type == "deepseek_v3"]
         for key in keys:
             value = getattr(self, key)
             out[key] = None if key in nulls else (dict(value) if isinstance(value, Mapping) else value)
@@ -269,6 +378,152 @@ _HF_FIELDS = (
     "num_nextn_predict_layers",
 )
 _NOT_IN_V2 = ("rope_interleave",)
+_INDEX_FIELDS = ("index_n_heads", "index_head_dim", "index_topk")
+# V4's config.json keys that map 1:1 onto fields, in both forms (the layer pattern and rope are handled apart)
+_V4_FIELDS = (
+    "vocab_size", "hidden_size", "moe_intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "n_routed_experts", "n_shared_experts", "num_experts_per_tok", "topk_method",
+    "scoring_func", "norm_topk_prob", "routed_scaling_factor", "q_lora_rank", "qk_rope_head_dim",
+    "max_position_embeddings", "rms_norm_eps", "hidden_act", "attention_bias", "tie_word_embeddings",
+    "initializer_range", "bos_token_id", "eos_token_id", "pad_token_id", "num_nextn_predict_layers",
+    *_INDEX_FIELDS, "head_dim", "o_groups", "o_lora_rank", "sliding_window", "compress_rope_theta", "hc_mult",
+    "hc_sinkhorn_iters", "hc_eps", "swiglu_limit", "num_hash_layers",
+)
+_V4_TF_DEFAULT_HASH_LAYERS = 3  # transformers' mlp_layer_types default
+
+
+def _v4_from_hf(d: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(fields, extras) of a V4 config.json, in DeepSeek's hub form (`compress_ratios` per layer + MTP entries,
+    `num_hash_layers`, top-level rope_theta/rope_scaling) or transformers' form (`layer_types`, `compress_rates`,
+    `mlp_layer_types`, nested `rope_parameters` {main, compress})."""
+    kw: dict[str, Any] = {"model_type": "deepseek_v4", "first_k_dense_replace": 0, "n_group": 1, "topk_group": 1,
+                          "scoring_func": "sqrtsoftplus", "topk_method": "noaux_tc"}
+    extra: dict[str, Any] = {}
+    present: list[str] = []
+    handled = ("model_type", "compress_ratios", "layer_types", "compress_rates", "mlp_layer_types",
+               "rope_parameters", "rope_scaling", "rope_theta")
+    for key, value in d.items():
+        if key in _V4_FIELDS:
+            kw[key] = value
+            present.append(key)
+        elif key not in handled:
+            extra[key] = value
+    L = int(kw.get("num_hidden_layers", 0))
+    if "qk_rope_head_dim" not in kw and d.get("partial_rotary_factor") and kw.get("head_dim"):
+        kw["qk_rope_head_dim"] = round(float(d["partial_rotary_factor"]) * int(kw["head_dim"]))
+    if "compress_ratios" in d:  # DeepSeek's hub form
+        ratios = list(d["compress_ratios"])
+        if len(ratios) < L:
+            raise ConfigError(f"config.json: compress_ratios has {len(ratios)} entries for num_hidden_layers={L}")
+        kw["compress_ratios"] = tuple(ratios[:L])
+        extra["__mtp_compress_ratios__"] = ratios[L:]
+        kw["config_form"], kw["rope_layout"] = "hub", "rope_scaling"
+        kw["rope_theta"] = float(d.get("rope_theta", 10000.0))
+        kw["rope_scaling"] = d.get("rope_scaling")
+        for key in ("rope_theta", "rope_scaling"):
+            if key not in d:
+                extra[f"__no_{key}_key__"] = True
+    else:  # transformers' form
+        layer_types = d.get("layer_types")
+        if layer_types is None:
+            raise ConfigError("config.json: deepseek_v4 needs compress_ratios (DeepSeek's form) or layer_types "
+                              "(transformers' form) to say which layers compress")
+        rates = dict(d.get("compress_rates") or {CSA: CSA_RATIO, HCA: 128})
+        if int(rates.get(CSA, CSA_RATIO)) != CSA_RATIO:
+            raise ConfigError(f"config.json: compress_rates[{CSA!r}]={rates[CSA]}: CSA layers compress by "
+                              f"{CSA_RATIO} (DeepSeek's code tells CSA from HCA by that ratio)")
+        if int(rates.get(HCA, 128)) in (0, CSA_RATIO):
+            raise ConfigError(f"config.json: compress_rates[{HCA!r}]={rates[HCA]} must be > 0 and not {CSA_RATIO}")
+        ratios = []
+        for i, kind in enumerate(layer_types):
+            if kind not in (SLIDING, CSA, HCA):
+                raise ConfigError(f"config.json: layer_types[{i}]={kind!r} is not one of {SLIDING}, {CSA}, {HCA}")
+            ratios.append(0 if kind == SLIDING else int(rates.get(kind, CSA_RATIO if kind == CSA else 128)))
+        kw["compress_ratios"] = tuple(ratios)
+        extra["__compress_rates__"] = rates
+        mlp_types = d.get("mlp_layer_types")
+        if mlp_types is None:
+            kw["num_hash_layers"] = min(_V4_TF_DEFAULT_HASH_LAYERS, L)
+            extra["__no_mlp_layer_types_key__"] = True
+        else:
+            n_hash = sum(1 for t in mlp_types if t == "hash_moe")
+            if list(mlp_types) != ["hash_moe"] * n_hash + ["moe"] * (len(mlp_types) - n_hash):
+                raise ConfigError(f"config.json: mlp_layer_types {list(mlp_types)} must be hash_moe layers first, "
+                                  "then moe (DeepSeek hash-routes the first num_hash_layers layers)")
+            kw["num_hash_layers"] = n_hash
+        kw["config_form"], kw["rope_layout"] = "hf", "rope_parameters"
+        rp = d.get("rope_parameters")
+        if rp is not None:
+            if not (isinstance(rp, Mapping) and "main" in rp and "compress" in rp):
+                raise ConfigError("config.json: deepseek_v4 rope_parameters must hold 'main' and 'compress' tables")
+            main, compress = dict(rp["main"]), dict(rp["compress"])
+            kw["rope_theta"] = float(main.pop("rope_theta", d.get("rope_theta", 10000.0)))
+            kw["compress_rope_theta"] = float(compress.pop("rope_theta", kw.get("compress_rope_theta", 160000.0)))
+            extra["__rope_main__"] = main
+            extra["__rope_compress_keys__"] = sorted(k for k in ("partial_rotary_factor", "attention_factor")
+                                                     if k in compress)
+            for key in ("partial_rotary_factor", "attention_factor"):
+                compress.pop(key, None)
+            kw["rope_scaling"] = compress
+        else:
+            kw["rope_theta"] = float(d.get("rope_theta", 10000.0))
+            kw["rope_scaling"] = d.get("rope_scaling")
+            extra["__no_rope_parameters_key__"] = True
+        for key in ("rope_theta", "rope_scaling"):
+            if key in d:
+                extra[key] = d[key]
+    extra["__present__"] = present
+    return kw, extra
+
+
+def _v4_to_hf(c: ModelConfig) -> dict[str, Any]:
+    extra = dict(c.hf_extra)
+    present = extra.pop("__present__", None)
+    out: dict[str, Any] = {"model_type": c.model_type}
+    keys = present if present is not None else [
+        k for k in _V4_FIELDS if not (c.config_form == "hf" and k == "num_hash_layers")]
+    for key in keys:
+        value = getattr(c, key)
+        out[key] = dict(value) if isinstance(value, Mapping) else value
+    if present is None:
+        out["architectures"] = [c.architecture]
+    L = c.num_hidden_layers
+    if c.config_form == "hub":
+        mtp = extra.pop("__mtp_compress_ratios__", [0] * c.num_nextn_predict_layers)
+        out["compress_ratios"] = list(c.compress_ratios) + list(mtp)
+        if not extra.pop("__no_rope_theta_key__", False):
+            out["rope_theta"] = c.rope_theta
+        if not extra.pop("__no_rope_scaling_key__", False):
+            out["rope_scaling"] = dict(c.rope_scaling) if c.rope_scaling is not None else None
+        return {**out, **extra}
+    rates = dict(extra.pop("__compress_rates__", {CSA: CSA_RATIO, HCA: 128}))
+    hca = {m for m in c.compress_ratios if m not in (0, CSA_RATIO)}
+    if len(hca) > 1:
+        raise ConfigError(f"compress_ratios {list(c.compress_ratios)}: transformers' form has one HCA rate; "
+                          "write this config with config_form='hub'")
+    if hca:
+        rates[HCA] = hca.pop()
+    out["layer_types"] = [c.attention_kind(i) for i in range(L)]
+    out["compress_rates"] = rates
+    if not extra.pop("__no_mlp_layer_types_key__", False) or c.num_hash_layers != min(_V4_TF_DEFAULT_HASH_LAYERS, L):
+        out["mlp_layer_types"] = ["hash_moe"] * c.num_hash_layers + ["moe"] * (L - c.num_hash_layers)
+    main = dict(extra.pop("__rope_main__", {"partial_rotary_factor": c.qk_rope_head_dim / c.head_dim,
+                                            "rope_type": "default"}))
+    compress_keys = extra.pop("__rope_compress_keys__", ["attention_factor", "partial_rotary_factor"])
+    if not extra.pop("__no_rope_parameters_key__", False):
+        compress = dict(c.rope_scaling or {"rope_type": "default"})
+        compress["rope_theta"] = c.compress_rope_theta
+        if "partial_rotary_factor" in compress_keys:
+            compress["partial_rotary_factor"] = c.qk_rope_head_dim / c.head_dim
+        if "attention_factor" in compress_keys and rope_type(compress) == "yarn":
+            compress["attention_factor"] = 1.0
+        out["rope_parameters"] = {"main": {**main, "rope_theta": c.rope_theta}, "compress": compress}
+        if "rope_theta" in extra:  # transformers also writes the main base at the top level
+            extra["rope_theta"] = c.rope_theta
+    else:
+        out["rope_theta"] = c.rope_theta
+        out["rope_scaling"] = dict(c.rope_scaling) if c.rope_scaling is not None else None
+    return {**out, **extra}
 
 
 def rope_type(rope_scaling: Mapping[str, Any]) -> str:
@@ -322,3 +577,29 @@ PRESETS: dict[str, ModelConfig] = {
         bos_token_id=0, eos_token_id=1, num_nextn_predict_layers=1,
     ),
 }
+PRESETS["deepseek-v3.2"] = PRESETS["deepseek-v3"].replace(
+    model_type="deepseek_v32", index_n_heads=64, index_head_dim=128, index_topk=2048)
+_YARN_V4 = {"type": "yarn", "factor": 16, "original_max_position_embeddings": 65536, "beta_fast": 32, "beta_slow": 1}
+
+
+def _v4_preset(*, layers: int, hidden: int, heads: int, q_lora: int, o_groups: int, experts: int, inter: int,
+               scaling: float, index_topk: int, ratios: tuple[int, ...]) -> ModelConfig:
+    return ModelConfig(
+        model_type="deepseek_v4", vocab_size=129280, hidden_size=hidden, moe_intermediate_size=inter,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=1, n_routed_experts=experts,
+        n_shared_experts=1, num_experts_per_tok=6, n_group=1, topk_group=1, topk_method="noaux_tc",
+        scoring_func="sqrtsoftplus", norm_topk_prob=True, routed_scaling_factor=scaling, first_k_dense_replace=0,
+        q_lora_rank=q_lora, qk_rope_head_dim=64, head_dim=512, o_groups=o_groups, o_lora_rank=1024,
+        sliding_window=128, compress_ratios=ratios, compress_rope_theta=160000.0, index_n_heads=64,
+        index_head_dim=128, index_topk=index_topk, hc_mult=4, hc_sinkhorn_iters=20, hc_eps=1e-6, num_hash_layers=3,
+        swiglu_limit=10.0, max_position_embeddings=1048576, rope_theta=10000.0, rope_scaling=_YARN_V4,
+        rope_layout="rope_scaling", config_form="hub", bos_token_id=0, eos_token_id=1, num_nextn_predict_layers=1)
+
+
+# compress_ratios as published: Flash 2 window-only layers, then CSA/HCA alternating; Pro 2 HCA, then the same
+PRESETS["deepseek-v4-flash"] = _v4_preset(
+    layers=43, hidden=4096, heads=64, q_lora=1024, o_groups=8, experts=256, inter=2048, scaling=1.5, index_topk=512,
+    ratios=(0, 0, *(4 if i % 2 == 0 else 128 for i in range(2, 43))))
+PRESETS["deepseek-v4-pro"] = _v4_preset(
+    layers=61, hidden=7168, heads=128, q_lora=1536, o_groups=16, experts=384, inter=3072, scaling=2.5,
+    index_topk=1024, ratios=(128, 128, *(4 if i % 2 == 0 else 128 for i in range(2, 61))))
