@@ -258,8 +258,8 @@ class ModelConfig:
                 raise ConfigError(f"config.json: model_type {d.get('model_type')!r} / architectures {archs} "
                                   f"is not one of {sorted(ARCHITECTURES)}")
         if model_type == "deepseek_v4":
-            kw, extra = _v4_from_hf(d)
-            return cls(**kw, hf_extra=extra)
+            v4_fields, v4_extra = _v4_from_hf(d)
+            return cls(**v4_fields, hf_extra=v4_extra)
         fields = _HF_FIELDS + (_INDEX_FIELDS if model_type == "deepseek_v32" else ())
         kw: dict[str, Any] = {"model_type": model_type}
         extra: dict[str, Any] = {}
