@@ -7,7 +7,7 @@ import json
 import pytest
 
 from tests.hf_models import BASE, VARIANTS
-from workbench.config import PRESETS, ConfigError, ModelConfig
+from workbench.config import CSA, HCA, PRESETS, ConfigError, ModelConfig
 
 # A real DeepSeek-V3 config.json (the published one, abridged to the keys it has), in the 4.x rope layout.
 V3_JSON = {
@@ -97,3 +97,119 @@ def test_non_deepseek_config_is_refused(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):
         ModelConfig.from_json(tmp_path)
+
+
+# --------------------------------------------------------------------------- V3.2 and V4
+
+# DeepSeek-V4-Pro's published config.json (DeepSeek's hub form: per-layer compress_ratios with the MTP entry last,
+# num_hash_layers, top-level rope_theta + rope_scaling for the compressed layers).
+V4_PRO_JSON = {
+    "architectures": ["DeepseekV4ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+    "bos_token_id": 0, "eos_token_id": 1, "hc_eps": 1e-06, "hc_mult": 4, "hc_sinkhorn_iters": 20, "head_dim": 512,
+    "hidden_act": "silu", "hidden_size": 7168, "index_head_dim": 128, "index_n_heads": 64, "index_topk": 1024,
+    "initializer_range": 0.02, "max_position_embeddings": 1048576, "model_type": "deepseek_v4",
+    "moe_intermediate_size": 3072, "n_routed_experts": 384, "n_shared_experts": 1, "norm_topk_prob": True,
+    "num_attention_heads": 128, "num_experts_per_tok": 6, "num_hidden_layers": 61, "num_hash_layers": 3,
+    "num_key_value_heads": 1, "num_nextn_predict_layers": 1, "o_groups": 16, "o_lora_rank": 1024,
+    "q_lora_rank": 1536, "qk_rope_head_dim": 64,
+    "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                            "scale_fmt": "ue8m0", "weight_block_size": [128, 128]},
+    "rms_norm_eps": 1e-06,
+    "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 16, "original_max_position_embeddings": 65536,
+                     "type": "yarn"},
+    "rope_theta": 10000, "routed_scaling_factor": 2.5, "scoring_func": "sqrtsoftplus", "sliding_window": 128,
+    "swiglu_limit": 10.0, "tie_word_embeddings": False, "topk_method": "noaux_tc", "torch_dtype": "bfloat16",
+    "transformers_version": "4.57.1", "use_cache": True, "vocab_size": 129280, "compress_rope_theta": 160000,
+    "compress_ratios": [128, 128] + [4 if i % 2 == 0 else 128 for i in range(2, 61)] + [0],
+}
+
+TINY_V4 = dict(
+    vocab_size=96, hidden_size=64, moe_intermediate_size=24, num_hidden_layers=4, num_attention_heads=4, head_dim=32,
+    qk_rope_head_dim=8, q_lora_rank=24, o_groups=2, o_lora_rank=16, n_routed_experts=8, num_experts_per_tok=2,
+    index_n_heads=16, index_head_dim=16, index_topk=3, sliding_window=8, swiglu_limit=1.0,
+    max_position_embeddings=128,
+    layer_types=["sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention",
+                 "compressed_sparse_attention"],
+    compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 8},
+    mlp_layer_types=["hash_moe", "hash_moe", "moe", "moe"],
+    rope_scaling={"type": "yarn", "factor": 4, "original_max_position_embeddings": 32, "beta_fast": 32,
+                  "beta_slow": 1},
+)
+
+
+def test_v4_hub_config_round_trips_and_reads_deepseeks_layer_rule():
+    cfg = ModelConfig.from_hf_dict(V4_PRO_JSON)
+    assert cfg.to_hf_dict() == V4_PRO_JSON
+    assert cfg.config_form == "hub" and cfg.num_hash_layers == 3 and len(cfg.compress_ratios) == 61
+    kinds = [cfg.attention_kind(i) for i in range(61)]
+    assert kinds.count("heavily_compressed_attention") == 31 and kinds.count("compressed_sparse_attention") == 30
+    assert cfg.rope_theta == 10000 and cfg.compress_rope_theta == 160000 and cfg.rope_scaling["factor"] == 16
+    assert cfg == PRESETS["deepseek-v4-pro"].replace(hf_extra=cfg.hf_extra)
+
+
+def test_v4_hub_form_any_other_ratio_is_hca_at_that_rate():
+    d = {**V4_PRO_JSON, "num_hidden_layers": 3, "compress_ratios": [0, 4, 16, 0]}
+    cfg = ModelConfig.from_hf_dict(d)
+    assert [cfg.compress_ratio(i) for i in range(3)] == [0, 4, 16]
+    assert [cfg.attention_kind(i) for i in range(3)] == ["sliding_attention", "compressed_sparse_attention",
+                                                         "heavily_compressed_attention"]
+
+
+def test_v4_transformers_config_round_trips_and_transformers_reads_ours():
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.DeepseekV4Config(**TINY_V4)
+    for d in (json.loads(hf.to_json_string(use_diff=False)), hf.to_diff_dict()):
+        cfg = ModelConfig.from_hf_dict(d)
+        assert cfg.to_hf_dict() == d
+        assert cfg.compress_ratios == (0, 4, 8, 4) and cfg.num_hash_layers == 2 and cfg.config_form == "hf"
+        assert cfg.compress_rope_theta == 160000.0 and cfg.rope_scaling["factor"] == 4
+    # both forms we write are read back by transformers to the same layer pattern and rope tables (transformers
+    # reads hub-form ratios as the labels 0/4/128 only, so the hub form is checked at DeepSeek's HCA rate 128)
+    for form, ratios in (("hf", (0, 4, 8, 4)), ("hub", (0, 4, 128, 4))):
+        ours = cfg.replace(config_form=form, compress_ratios=ratios, hf_extra={}).to_hf_dict()
+        again = transformers.DeepseekV4Config(**{k: v for k, v in ours.items() if k != "model_type"})
+        assert again.layer_types == hf.layer_types and again.mlp_layer_types == hf.mlp_layer_types
+        assert again.compress_rates[CSA] == 4 and again.qk_rope_head_dim == 8
+        assert again.compress_rates[HCA] == (8 if form == "hf" else 128)
+        assert again.rope_parameters["compress"]["factor"] == 4
+        assert again.rope_parameters["compress"]["rope_theta"] == 160000.0
+        assert again.rope_parameters["main"]["rope_theta"] == 10000.0
+
+
+def test_v32_transformers_config_round_trips():
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.DeepseekV32Config(vocab_size=96, index_topk=6, index_n_heads=16, index_head_dim=80)
+    for d in (json.loads(hf.to_json_string(use_diff=False)), hf.to_diff_dict()):
+        cfg = ModelConfig.from_hf_dict(d)
+        assert cfg.to_hf_dict() == d
+        assert (cfg.model_type, cfg.index_topk, cfg.index_n_heads, cfg.index_head_dim) == ("deepseek_v32", 6, 16, 80)
+    assert PRESETS["deepseek-v3.2"].index_topk == 2048
+
+
+@pytest.mark.parametrize(("d", "message"), [
+    ({**V4_PRO_JSON, "compress_ratios": [0, 4]}, "compress_ratios has 2 entries for num_hidden_layers=61"),
+    ({**V4_PRO_JSON, "o_groups": 7}, "o_groups=7 must be positive and divide num_attention_heads=128"),
+    ({**V4_PRO_JSON, "num_hash_layers": 62}, "num_hash_layers=62 must be in 0..61"),
+    ({**V4_PRO_JSON, "scoring_func": "softmax"}, "scoring_func must be sqrtsoftplus|sigmoid for deepseek_v4"),
+    ({**V4_PRO_JSON, "n_shared_experts": 2}, "one shared expert"),
+    ({**V4_PRO_JSON, "index_n_heads": 0}, "index_n_heads must be positive for V4 CSA's indexer"),
+    ({**V4_PRO_JSON, "qk_rope_head_dim": 1024}, "qk_rope_head_dim=1024 must fit in head_dim=512"),
+    ({k: v for k, v in V4_PRO_JSON.items() if k != "compress_ratios"}, "needs compress_ratios"),
+    ({"model_type": "deepseek_v4", **TINY_V4,
+      "compress_rates": {"compressed_sparse_attention": 8}}, r"CSA layers compress by 4"),
+    ({"model_type": "deepseek_v4", **TINY_V4, "layer_types": ["sliding_attention", "full_attention",
+                                                              "sliding_attention", "sliding_attention"]},
+     r"layer_types\[1\]='full_attention'"),
+    ({"model_type": "deepseek_v4", **TINY_V4, "mlp_layer_types": ["moe", "hash_moe", "moe", "moe"]},
+     "hash_moe layers first"),
+    ({"model_type": "deepseek_v32", "q_lora_rank": None, "index_n_heads": 4, "index_head_dim": 16,
+      "index_topk": 4}, "q_lora_rank must be set for deepseek_v32"),
+    ({"model_type": "deepseek_v32", "q_lora_rank": 16, "index_n_heads": 4, "index_head_dim": 4,
+      "index_topk": 4, "qk_rope_head_dim": 8}, "index_head_dim=4 must hold the qk_rope_head_dim=8"),
+    ({"model_type": "deepseek_v3", "scoring_func": "sqrtsoftplus"}, "'sqrtsoftplus' is V4's"),
+    ({"model_type": "deepseek_v3", "num_hidden_layers": 3, "first_k_dense_replace": 1,
+      "mlp_layer_types": ["dense", "dense", "sparse"]}, "mlp_layer_types .* disagrees with first_k_dense_replace=1"),
+])
+def test_impossible_v32_v4_configs_name_the_field(d, message):
+    with pytest.raises(ConfigError, match=message):
+        ModelConfig.from_hf_dict(d)
