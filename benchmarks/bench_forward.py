@@ -1,10 +1,11 @@
-"""Prefill and decode speed of our model vs transformers' DeepseekV3ForCausalLM on the same checkpoint, same run.
+"""Prefill and decode speed of our model vs transformers' DeepseekV3/V32/V4ForCausalLM on the same checkpoint, same run.
 
-Usage: python benchmarks/bench_forward.py [--repeats 7]
-Prints medians and the ratio (ours / transformers throughput; > 1 means faster), then each fast path against its
-reference on the default model's shapes (routed experts: sorted per-expert vs padded bmm; attention: padded-width
-SDPA vs softmax(q k^T) v), then KV bytes per token for the V2-Lite / V3 shapes against the published figure
-(V3: 576 elements per layer).
+Usage: python benchmarks/bench_forward.py [--repeats 7] [--families v3 v32 v4]
+Prints medians and the ratio (ours / transformers throughput; > 1 means faster) per family, then each fast path
+against its reference on the default model's shapes (routed experts: sorted per-expert vs padded bmm; attention:
+padded-width SDPA vs softmax(q k^T) v), then KV bytes per token for the V2-Lite / V3 shapes against the published
+figure (V3: 576 elements per layer) and for V3.2 / V4 at 1M tokens (published: V4-Pro 10%, V4-Flash 7% of V3.2).
+V3.2 and V4 are timed interleaved (`timing.interleaved_seconds`): both models alternate within every round.
 """
 
 from __future__ import annotations
@@ -21,6 +22,16 @@ CONFIG = dict(vocab_size=4096, hidden_size=256, intermediate_size=512, moe_inter
               num_attention_heads=8, num_key_value_heads=8, n_routed_experts=32, n_shared_experts=1,
               num_experts_per_tok=4, n_group=4, topk_group=2, q_lora_rank=96, kv_lora_rank=64, qk_nope_head_dim=32,
               qk_rope_head_dim=16, v_head_dim=32, first_k_dense_replace=1, max_position_embeddings=2048)
+# V3.2: the same shapes plus the lightning indexer; index_topk below the prefill length, so attention is sparse
+V32_CONFIG = dict(CONFIG, index_n_heads=16, index_head_dim=32, index_topk=128)
+# V4 at a similar size: one layer of each kind (window only, CSA at rate 4, HCA at rate 16), one hash-routed layer
+_SLIDING, _CSA, _HCA = "sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"
+V4_CONFIG = dict(vocab_size=4096, hidden_size=256, moe_intermediate_size=128, num_hidden_layers=4,
+                 layer_types=[_SLIDING, _CSA, _HCA, _CSA], compress_rates={_CSA: 4, _HCA: 16},
+                 mlp_layer_types=["hash_moe", "moe", "moe", "moe"], num_attention_heads=8, head_dim=64,
+                 qk_rope_head_dim=16, q_lora_rank=96, o_groups=2, o_lora_rank=64, n_routed_experts=32,
+                 num_experts_per_tok=4, index_n_heads=16, index_head_dim=32, index_topk=32, sliding_window=64,
+                 hc_mult=4, max_position_embeddings=2048)
 
 
 
@@ -53,18 +64,78 @@ def bench_paths(repeats: int) -> None:
             print(f"  {name:36s}{t_fast * 1e3:8.2f}{t_ref * 1e3:8.2f}  x{t_ref / t_fast:.2f} faster")
 
 
-def main() -> None:
+def _build_hf(family: str) -> torch.nn.Module:
+    """transformers' model of a family at the benchmark size (its init; V4's tid2eid random distinct experts, since
+    transformers leaves it all zeros and every hash-routed token would pick expert 0)."""
+    import transformers
+
+    torch.manual_seed(0)
+    if family == "v32":
+        cfg = transformers.DeepseekV32Config(**V32_CONFIG)
+        cfg._attn_implementation = "sdpa"
+        return transformers.DeepseekV32ForCausalLM(cfg).eval()
+    cfg = transformers.DeepseekV4Config(**V4_CONFIG)
+    cfg._attn_implementation = "eager"  # transformers' V4 has no other attention backend
+    model = transformers.DeepseekV4ForCausalLM(cfg).eval()
+    g = torch.Generator().manual_seed(0)
+    E, k = V4_CONFIG["n_routed_experts"], V4_CONFIG["num_experts_per_tok"]
+    with torch.no_grad():
+        for name, buf in model.named_buffers():
+            if name.endswith("tid2eid"):
+                buf.copy_(torch.rand(buf.shape[0], E, generator=g).argsort(dim=-1)[:, :k])
+    return model
+
+
+def bench_family(family: str, args: argparse.Namespace) -> list[tuple[str, float, float]]:
+    """(row, transformers tokens/s, ours tokens/s) for prefill and decode; both models on the same checkpoint,
+    timed round-robin. Also checks that both compute the same logits before timing them."""
+    from timing import interleaved_seconds
+
+    from workbench.checkpoint import load_checkpoint
+
+    hf = _build_hf(family)
+    with tempfile.TemporaryDirectory() as d:
+        hf.save_pretrained(d)
+        ours = load_checkpoint(Path(d))
+    vocab = V32_CONFIG["vocab_size"] if family == "v32" else V4_CONFIG["vocab_size"]
+    ids = torch.randint(0, vocab, (1, args.prefill), generator=torch.Generator().manual_seed(1))
+    rows = []
+    with torch.inference_mode():
+        gap = (hf(ids[:, :128]).logits - ours(ids[:, :128])).abs().max().item()
+        assert gap < 1e-3, f"{family}: our logits differ from transformers' by {gap}"
+        t_hf, t_ours = interleaved_seconds([lambda: hf(ids, use_cache=False), lambda: ours(ids)], args.repeats)
+        rows.append((f"{family} prefill tokens/s", args.prefill / t_hf, args.prefill / t_ours))
+        prompt = ids[:, :64]
+        gen_kw = dict(max_new_tokens=args.decode, min_new_tokens=args.decode, do_sample=False,
+                      attention_mask=torch.ones_like(prompt))
+        t_hf, t_ours = interleaved_seconds([lambda: hf.generate(prompt, **gen_kw),
+                                            lambda: ours.generate(prompt, args.decode)], max(3, args.repeats // 2))
+        rows.append((f"{family} decode tokens/s (64-token prompt)", args.decode / t_hf, args.decode / t_ours))
+    return rows
+
+
+def print_v32_v4_costs() -> None:
+    from workbench.config import PRESETS
+    from workbench.model.costs import estimate_flops, kv_bytes_per_token
+
+    context = 2**20
+    v32 = kv_bytes_per_token(PRESETS["deepseek-v3.2"], context=context)
+    f32 = estimate_flops(PRESETS["deepseek-v3.2"], context)["total"]
+    print(f"\nat {context:,} tokens: KV bytes per token (bf16 / released formats) and single-token FLOPs vs V3.2")
+    for preset in ("deepseek-v3.2", "deepseek-v4-flash", "deepseek-v4-pro"):
+        kv = kv_bytes_per_token(PRESETS[preset], context=context)
+        f = estimate_flops(PRESETS[preset], context)["total"]
+        print(f"  {preset:18s} {kv['total']:9.1f} B / {kv['stored']:8.1f} B  ({kv['stored'] / v32['stored']:6.1%} of "
+              f"V3.2)  {kv['total'] * context / 2**30:6.2f} GiB/sequence bf16  {f / 1e9:7.1f} GFLOP "
+              f"({f / f32:6.1%})")
+
+
+def bench_v3(args: argparse.Namespace) -> list[tuple[str, float, float]]:
+    """The original V3 comparison (medians of each model timed in turn)."""
     import transformers
 
     from workbench.checkpoint import load_checkpoint
-    from workbench.config import PRESETS
-    from workbench.model.costs import kv_bytes_per_token
 
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--prefill", type=int, default=512)
-    parser.add_argument("--decode", type=int, default=32)
-    args = parser.parse_args()
     torch.manual_seed(0)
     hf_cfg = transformers.DeepseekV3Config(**CONFIG)
     hf_cfg._attn_implementation = "sdpa"
@@ -77,17 +148,35 @@ def main() -> None:
     with torch.inference_mode():
         t_hf = median_seconds(lambda: hf(ids, use_cache=False), args.repeats)
         t_ours = median_seconds(lambda: ours(ids), args.repeats)
-        rows.append(("prefill tokens/s", args.prefill / t_hf, args.prefill / t_ours))
+        rows.append(("v3 prefill tokens/s", args.prefill / t_hf, args.prefill / t_ours))
         prompt = ids[:, :64]
         mask = torch.ones_like(prompt)
         gen_kw = dict(max_new_tokens=args.decode, min_new_tokens=args.decode, do_sample=False, attention_mask=mask)
         t_hf = median_seconds(lambda: hf.generate(prompt, **gen_kw), max(3, args.repeats // 2))
         t_ours = median_seconds(lambda: ours.generate(prompt, args.decode), max(3, args.repeats // 2))
-        rows.append(("decode tokens/s (64-token prompt)", args.decode / t_hf, args.decode / t_ours))
+        rows.append(("v3 decode tokens/s (64-token prompt)", args.decode / t_hf, args.decode / t_ours))
+    return rows
+
+
+def main() -> None:
+    import transformers
+
+    from workbench.config import PRESETS
+    from workbench.model.costs import kv_bytes_per_token
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--prefill", type=int, default=512)
+    parser.add_argument("--decode", type=int, default=32)
+    parser.add_argument("--families", nargs="+", default=["v3", "v32", "v4"], choices=["v3", "v32", "v4"])
+    args = parser.parse_args()
+    rows = []
+    for family in args.families:
+        rows += bench_v3(args) if family == "v3" else bench_family(family, args)
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads")
-    print(f"{'':36s}{'transformers':>14s}{'workbench':>12s}{'ratio':>8s}")
+    print(f"{'':40s}{'transformers':>14s}{'workbench':>12s}{'ratio':>8s}")
     for name, theirs, mine in rows:
-        print(f"{name:36s}{theirs:14.1f}{mine:12.1f}{mine / theirs:8.2f}")
+        print(f"{name:40s}{theirs:14.1f}{mine:12.1f}{mine / theirs:8.2f}")
     bench_paths(args.repeats)
     print("\nKV cache per token, bf16 (elements per layer: MLA = kv_lora_rank + qk_rope_head_dim)")
     for preset in ("deepseek-v2-lite", "deepseek-v3"):
@@ -96,6 +185,7 @@ def main() -> None:
               f"MHA {kv['mha'] / 1024:8.1f} KiB  GQA-{kv['gqa_groups']:.0f} {kv['gqa'] / 1024:7.1f} KiB  "
               f"MHA/MLA {kv['mha'] / kv['mla']:.1f}x")
     assert kv_bytes_per_token(PRESETS["deepseek-v3"])["mla_elements_per_layer"] == 576  # published V3 figure
+    print_v32_v4_costs()
 
 
 if __name__ == "__main__":

@@ -32,11 +32,27 @@ VARIANTS: list[tuple[str, str, dict[str, Any]]] = [
 ]
 
 
+# DeepSeek-V3.2 (the lightning indexer): BASE + YaRN + groups + q-LoRA (the indexer reads the query latent), 16
+# index heads (with few heads ReLU zeros make exact ties in the index scores, see tests/model/test_v32.py) of width
+# 16 > rope 8, so both the rope and the pass part of the index keys exist; index_topk well below the test lengths.
+V32_BASE: dict[str, Any] = dict(n_group=4, topk_group=2, q_lora_rank=24, norm_topk_prob=True, rope_parameters=YARN,
+                                index_n_heads=16, index_head_dim=16, index_topk=6)
+V32_VARIANTS: list[tuple[str, dict[str, Any]]] = [
+    ("v32-yarn-groups-top6", V32_BASE),
+    ("v32-wide-rope-nogroups-top11", dict(V32_BASE, n_group=1, topk_group=1, qk_rope_head_dim=12, qk_nope_head_dim=6,
+                                          index_head_dim=24, index_topk=11, rope_parameters=None,
+                                          first_k_dense_replace=2, num_hidden_layers=3)),
+]
+
+
 def build_hf(model_type: str, overrides: dict[str, Any], seed: int = 0) -> torch.nn.Module:
     import transformers
 
     kwargs = {**BASE, **overrides}
-    if model_type == "deepseek_v3":
+    if model_type == "deepseek_v32":
+        cfg = transformers.DeepseekV32Config(**kwargs)
+        cls = transformers.DeepseekV32ForCausalLM
+    elif model_type == "deepseek_v3":
         cfg = transformers.DeepseekV3Config(**kwargs)
         cls = transformers.DeepseekV3ForCausalLM
     else:
@@ -50,7 +66,9 @@ def build_hf(model_type: str, overrides: dict[str, Any], seed: int = 0) -> torch
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "norm" in name:
+            if name.endswith("norm.bias"):  # V3.2's indexer k_norm (a LayerNorm with bias)
+                p.copy_(0.05 * torch.randn(p.shape, generator=gen))
+            elif "norm" in name:
                 p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
             else:
                 p.copy_(0.15 * torch.randn(p.shape, generator=gen))

@@ -119,14 +119,14 @@ def test_the_model_layers_import_one_way() -> None:
     """Blocks never import the decoder, the families or the whole-model operations; dispatch imports no block."""
     edges = import_graph()
     model = "workbench.model"
-    blocks = [f"{model}.{b}" for b in ("norm", "rope", "attention", "cache", "mla", "routing", "experts", "fp8_linear",
-                                       "moe", "block", "quant", "dispatch")]
+    blocks = [f"{model}.{b}" for b in ("norm", "rope", "attention", "cache", "indexer", "mla", "routing", "experts",
+                                       "fp8_linear", "moe", "block", "quant", "dispatch")]
     above = {f"{model}.transformer", f"{model}.families", f"{model}.families.v2", f"{model}.families.v3",
-             f"{model}.fp8", f"{model}.backend"}
+             f"{model}.families.v32", f"{model}.fp8", f"{model}.backend"}
     for b in blocks:
         assert not edges[b] & above, f"{b} imports {sorted(edges[b] & above)}"
     assert not {e for e in edges[f"{model}.dispatch"] if e.startswith(model + ".")}
-    for fam in ("v2", "v3"):
+    for fam in ("v2", "v3", "v32"):
         assert f"{model}.transformer" not in edges[f"{model}.families.{fam}"]
 
 

@@ -96,6 +96,9 @@ class Session:
                  mode: AttnMode = "naive") -> None:
         _need_count("continuation", continuation, 0)
         _need_count("top", top, 1)
+        if model.config.is_v4:  # its residual is n streams, hash layers need token ids, its cache is not MLA's
+            raise ValueError("Session does not run deepseek_v4 models yet (mHC streams, hash-routed layers and the "
+                             "V4 cache need their own re-run and cache-cloning path)")
         self.model, self.tokenizer, self.config = model, tokenizer, model.config
         self.n_continue, self.top, self.mode = continuation, top, mode
         self.input_ids = self._encode(prompt, "prompt")  # [1, S]
@@ -203,7 +206,8 @@ class Session:
         if prev is None:
             start, x = 0, model.embed_tokens(self.input_ids)
             expert_ids: dict[int, torch.Tensor] = {}
-            cache = model.new_cache(1, S + self.n_continue) if self.n_continue else None
+            cache = cast("LatentKVCache | None",  # V2/V3 (V4 is refused in __init__)
+                         model.new_cache(1, S + self.n_continue) if self.n_continue else None)
         else:
             x, kept_residuals = prev.residuals[start], prev.residuals[:start]
             expert_ids = {layer: ids for layer, ids in prev.expert_ids.items() if layer < start}

@@ -6,8 +6,8 @@ reference here. The launchers (`fp8_quant`, `fp8_gemm`, `moe_gate`, `fused_moe`,
 are imported only when the Triton backend is asked for.
 
 Sections: FP8 block quantization (DeepSeek-V3: 1x128 activation tiles, 128x128 weight blocks), block-FP8 GEMM,
-MoE routing (the one routing definition; `workbench.model.routing.route` calls `route_ref`), the fused routed
-experts, absorbed-MLA decode attention.
+MoE routing (the one routing definition; `workbench.model.routing.route` calls `route_ref`, V4's hash layers
+`hash_route_ref`), the fused routed experts, absorbed-MLA decode attention.
 """
 
 from __future__ import annotations
@@ -21,7 +21,9 @@ from ._runtime import ACT_DTYPES, FP8_MAX, cdiv, check_dtype, check_ndim, fp8_dt
 
 QUANT_BLOCK = 128  # the scale block of DeepSeek-V3's FP8 recipe, and the K step of the FP8 kernels
 
-ScoringFunc = Literal["softmax", "sigmoid"]
+ScoringFunc = Literal["softmax", "sigmoid", "sqrtsoftplus"]
+SCORING_FUNCS: tuple[ScoringFunc, ...] = ("softmax", "sigmoid", "sqrtsoftplus")  # what `route_ref` takes
+KERNEL_SCORING_FUNCS: tuple[ScoringFunc, ...] = ("softmax", "sigmoid")  # what the `moe_gate` kernel computes
 TopkMethod = Literal["greedy", "group_limited_greedy", "noaux_tc"]
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 
@@ -127,14 +129,17 @@ def fp8_gemm_ref(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch
 # ---------------------------------------------------------------------------------------------- MoE routing
 # T = tokens, E = experts, G = groups, k = top_k
 def check_gate_args(logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, n_group: int, topk_group: int,
-                scoring_func: str, topk_method: str) -> None:
+                scoring_func: str, topk_method: str,
+                scoring_funcs: tuple[ScoringFunc, ...] = KERNEL_SCORING_FUNCS) -> None:
+    """`scoring_funcs`: the scorings the caller computes (the kernel: softmax and sigmoid; `route_ref`: also V4's
+    sqrtsoftplus), so the kernel rejects a scoring it would otherwise silently compute as softmax."""
     check_dtype("logits", logits, ACT_DTYPES)
     check_ndim("logits", logits, 2, "[T, E]")
     E = logits.shape[1]
     if bias is not None and (bias.shape != (E,) or not bias.is_floating_point()):
         raise ValueError(f"bias must be a float [E={E}] tensor, got {bias.dtype} {tuple(bias.shape)}")
-    if scoring_func not in ("softmax", "sigmoid"):
-        raise ValueError(f"scoring_func must be 'softmax' or 'sigmoid', got {scoring_func!r}")
+    if scoring_func not in scoring_funcs:
+        raise ValueError(f"scoring_func must be one of {list(scoring_funcs)}, got {scoring_func!r}")
     if topk_method not in TOPK_METHODS:
         raise ValueError(f"topk_method must be one of {sorted(TOPK_METHODS)}, got {topk_method!r}")
     if topk_method != "greedy":
@@ -163,10 +168,11 @@ def top_indices(x: torch.Tensor, k: int) -> torch.Tensor:
 def route_ref(logits: torch.Tensor, bias: torch.Tensor | None = None, *, top_k: int, n_group: int = 1,
               topk_group: int = 1, scoring_func: ScoringFunc = "softmax", topk_method: TopkMethod = "greedy",
               norm_topk_prob: bool = False, routed_scaling_factor: float = 1.0, mask: torch.Tensor | None = None,
-              force: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """DeepSeek's MoE routing (V2 `MoEGate`, V3 `noaux_tc`); the model's torch routing is this function.
+              force: torch.Tensor | None = None,
+              norm_single: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DeepSeek's MoE routing (V2 `MoEGate`, V3 `noaux_tc`, V4's `Gate`); the model's torch routing is this function.
 
-    1. scores = softmax (V2) or sigmoid (V3) of the fp32 logits.
+    1. scores = softmax (V2), sigmoid (V3) or sqrt(softplus) (V4, `router_scores_ref`) of the fp32 logits.
     2. choice = scores + `bias` (V3's `e_score_correction_bias`): the bias steers which experts win, never their
        weight. `mask` [E] bool (optional) removes experts (False = ablated) from the choice.
     3. With `n_group` > 1 and a group method, a group scores its max ("group_limited_greedy") or the sum of its
@@ -174,15 +180,15 @@ def route_ref(logits: torch.Tensor, bias: torch.Tensor | None = None, *, top_k: 
     4. The `top_k` best by choice; `force` [f] (optional) ids take the first f slots whatever their score or
        group (groups are picked before forcing, so a forced expert does not pull its group in).
     5. weights = the unbiased scores of the chosen experts, divided by their sum (+1e-20) when `norm_topk_prob`
-       and top_k > 1 (as DeepSeek's MoEGate), times `routed_scaling_factor`.
+       and top_k > 1 (as DeepSeek's MoEGate), or with `norm_single` also when top_k == 1 (V4's gate divides
+       always), times `routed_scaling_factor`.
     Ties (equal choice scores, equal group scores) go to the lower expert / group index (`top_indices`).
 
     Returns (scores [T, E] fp32, expert ids [T, k] int64 in choice order, weights [T, k] fp32).
     """
-    check_gate_args(logits, bias, top_k, n_group, topk_group, scoring_func, topk_method)
+    check_gate_args(logits, bias, top_k, n_group, topk_group, scoring_func, topk_method, SCORING_FUNCS)
     T, E = logits.shape
-    logits = logits.float()
-    scores = logits.sigmoid() if scoring_func == "sigmoid" else logits.softmax(dim=-1)  # [T, E]
+    scores = router_scores_ref(logits, scoring_func)  # [T, E]
     choice = scores if bias is None else scores + bias.float()  # [T, E]
     if mask is not None:
         choice = choice.masked_fill(~mask, float("-inf"))
@@ -201,9 +207,46 @@ def route_ref(logits: torch.Tensor, bias: torch.Tensor | None = None, *, top_k: 
     else:
         ids = top_indices(choice, top_k)  # [T, k]
     weights = scores.gather(1, ids)  # [T, k]
-    if norm_topk_prob and top_k > 1:
+    if norm_topk_prob and (top_k > 1 or norm_single):
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
     return scores, ids, weights * routed_scaling_factor
+
+
+def hash_route_ref(logits: torch.Tensor, ids: torch.Tensor, *, scoring_func: ScoringFunc = "sqrtsoftplus",
+                   norm_topk_prob: bool = True, routed_scaling_factor: float = 1.0,
+                   mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """V4's hash routing: the experts are given (`ids` [T, k] = tid2eid[token id]), only their weights are computed.
+
+    weights = the scores of those experts, divided by their sum (+1e-20) when `norm_topk_prob` (V4: always, for
+    any k), times `routed_scaling_factor`. `mask` [E] bool (False = ablated) zeroes the weight of ablated experts
+    before the division, so the others share the token's whole weight (the slots stay: selection is fixed).
+    Returns (scores [T, E] fp32, ids [T, k] int64, weights [T, k] fp32), as `route_ref` does.
+    """
+    check_ndim("logits", logits, 2, "[T, E]")
+    T, E = logits.shape
+    if ids.dim() != 2 or ids.shape[0] != T:
+        raise ValueError(f"hash routing: ids must be [T={T}, k], got {tuple(ids.shape)}")
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= E):
+        raise ValueError(f"hash routing: expert ids must be in [0, {E}), got {int(ids.min())}..{int(ids.max())}")
+    scores = router_scores_ref(logits, scoring_func)  # [T, E]
+    ids = ids.long()
+    weights = scores.gather(1, ids)  # [T, k]
+    if mask is not None:
+        weights = weights.masked_fill(~mask[ids], 0.0)
+    if norm_topk_prob:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return scores, ids, weights * routed_scaling_factor
+
+
+def router_scores_ref(logits: torch.Tensor, scoring_func: ScoringFunc) -> torch.Tensor:
+    """The gate's scores [T, E] fp32 from its logits: softmax over experts (V2), sigmoid (V3), or V4's
+    sqrt(softplus(logits)), which keeps every score positive and, unlike sigmoid, unbounded above."""
+    lf = logits.float()
+    if scoring_func == "sigmoid":
+        return lf.sigmoid()
+    if scoring_func == "sqrtsoftplus":
+        return F.softplus(lf).sqrt()
+    return lf.softmax(dim=-1)
 
 
 def moe_gate_ref(logits: torch.Tensor, bias: torch.Tensor | None = None, *, top_k: int, n_group: int = 1,

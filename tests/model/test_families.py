@@ -13,15 +13,16 @@ from workbench.model.families import FAMILIES, Family, family_for
 from workbench.model.transformer import DeepSeekModel
 
 
-def test_registry_holds_v2_and_v3() -> None:
-    assert sorted(FAMILIES) == ["deepseek_v2", "deepseek_v3"]
-    for preset in ("deepseek-v2-lite", "deepseek-v3"):
+def test_registry_holds_v2_v3_and_v32() -> None:
+    assert sorted(FAMILIES) == ["deepseek_v2", "deepseek_v3", "deepseek_v32", "deepseek_v4"]
+    for preset in ("deepseek-v2-lite", "deepseek-v3", "deepseek-v3.2", "deepseek-v4-flash", "deepseek-v4-pro"):
         cfg = PRESETS[preset]
         assert family_for(cfg.model_type).model_type == cfg.model_type
 
 
 def test_unknown_model_type_names_the_known_families() -> None:
-    with pytest.raises(ConfigError, match=r"'llama' has no model family here; known: \['deepseek_v2', 'deepseek_v3'\]"):
+    with pytest.raises(ConfigError, match=r"'llama' has no model family here; known: "
+                                          r"\['deepseek_v2', 'deepseek_v3', 'deepseek_v32', 'deepseek_v4'\]"):
         family_for("llama")
 
 

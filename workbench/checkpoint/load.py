@@ -5,56 +5,99 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from workbench.checkpoint.checks import check_finite, check_layers, check_shapes, loadable_tensors
-from workbench.checkpoint.files import EXPERT_RE, FUSED_RE, LAYER_RE, CheckpointError, CheckpointReader, hf_to_ours, ours_to_hf
+from workbench.checkpoint.files import FP8_CODES, CheckpointError, CheckpointReader, CheckpointSource
+from workbench.checkpoint.layouts import FUSED_RE, LAYER_RE, MTP_RE, kept_in_fp32, ours_to_stored
 from workbench.config import ModelConfig
 from workbench.model.fp8 import install_fp8_weights
 from workbench.model.quant import FP8Format
 from workbench.model.transformer import DeepSeekModel
 
 
-def _iter_model_tensors(reader: CheckpointReader, skipped: list[str], keep_fp8: bool = False
+def _iter_model_tensors(reader: CheckpointReader, skipped: list[str], unexpected: list[str],
+                        keep: Callable[[str, int | None], bool] | None, source: CheckpointSource
                         ) -> Iterator[tuple[str, int | None, torch.Tensor, str]]:
-    """Yield (our name, expert index or None, tensor, HF name); MTP layers go to `skipped`.
+    """Yield (our name, expert index or None, tensor, stored name); MTP tensors go to `skipped`, names no tensor
+    of ours has to `unexpected`.
 
-    With `keep_fp8`, linear weights (`*proj.weight`, experts) come as stored, FP8 codes undequantized. Every
-    tensor is checked for NaN/inf as it is read. Layers past the MTP ones come through and are unexpected (only
-    `strict=False` gets that far: `check_layers` refuses them first).
+    `keep` (keep_fp8 only) says which FP8 weights stay as stored, codes undequantized: those whose module can run
+    them (plain linears, stacked experts). Every other quantized weight is dequantized; with keep_fp8 its stored
+    dtype and scale go into `source`, so a save can encode it back. Every tensor is checked for NaN/inf as it is
+    read. Layers past the MTP ones come through and are unexpected (only `strict=False` gets that far:
+    `check_layers` refuses them first).
     """
-    def read(hf_name: str, keep: bool) -> torch.Tensor:
-        t = reader.raw(hf_name) if keep else reader.get(hf_name)
-        check_finite(t, hf_name, reader.weight_map[hf_name])
-        return t
-
     L, mtp = reader.config.num_hidden_layers, reader.config.num_nextn_predict_layers
-    for hf_name in reader.names():
-        if hf_name.endswith("_scale_inv"):
+    for name in reader.names():
+        stored = reader.ours(name)
+        if stored is None:
+            unexpected.append(name)
             continue
-        ours = hf_to_ours(hf_name)
+        if stored.scale:
+            continue
+        ours, expert = stored.ours, stored.expert
         m = LAYER_RE.match(ours)
-        if m and L <= int(m.group(1)) < L + mtp:
-            skipped.append(hf_name)
+        if MTP_RE.match(ours) or (m and L <= int(m.group(1)) < L + mtp):
+            skipped.append(name)
             continue
-        e = EXPERT_RE.match(ours)
-        if e:
-            layer, expert, proj = e.groups()
-            yield f"layers.{layer}.mlp.experts.{proj}", int(expert), read(hf_name, keep_fp8), hf_name
+        source.names[(ours, expert, False)] = name
+        raw = reader.raw(name)
+        if not reader.is_quantized(raw, name):
+            check_finite(raw, name, reader.weight_map[name])
+            if keep is not None:
+                source.dtypes[(ours, expert, False)] = raw.dtype
+            yield ours, expert, raw, name
             continue
-        yield ours, None, read(hf_name, keep_fp8 and ours.endswith(("proj.weight", "proj_with_mqa.weight"))), hf_name
+        scale = reader.scale(name)  # raises, naming the scale, when it is missing or of a wrong dtype
+        scale_name = reader.scale_of[name]
+        source.names[(ours, expert, True)] = scale_name
+        if keep is not None:
+            check_finite(scale, scale_name, reader.weight_map[scale_name])
+            source.dtypes[(ours, expert, False)], source.dtypes[(ours, expert, True)] = raw.dtype, scale.dtype
+        if keep is not None and raw.dtype in FP8_CODES and keep(ours, expert):
+            check_finite(raw, name, reader.weight_map[name])
+            yield ours, expert, raw, name
+            continue
+        t = reader.dequantize(name, raw)
+        check_finite(t, name, reader.weight_map[name])  # a NaN code or scale shows in the weight it scales
+        if keep is not None:
+            source.scales[(ours, expert, False)] = scale
+        yield ours, expert, t, name
+
+
+def _fp8_keepable(model: DeepSeekModel) -> Callable[[str, int | None], bool]:
+    """Which FP8 weights a model can hold as codes: stacked experts, and linears that are `nn.Linear`s (FP8Linear
+    replaces them); a module that uses its weight otherwise (V4's grouped o_a_proj) gets it dequantized."""
+    def keep(ours: str, expert: int | None) -> bool:
+        if expert is not None or FUSED_RE.match(ours):
+            return expert is not None
+        if not ours.endswith(("proj.weight", "proj_with_mqa.weight")):
+            return False
+        try:
+            return isinstance(model.get_submodule(ours.removesuffix(".weight")), nn.Linear)
+        except AttributeError:
+            return False
+
+    return keep
 
 
 def load_checkpoint(path: str | Path, *, dtype: torch.dtype = torch.float32, config: ModelConfig | None = None,
                     strict: bool = True, progress: bool = False, keep_fp8: bool = False) -> DeepSeekModel:
-    """Build the model the config describes and fill it from the checkpoint, checking every name and shape.
+    """Build the model the config describes and fill it from the checkpoint (any layout, see
+    `workbench.checkpoint.layouts`), checking every name and shape.
 
-    `keep_fp8`: FP8 linear weights stay e4m3 codes + `weight_scale_inv` in `FP8Linear`s / FP8 `Experts` (see
-    `workbench.model.fp8`), run in DeepSeek-V3's FP8 recipe, instead of being dequantized to `dtype`.
+    `keep_fp8`: FP8 linear weights stay e4m3 codes + their scales (fp32 in the module; ue8m0 converts exactly) in
+    `FP8Linear`s / FP8 `Experts` (see `workbench.model.fp8`), run in DeepSeek-V3's FP8 recipe, instead of being
+    dequantized to `dtype`. Our modules run no FP4 codes, so FP4 experts (and FP8 weights of modules other than
+    plain linears and experts, e.g. V4's grouped o_a_proj) are held dequantized, exact in fp32 and bf16; every
+    stored name, dtype and those scales go into `model.checkpoint_source`, from which `save_checkpoint` writes the
+    checkpoint back bit for bit.
     The layer indices and shapes in the headers are checked against the config first (with `strict`, layers the
     config does not declare are refused; without, they are ignored like any unexpected tensor), and a tensor
     holding NaN or inf is refused by name.
@@ -74,46 +117,47 @@ def load_checkpoint(path: str | Path, *, dtype: torch.dtype = torch.float32, con
     expert_filled: dict[str, set[int]] = {}
     unexpected: list[str] = []
     skipped: list[str] = []
-    tensors = _iter_model_tensors(reader, skipped, keep_fp8)
-    for ours, expert, tensor, hf_name in tqdm(tensors, total=len(reader.names()), desc="loading", disable=not progress,
-                                               unit="tensor"):
+    source = CheckpointSource(reader.layout)
+    tensors = _iter_model_tensors(reader, skipped, unexpected, _fp8_keepable(model) if keep_fp8 else None, source)
+    for ours, expert, tensor, stored_name in tqdm(tensors, total=len(reader.names()), desc="loading",
+                                                  disable=not progress, unit="tensor"):
         fused = FUSED_RE.match(ours) if expert is None else None
         if fused:  # transformers' in-memory layout: gate_up_proj [E, 2I, H], down_proj [E, H, I]
             layer, proj = fused.groups()
             if proj == "gate_up_proj":
                 gate, up = tensor.chunk(2, dim=1)
-                _put(values, params, f"layers.{layer}.mlp.experts.gate_proj", gate, hf_name, dtype)
-                _put(values, params, f"layers.{layer}.mlp.experts.up_proj", up, hf_name, dtype)
+                _put(values, params, f"layers.{layer}.mlp.experts.gate_proj", gate, stored_name, dtype)
+                _put(values, params, f"layers.{layer}.mlp.experts.up_proj", up, stored_name, dtype)
             else:
-                _put(values, params, ours, tensor, hf_name, dtype)
+                _put(values, params, ours, tensor, stored_name, dtype)
             continue
         if ours not in params:
-            unexpected.append(hf_name)
+            unexpected.append(stored_name)
             continue
-        if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):  # only with keep_fp8
-            _put_fp8(fp8_values, params, ours, expert, tensor, reader, hf_name)
+        if tensor.dtype in FP8_CODES:  # only with keep_fp8
+            _put_fp8(fp8_values, params, ours, expert, tensor, reader, stored_name)
             if expert is not None:
                 expert_filled.setdefault(ours, set()).add(expert)
             continue
         if expert is None:
-            _put(values, params, ours, tensor, hf_name, dtype)
+            _put(values, params, ours, tensor, stored_name, dtype)
             continue
         full = params[ours]
         if ours not in values:
             values[ours] = torch.zeros(full.shape, dtype=dtype)
             expert_filled[ours] = set()
         if expert >= full.shape[0] or tuple(tensor.shape) != tuple(full.shape[1:]):
-            raise CheckpointError(f"{hf_name}: shape {tuple(tensor.shape)} / expert {expert} does not fit "
+            raise CheckpointError(f"{stored_name}: shape {tuple(tensor.shape)} / expert {expert} does not fit "
                                   f"{ours} {tuple(full.shape)}; config.json does not match the weights")
         values[ours][expert] = tensor.to(dtype)
         expert_filled[ours].add(expert)
     if cfg.tie_word_embeddings:
         params.pop("lm_head.weight", None)
-    missing = [ours_to_hf(n) for n in params if n not in values and n not in fp8_values]
+    missing = [_stored(reader, n) for n in params if n not in values and n not in fp8_values]
     for n, got in expert_filled.items():
         lost = sorted(set(range(params[n].shape[0])) - got)
         if lost:
-            missing.append(f"{ours_to_hf(n)} experts {lost[:8]}{'...' if len(lost) > 8 else ''}")
+            missing.append(f"{_stored(reader, n)} experts {lost[:8]}{'...' if len(lost) > 8 else ''}")
     if strict and (missing or unexpected):
         parts = []
         if missing:
@@ -122,7 +166,8 @@ def load_checkpoint(path: str | Path, *, dtype: torch.dtype = torch.float32, con
             parts.append(f"unexpected {len(unexpected)}: {unexpected[:6]}")
         raise CheckpointError(f"{reader.path}: tensors do not match config.json ({'; '.join(parts)})")
     if skipped:
-        layers = sorted({int(LAYER_RE.match(hf_to_ours(s)).group(1)) for s in skipped})  # type: ignore[union-attr]
+        layers = sorted({reader.layer_index(s) if reader.layer_index(s) is not None else f"mtp.{s.split('.')[1]}"
+                         for s in skipped}, key=str)
         warnings.warn(f"skipped {len(skipped)} tensors of multi-token-prediction layers {layers} "
                       "(not part of the main model)", stacklevel=2)
     model.load_state_dict(values, strict=False, assign=True)
@@ -139,21 +184,28 @@ def load_checkpoint(path: str | Path, *, dtype: torch.dtype = torch.float32, con
         quant = dict(cfg.hf_extra).get("quantization_config") or {}
         fmt = "e5m2" if next(iter(fp8_values.values()))[0].dtype == torch.float8_e5m2 else "e4m3"
         install_fp8_weights(model, fp8_values, FP8Format(fmt, quant.get("scale_fmt") == "ue8m0"))
+    model.checkpoint_source = source
     return model.eval()
 
 
+def _stored(reader: CheckpointReader, ours: str, expert: int | None = None) -> str:
+    """The name `ours` has in the reader's layout (our name itself where the layout has none)."""
+    try:
+        return ours_to_stored(ours, reader.layout, reader.config.is_v4, expert)
+    except KeyError:
+        return ours
+
+
 def _put_fp8(fp8_values: dict[str, tuple[torch.Tensor, torch.Tensor]], params: dict[str, torch.Tensor], ours: str,
-             expert: int | None, q: torch.Tensor, reader: CheckpointReader, hf_name: str) -> None:
-    """Keep an FP8 weight and its scale grid as stored (experts stacked: [E, N, K], [E, ceil(N/b), ceil(K/b)])."""
-    if hf_name + "_scale_inv" not in reader.weight_map:
-        raise CheckpointError(f"{hf_name} is {q.dtype} but {hf_name}_scale_inv is missing")
-    scale = reader.raw(hf_name + "_scale_inv").float()
-    check_finite(scale, hf_name + "_scale_inv", reader.weight_map[hf_name + "_scale_inv"])
+             expert: int | None, q: torch.Tensor, reader: CheckpointReader, stored_name: str) -> None:
+    """Keep an FP8 weight and its scale grid as stored, the scale as fp32 (ue8m0 converts exactly; experts stacked:
+    [E, N, K], [E, ceil(N/b), ceil(K/b)])."""
+    scale = reader.scale(stored_name).float()
     full = tuple(params[ours].shape)
     want = full if expert is None else full[1:]
     grid = (math.ceil(want[0] / 128), math.ceil(want[1] / 128))
     if tuple(q.shape) != want or tuple(scale.shape) != grid or (expert is not None and expert >= full[0]):
-        raise CheckpointError(f"{hf_name}: shape {tuple(q.shape)}, scale {tuple(scale.shape)} (expert {expert}) "
+        raise CheckpointError(f"{stored_name}: shape {tuple(q.shape)}, scale {tuple(scale.shape)} (expert {expert}) "
                               f"do not fit {ours} {full} with {grid} scale blocks")
     if expert is None:
         fp8_values[ours] = (q, scale)
@@ -165,15 +217,19 @@ def _put_fp8(fp8_values: dict[str, tuple[torch.Tensor, torch.Tensor]], params: d
 
 
 def _put(values: dict[str, torch.Tensor], params: dict[str, torch.Tensor], ours: str, tensor: torch.Tensor,
-         hf_name: str, dtype: torch.dtype) -> None:
+         stored_name: str, dtype: torch.dtype) -> None:
     if ours not in params:
-        raise CheckpointError(f"{hf_name}: no such tensor in a model with this config")
+        raise CheckpointError(f"{stored_name}: no such tensor in a model with this config")
     want = tuple(params[ours].shape)
     if tuple(tensor.shape) != want:
-        raise CheckpointError(f"{hf_name}: shape {tuple(tensor.shape)}, the config implies {want}; "
+        raise CheckpointError(f"{stored_name}: shape {tuple(tensor.shape)}, the config implies {want}; "
                               "config.json does not match the weights")
-    keep_fp32 = ours.endswith("e_score_correction_bias") or ours.endswith("mlp.gate.weight")
-    values[ours] = tensor.to(torch.float32 if keep_fp32 else dtype)
+    if not tensor.is_floating_point():  # V4's tid2eid (int64 expert ids)
+        if tensor.dtype != params[ours].dtype:
+            raise CheckpointError(f"{stored_name}: {tensor.dtype}, the model holds {params[ours].dtype} here")
+        values[ours] = tensor
+        return
+    values[ours] = tensor.to(torch.float32 if kept_in_fp32(ours) else dtype)
 
 
 def build_meta(config: ModelConfig) -> DeepSeekModel:

@@ -30,6 +30,7 @@ from workbench.controls.latent import LatentBasis, LatentControl, _latent_basis
 from workbench.controls.replay import RoutingReplay, _check_replay
 from workbench.controls.routing import RoutingControl, _check_routing, _route_override
 from workbench.model.block import LayerControls
+from workbench.model.fp8 import SITE_GROUPS
 from workbench.model.routing import RoutingParams
 
 if TYPE_CHECKING:
@@ -160,7 +161,7 @@ class Controls:
                 continue
             if not 0 <= key < L:
                 raise ControlError(f"fp8[{key}]: unknown layer; the model has layers 0..{L - 1}")
-            absent = sorted(set(sites) - fp8_layer_sites(config, key) - {"all", "attn"})
+            absent = sorted(set(sites) - fp8_layer_sites(config, key) - {"all", *SITE_GROUPS})
             if absent:
                 raise ControlError(f"fp8[{key}]: layer {key} has no {absent} (it has {sorted(fp8_layer_sites(config, key))})")
         if self.routing_replay is not None:

@@ -17,15 +17,12 @@ from typing import Any
 
 from workbench.config import ModelConfig
 from workbench.controls.keys import ControlError, LayerKey, _layer_key
-from workbench.model.fp8 import ATTN_SITES, SITE_GROUPS, SITES
+from workbench.model.fp8 import SITE_GROUPS, SITES, layer_sites_from_config
 
 
 def fp8_layer_sites(config: ModelConfig, layer: int) -> set[str]:
     """The FP8 sites (workbench.model.fp8.SITES) that exist in `layer` of a model of this config."""
-    attn = {p for p in ATTN_SITES if p not in (("q_a_proj", "q_b_proj") if config.q_lora_rank is None else ("q_proj",))}
-    if not config.is_moe_layer(layer):
-        return attn | {"mlp"}
-    return attn | {"experts"} | ({"shared_experts"} if config.n_shared_experts > 0 else set())
+    return layer_sites_from_config(config, layer)
 
 
 def _fp8_expand(names: Sequence[str], available: set[str]) -> frozenset[str]:

@@ -14,7 +14,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: torch.Tens
            fused: bool = True) -> torch.Tensor:
     """softmax(q·k * scale) v with q [B, S, nH, d], k [B, T, nH or 1, d], v [B, T, nH or 1, dv] -> [B, S, nH, dv].
 
-    `causal` [S, T] bool (True = may attend) for a query block after cached history; None: causal from the start.
+    `causal` [S, T] bool (True = may attend) for a query block after cached history, or [B, 1, S, T] for a
+    per-sequence key selection (V3.2's indexer); None: causal from the start.
     `fused` (the default): one `F.scaled_dot_product_attention` call with the narrower of q·k / v zero-padded to the
     other's width, since torch's CPU flash kernel needs equal widths and its math fallback is ~4x slower (MLA's q·k
     width D+R or C+R never equals V or C). Zero columns change neither q·k nor the kept part of the output.

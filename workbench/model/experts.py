@@ -7,6 +7,8 @@ transformers and vLLM do), or, as the reference, one batched matmul over the exp
 to the busiest one. `Experts` runs it in high precision or in DeepSeek-V3's FP8 recipe (`fp8`, set by
 `workbench.model.fp8.enable_fp8`), on torch or on the fused Triton kernel (`backend`, through
 `workbench.model.dispatch`); a run's FP8 controls (`dispatch.fp8_run_sites`) override the module's own state.
+DeepSeek-V4 clamps SwiGLU (`swiglu_limit` L, routed and shared experts alike): gate = min(W1 x, L),
+up = clamp(W3 x, -L, L), then silu(gate) * up; None (V2/V3) leaves both unclamped.
 """
 
 from __future__ import annotations
@@ -31,28 +33,39 @@ ExpertsPath = Literal["auto", "gather", "sorted", "padded"]
 PROJS = ("gate_proj", "up_proj", "down_proj")
 
 
-class MLP(nn.Module):
-    """SwiGLU feed-forward: dense layers, and the shared experts (width n_shared * I)."""
+def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float | None = None) -> torch.Tensor:
+    """silu(gate) * up, with V4's clamp when `limit` is set: gate from above only, up from both sides."""
+    if limit is not None:
+        gate, up = gate.clamp(max=limit), up.clamp(min=-limit, max=limit)
+    return F.silu(gate) * up
 
-    def __init__(self, hidden: int, inner: int) -> None:
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: dense layers, and the shared experts (width n_shared * I); `swiglu_limit`: V4's clamp."""
+
+    def __init__(self, hidden: int, inner: int, swiglu_limit: float | None = None) -> None:
         super().__init__()
         self.gate_proj = nn.Linear(hidden, inner, bias=False)
         self.up_proj = nn.Linear(hidden, inner, bias=False)
         self.down_proj = nn.Linear(inner, hidden, bias=False)
+        self.swiglu_limit = swiglu_limit
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.swiglu_limit is None:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x), self.swiglu_limit))
 
 
 class Experts(nn.Module):
-    """E routed experts as stacked weights: gate/up [E, I, H], down [E, H, I].
+    """E routed experts as stacked weights: gate/up [E, I, H], down [E, H, I]; `swiglu_limit`: V4's clamp.
 
     Weights kept from an FP8 checkpoint are e4m3 codes with `*_scale_inv` [E, ceil(out/128), ceil(in/128)] block
     scales; simulated FP8 quantizes each expert in 128x128 blocks on first use (cached per weight version).
     """
 
-    def __init__(self, n_experts: int, hidden: int, inner: int) -> None:
+    def __init__(self, n_experts: int, hidden: int, inner: int, swiglu_limit: float | None = None) -> None:
         super().__init__()
+        self.swiglu_limit = swiglu_limit
         self.gate_proj = nn.Parameter(torch.empty(n_experts, inner, hidden))
         self.up_proj = nn.Parameter(torch.empty(n_experts, inner, hidden))
         self.down_proj = nn.Parameter(torch.empty(n_experts, hidden, inner))
@@ -102,36 +115,41 @@ class Experts(nn.Module):
         if run is not None and ("experts" in run) != (self.fp8 is not None):
             if "experts" in run:  # switched to FP8 for this run only: the torch recipe, no probe
                 return self._forward_fp8(x, ids, weights, RUN_FORMAT, "torch", None)
-            return experts_forward(x, ids, weights, *self.dense_weights())
+            return experts_forward(x, ids, weights, *self.dense_weights(), swiglu_limit=self.swiglu_limit)
         if self.fp8 is not None:
             return self._forward_fp8(x, ids, weights, self.fp8, self.backend, self.hook_fp8_rel_error)
-        why = f"fused_moe takes fp32/bf16/fp16 activations (got {x.dtype})"
-        if dispatch.use_triton(self.backend, x.device, "experts", x.dtype in ACT_DTYPES, why):
+        # the fused_moe kernel has no SwiGLU clamp: V4's clamped experts run in torch (an explicit "triton" raises)
+        ok = x.dtype in ACT_DTYPES and self.swiglu_limit is None
+        why = f"fused_moe takes fp32/bf16/fp16 activations and no swiglu_limit (got {x.dtype}, {self.swiglu_limit})"
+        if dispatch.use_triton(self.backend, x.device, "experts", ok, why):
             return dispatch.launcher("fused_moe").fused_moe(x, self.gate_proj, self.up_proj, self.down_proj, ids,
                                                             weights)
-        return experts_forward(x, ids, weights, self.gate_proj, self.up_proj, self.down_proj)
+        return experts_forward(x, ids, weights, self.gate_proj, self.up_proj, self.down_proj,
+                               swiglu_limit=self.swiglu_limit)
 
     def _forward_fp8(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, f: FP8Format,
                      backend: str, site: ProbeSite | None) -> torch.Tensor:
-        fused_ok = f.fmt == "e4m3" and not f.ue8m0 and x.dtype in ACT_DTYPES
-        why = f"fused_moe takes fp32/bf16/fp16 activations and FP8 only as e4m3 with fp32 scales (got {x.dtype}, {f})"
+        # the fused_moe kernel has no SwiGLU clamp: V4's clamped experts run in torch (an explicit "triton" raises)
+        fused_ok = f.fmt == "e4m3" and not f.ue8m0 and x.dtype in ACT_DTYPES and self.swiglu_limit is None
+        why = (f"fused_moe takes fp32/bf16/fp16 activations, FP8 only as e4m3 with fp32 scales and no swiglu_limit "
+               f"(got {x.dtype}, {f}, {self.swiglu_limit})")
         (qg, sg), (qu, su), (qd, sd) = self.quantized_weights(f)
         if dispatch.use_triton(backend, x.device, "experts", fused_ok, why):
             y = dispatch.launcher("fused_moe").fused_moe(x, qg, qu, qd, ids, weights, w_gate_scale=sg,
                                                          w_up_scale=su, w_down_scale=sd)
         else:
             y = experts_forward(x, ids, weights, dequant_stacked(qg, sg), dequant_stacked(qu, su),
-                                dequant_stacked(qd, sd), act_qdq=partial(act_qdq, f=f))
+                                dequant_stacked(qd, sd), act_qdq=partial(act_qdq, f=f), swiglu_limit=self.swiglu_limit)
         if site is not None and site.listened():
             wg, wu, wd = (w.to(x.dtype) for w in self.dense_weights())
-            site(rel_error(y, experts_forward(x, ids, weights, wg, wu, wd)))  # [T]
+            site(rel_error(y, experts_forward(x, ids, weights, wg, wu, wd, swiglu_limit=self.swiglu_limit)))  # [T]
         return y
 
 
 def experts_forward(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w_gate: torch.Tensor,
                     w_up: torch.Tensor, w_down: torch.Tensor,
                     act_qdq: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                    path: ExpertsPath = "auto") -> torch.Tensor:
+                    path: ExpertsPath = "auto", swiglu_limit: float | None = None) -> torch.Tensor:
     """x [T, H], ids/weights [T, k] -> sum_k weights * expert_k(x)  [T, H].
 
     `path` "gather" (what "auto" takes for few (token, slot) pairs, i.e. decoding): gather the chosen experts' weights
@@ -142,6 +160,7 @@ def experts_forward(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w
     fails (torch 2.13) and the forward must not depend on whether autograd is on.
     `act_qdq` (FP8 simulation; weights then are dequantized fp32) quantize-dequantizes the input and the SwiGLU
     output, the latter first rounded to x's dtype, as DeepSeek's FP8 MoE does; the result is in x's dtype.
+    `swiglu_limit` (V4) clamps gate and up before the SwiGLU product (`swiglu`).
     """
     dtype = x.dtype
     T, H = x.shape
@@ -149,8 +168,8 @@ def experts_forward(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w
     if act_qdq is not None:
         x = act_qdq(x)  # [T, H] fp32
 
-    def swiglu(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        h = F.silu(g) * u
+    def act(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        h = F.silu(g) * u if swiglu_limit is None else swiglu(g, u, swiglu_limit)
         return h if act_qdq is None else act_qdq(h.to(dtype))
 
     if path == "auto":
@@ -159,7 +178,7 @@ def experts_forward(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w
         xs = x[:, None, :, None]  # [T, 1, H, 1]
         g = (w_gate[ids] @ xs)[..., 0]  # [T, k, I]
         u = (w_up[ids] @ xs)[..., 0]  # [T, k, I]
-        out = (w_down[ids] @ swiglu(g, u)[..., None])[..., 0]  # [T, k, H]
+        out = (w_down[ids] @ act(g, u)[..., None])[..., 0]  # [T, k, H]
         return (out * weights[..., None].to(out.dtype)).sum(dim=1).to(dtype)
     flat_ids = ids.reshape(-1)  # [T*k]
     order = flat_ids.argsort(stable=True)  # (token, slot) pairs grouped by expert
@@ -173,7 +192,7 @@ def experts_forward(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w
         for e, n in enumerate(rows_per_expert):
             if n:
                 xe = xs[first : first + n]  # [n, H] this expert's rows
-                outs.append(F.linear(swiglu(F.linear(xe, w_gate[e]), F.linear(xe, w_up[e])), w_down[e]))  # [n, H]
+                outs.append(F.linear(act(F.linear(xe, w_gate[e]), F.linear(xe, w_up[e])), w_down[e]))  # [n, H]
                 first += n
         out = torch.cat(outs)  # [T*k, H]
         return x.new_zeros(T, H).index_add_(0, token_of, out * pair_weights.to(out.dtype)).to(dtype)
@@ -189,6 +208,6 @@ def experts_forward(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w
     buf[slot_of_active, row] = x[token_of]
     g = torch.bmm(buf, w_gate[active].transpose(1, 2))  # [A, cap, I]
     u = torch.bmm(buf, w_up[active].transpose(1, 2))  # [A, cap, I]
-    out = torch.bmm(swiglu(g, u), w_down[active].transpose(1, 2))  # [A, cap, H]
+    out = torch.bmm(act(g, u), w_down[active].transpose(1, 2))  # [A, cap, H]
     contrib = out[slot_of_active, row] * pair_weights.to(out.dtype)  # [T*k, H]
     return x.new_zeros(T, H).index_add_(0, token_of, contrib).to(dtype)

@@ -18,6 +18,7 @@ from workbench_kernels.reference import QUANT_BLOCK, act_dequant_ref, act_quant_
 
 BLOCK = QUANT_BLOCK  # 128
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+UE8M0 = torch.float8_e8m0fnu  # DeepSeek-V4's scale dtype: a power of two 2^-127..2^127 stored as its exponent byte
 
 # (weight identity and format) -> (codes, scale_inv); kept per module, rebuilt when the weight changes
 QuantCache = tuple[tuple[object, ...], torch.Tensor, torch.Tensor]
@@ -73,3 +74,13 @@ def dequant_stacked(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """[E, N, K] codes x [E, ceil(N/128), ceil(K/128)] scales -> fp32 [E, N, K]."""
     _, N, K = q.shape
     return q.float() * s.repeat_interleave(BLOCK, 1)[:, :N].repeat_interleave(BLOCK, 2)[:, :, :K]
+
+
+def fp32_to_ue8m0(s: torch.Tensor) -> torch.Tensor:
+    """fp32 power-of-two scales -> ue8m0, exactly; ValueError when one is not a power of two ue8m0 can hold
+    (`.to(float8_e8m0fnu)` alone would round 0.75 to 1.0 without a word)."""
+    out = s.to(UE8M0)
+    if not torch.equal(out.float(), s.float()):
+        bad = s.flatten()[(out.float() != s.float()).flatten()][:4].tolist()
+        raise ValueError(f"scales {bad} are not powers of two in ue8m0's range 2^-127..2^127")
+    return out

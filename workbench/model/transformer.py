@@ -1,14 +1,20 @@
 """The DeepSeek decoder: embed -> L blocks -> RMSNorm -> lm_head, each block built by the config's family.
 
-Shape legend: B batch, S new tokens, H hidden, V vocab.
+Shape legend: B batch, S new tokens, H hidden, V vocab, n mHC streams (V4's hc_mult).
 The family (`workbench.model.families`, keyed by `config.model_type`) assembles each layer: for V2/V3
-[RMSNorm -> MLA -> RMSNorm -> MoE or dense MLP] on a plain residual stream.
+[RMSNorm -> MLA -> RMSNorm -> MoE or dense MLP] on a plain residual stream. DeepSeek-V4 keeps n residual streams
+[B, S, n, H] instead (the embedding copied n times; `V4Block` mixes them around each sublayer), routes its first
+layers by token id (so the token ids travel with the residual to every block), and collapses the streams with
+`hc_head` before the final norm. Its attention has two paths, "naive" (per formula) and "fast" (gathering only
+the chosen keys); the model-level `mode` maps "naive" to "naive" and "absorb" (V2/V3's serving path, the default
+of `generate`) to "fast". Its cache is a `V4Cache`.
 Parameter names equal the HF checkpoint names (minus the `model.` prefix), except that routed experts are
 stacked (`mlp.experts.gate_proj` [E, I, H]); `workbench.checkpoint` holds the one table between the two.
 Interventions arrive as an explicit `controls` argument (a `workbench.Controls`, resolved here against the config,
 or the {layer: LayerControls} it resolves to), not as state on the modules, so one model serves many sessions and
 a run without controls is the untouched path.
-`forward_from(layer, resid)` runs the tail of the stack from a stored residual: what a live session re-runs.
+`forward_from(layer, resid)` runs the tail of the stack from a stored residual: what a live session re-runs (for
+V4 the streams, and the token ids when a hash-routed layer is among those run).
 """
 
 from __future__ import annotations
@@ -30,9 +36,14 @@ from workbench.model.mla import AttnMode
 from workbench.model.norm import RMSNorm
 from workbench.model.rope import Rotary
 from workbench.model.sampling import check_sampling, sample_next
+from workbench.model.v4.attention import V4AttnMode
+from workbench.model.v4.block import V4Block
+from workbench.model.v4.cache import V4Cache
+from workbench.model.v4.hyper import HyperHead
 from workbench.probes import ProbeRegistry
 
 RunControls = Mapping[int, LayerControls] | ResolvableControls  # what forward/generate take as `controls`
+ModelCache = LatentKVCache | V4Cache  # what `new_cache` returns for the model's family
 
 
 class DeepSeekModel(nn.Module):
@@ -43,11 +54,13 @@ class DeepSeekModel(nn.Module):
         self.config = config
         self.family = family_for(config.model_type)
         self.checkpoint_digest: str | None = None  # set by the loader: which weights these are (replays check it)
+        self.checkpoint_source: object | None = None  # set by load_checkpoint: how the files stored it (for saving)
         self.probes = ProbeRegistry()
-        self.rotary = Rotary(config)
+        self.rotary = Rotary(config)  # MLA's table; V4's attention layers hold their own two tables
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(self.family.build_block(config, i, self.probes)
                                     for i in range(config.num_hidden_layers))
+        self.hc_head = HyperHead(config) if config.is_v4 else None  # V4: collapses the n streams to one
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
@@ -56,7 +69,11 @@ class DeepSeekModel(nn.Module):
 
     # ------------------------------------------------------------------ construction
     def init_weights(self, seed: int = 0) -> DeepSeekModel:
-        """Random N(0, initializer_range) weights, norms at 1, bias 0: a deterministic random model."""
+        """Random N(0, initializer_range) weights, norms at 1, bias 0: a deterministic random model.
+
+        V4 also: mHC scales at 1 and bases at 0 (as transformers initialises them: pre ~ 1/2, post ~ 1, mixing near
+        uniform), and each hash layer's tid2eid a random set of distinct experts per token.
+        """
         gen = torch.Generator().manual_seed(seed)
         std = self.config.initializer_range
         for name, p in self.named_parameters():
@@ -65,8 +82,16 @@ class DeepSeekModel(nn.Module):
                     p.fill_(1.0)
                 elif name.endswith(".bias"):
                     p.zero_()
+                elif name.endswith(("_hc.scale", "hc_head.hc_scale")):
+                    p.fill_(1.0)
+                elif name.endswith(("_hc.base", "hc_head.hc_base")):
+                    p.zero_()
                 else:
                     p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * std)
+        E, k = self.config.n_routed_experts, self.config.num_experts_per_tok
+        for name, b in self.named_buffers():
+            if name.endswith("gate.tid2eid"):
+                b.copy_(torch.rand(b.shape[0], E, generator=gen).argsort(dim=-1)[:, :k])  # [vocab, k] distinct
         return self
 
     @classmethod
@@ -100,20 +125,26 @@ class DeepSeekModel(nn.Module):
         return controls.resolve(self.config, dtype=p.dtype if p.is_floating_point() else torch.float32,
                                 device=p.device, checkpoint=self.checkpoint_digest)
 
-    def forward(self, input_ids: torch.Tensor, cache: LatentKVCache | None = None,
+    def forward(self, input_ids: torch.Tensor, cache: ModelCache | None = None,
                 mode: AttnMode = "naive", controls: RunControls | None = None) -> torch.Tensor:
         past = cache.length if cache is not None else 0
         self.check_input(input_ids, past)
-        return self.forward_from(0, self.embed_tokens(input_ids), cache=cache, mode=mode,
-                                 controls=self.resolve_controls(controls))
+        x = self.embed_tokens(input_ids)  # [B, S, H]
+        if self.config.is_v4:
+            x = x.unsqueeze(2).expand(-1, -1, self.config.hc_mult, -1).contiguous()  # [B, S, n, H] n equal streams
+        return self.forward_from(0, x, cache=cache, mode=mode, controls=self.resolve_controls(controls),
+                                 input_ids=input_ids)
 
-    def forward_from(self, start: int, x: torch.Tensor, *, cache: LatentKVCache | None = None,
+    def forward_from(self, start: int, x: torch.Tensor, *, cache: ModelCache | None = None,
                      mode: AttnMode = "naive", controls: Mapping[int, LayerControls] | None = None,
-                     residuals: list[torch.Tensor] | None = None) -> torch.Tensor:
-        """Run blocks start.. on `x` [B, S, H] (the input of block `start`) and the head -> fp32 logits [B, S, V].
+                     residuals: list[torch.Tensor] | None = None,
+                     input_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Run blocks start.. on `x` [B, S, H] (V4: the streams [B, S, n, H]), the input of block `start`, and the
+        head -> fp32 logits [B, S, V].
 
         Appends each block's input to `residuals` when given. With a cache, every block run writes its latents at
-        the cache's current length; blocks before `start` keep what the cache already holds.
+        the cache's current length; blocks before `start` keep what the cache already holds. `input_ids` [B, S]:
+        the tokens of x, which V4's hash-routed layers need (without them such a layer raises ValueError).
         """
         if not 0 <= start <= len(self.layers):
             raise ValueError(f"start layer {start} is outside 0..{len(self.layers)}")
@@ -122,19 +153,54 @@ class DeepSeekModel(nn.Module):
         past = cache.length if cache is not None else 0
         S = x.shape[1]
         positions = torch.arange(past, past + S, device=x.device)
-        cos, sin = self.rotary.cos_sin(positions)  # [S, R/2]
-        for layer in range(start, len(self.layers)):
-            if residuals is not None:
-                residuals.append(x)
-            block = cast("Block", self.layers[layer])
-            x = block(x, cos, sin, self.rotary, cache, mode, controls.get(layer) if controls else None)
+        if self.config.is_v4:
+            x = self._v4_blocks(start, x, positions, cache, mode, controls, residuals, input_ids)
+        else:
+            if cache is not None and not isinstance(cache, LatentKVCache):
+                raise ValueError(f"a {self.config.model_type} model caches in a LatentKVCache (model.new_cache), "
+                                 f"got {type(cache).__name__}")
+            cos, sin = self.rotary.cos_sin(positions)  # [S, R/2]
+            for layer in range(start, len(self.layers)):
+                if residuals is not None:
+                    residuals.append(x)
+                block = cast("Block", self.layers[layer])
+                x = block(x, cos, sin, self.rotary, cache, mode, controls.get(layer) if controls else None)
         if cache is not None:
             cache.advance(S)
+        if self.hc_head is not None:
+            x = self.hc_head(x)  # [B, S, H]
         x = self.hook_resid_final(self.norm(x))
         return self.lm_head(x).float()  # [B, S, V]
 
-    def new_cache(self, batch: int, max_len: int) -> LatentKVCache:
+    def _v4_blocks(self, start: int, x: torch.Tensor, positions: torch.Tensor, cache: ModelCache | None,
+                   mode: AttnMode, controls: Mapping[int, LayerControls] | None,
+                   residuals: list[torch.Tensor] | None, input_ids: torch.Tensor | None) -> torch.Tensor:
+        """V4's blocks start.. on the streams x [B, S, n, H] -> [B, S, n, H]."""
+        c = self.config
+        if x.dim() != 4 or x.shape[2:] != (c.hc_mult, c.hidden_size):
+            raise ValueError(f"deepseek_v4 blocks take the residual streams [batch, seq, hc_mult={c.hc_mult}, "
+                             f"hidden={c.hidden_size}], got shape {tuple(x.shape)}")
+        if input_ids is not None and tuple(input_ids.shape) != tuple(x.shape[:2]):
+            raise ValueError(f"input_ids {tuple(input_ids.shape)} do not match the streams' [batch, seq] "
+                             f"{tuple(x.shape[:2])}")
+        if cache is not None and not isinstance(cache, V4Cache):
+            raise ValueError(f"a deepseek_v4 model caches in a V4Cache (model.new_cache), got {type(cache).__name__}")
+        if mode not in ("naive", "absorb"):
+            raise ValueError(f"mode must be 'naive' or 'absorb' (V4: the 'fast' attention path), got {mode!r}")
+        v4_mode: V4AttnMode = "naive" if mode == "naive" else "fast"
+        for layer in range(start, len(self.layers)):
+            if residuals is not None:
+                residuals.append(x)
+            block = cast("V4Block", self.layers[layer])
+            x = block(x, positions, cache.layer(layer) if cache is not None else None, v4_mode,
+                      controls.get(layer) if controls else None, input_ids)
+        return x
+
+    def new_cache(self, batch: int, max_len: int) -> ModelCache:
+        """An empty cache for `batch` sequences of up to `max_len` tokens: V4's `V4Cache`, else MLA's latents."""
         p = next(self.parameters())
+        if self.config.is_v4:
+            return V4Cache(self.config, batch, max_len, dtype=p.dtype, device=p.device)
         return LatentKVCache(self.config, batch, max_len, dtype=p.dtype, device=p.device)
 
     @torch.no_grad()
@@ -142,7 +208,7 @@ class DeepSeekModel(nn.Module):
                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
                  mode: AttnMode = "absorb", eos_token_id: int | None = None,
                  controls: RunControls | None = None) -> torch.Tensor:
-        """Greedy (temperature 0) or sampled continuation on the latent cache; returns prompt + new ids [B, S+n].
+        """Greedy (temperature 0) or sampled continuation on the model's cache; returns prompt + new ids [B, S+n].
 
         Stops at max_position_embeddings: then n < max_new_tokens, and a UserWarning gives both numbers (the tokens
         generated are still useful, so this does not raise).
@@ -178,8 +244,8 @@ class DeepSeekModel(nn.Module):
         return out
 
     # ------------------------------------------------------------------ costs
-    def kv_bytes_per_token(self, dtype_bytes: int = 2) -> dict[str, float]:
-        return kv_bytes_per_token(self.config, dtype_bytes)
+    def kv_bytes_per_token(self, dtype_bytes: int = 2, *, context: int | None = None) -> dict[str, float]:
+        return kv_bytes_per_token(self.config, dtype_bytes, context=context)
 
     def estimate_flops(self, context: int = 1) -> dict[str, float]:
         return estimate_flops(self.config, context)

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 from workbench.config import ConfigError, ModelConfig
 from workbench.model.block import Block
-from workbench.model.families import v2, v3
+from workbench.model.families import v2, v3, v4, v32
+from workbench.model.v4.block import V4Block
 from workbench.probes import ProbeRegistry
 
 
@@ -20,12 +21,14 @@ from workbench.probes import ProbeRegistry
 class Family:
     model_type: str  # HF config.json `model_type`
     summary: str  # one line: what sets this family apart
-    build_block: Callable[[ModelConfig, int, ProbeRegistry], Block]
+    build_block: Callable[[ModelConfig, int, ProbeRegistry], Block | V4Block]
 
 
 FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     Family("deepseek_v2", v2.SUMMARY, v2.build_block),
     Family("deepseek_v3", v3.SUMMARY, v3.build_block),
+    Family("deepseek_v32", v32.SUMMARY, v32.build_block),
+    Family("deepseek_v4", v4.SUMMARY, v4.build_block),
 )}
 
 
