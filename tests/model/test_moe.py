@@ -77,7 +77,7 @@ def expert_problem(T, E, k, H=24, I=16, seed=0, skew=False):
     return x, ids, torch.rand(T, k, generator=g), w_gate, w_up, w_down
 
 
-@pytest.mark.parametrize("path", ["auto", "gather", "sorted", "padded"])
+@pytest.mark.parametrize("path", ["auto", "loop", "gather", "sorted", "padded"])
 @pytest.mark.parametrize(("T", "E", "k", "skew"), [(1, 8, 2, False), (37, 8, 3, False), (64, 16, 4, False),
                                                     (5, 64, 6, False), (90, 12, 4, True)])
 def test_every_experts_path_equals_a_per_expert_loop(T, E, k, skew, path):

@@ -11,6 +11,7 @@ from workbench.config import PRESETS
 from workbench.model import routing
 from workbench.model.routing import RoutingParams, route
 from workbench.model.transformer import DeepSeekModel
+from workbench_kernels.reference import top_indices
 
 
 def test_model_routing_is_the_kernel_reference() -> None:
@@ -69,3 +70,18 @@ def test_a_model_with_a_zero_router_routes_every_token_to_the_lowest_experts() -
     per_group = cfg.n_routed_experts // cfg.n_group
     lowest = list(range(min(cfg.num_experts_per_tok, per_group * cfg.topk_group)))
     assert seen and all(v.tolist() == [lowest] * 4 for v in seen.values())
+
+
+@pytest.mark.parametrize("few_values", [True, False])
+def test_top_indices_on_wide_rows_is_the_stable_sort(few_values):
+    # rows wider than _SORT_WIDTH take topk + a tie repair; the result must be the stable sort's, ties included
+    # (indexer scores: ReLU zeros, -inf future keys, early rows with fewer finite keys than k)
+    g = torch.Generator().manual_seed(int(few_values))
+    for trial in range(60):
+        T = int(torch.randint(257, 700, (1,), generator=g))
+        k = int(torch.randint(1, T, (1,), generator=g))
+        x = torch.randint(0, 6 if few_values else 10**6, (3, 5, T), generator=g).float()
+        if trial % 3 == 0:
+            x[..., : T // 2] = float("-inf")
+        want = torch.sort(x, dim=-1, descending=True, stable=True).indices[..., :k]
+        assert torch.equal(top_indices(x, k), want), (trial, T, k)

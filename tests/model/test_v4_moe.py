@@ -114,7 +114,7 @@ def test_swiglu_clamp_formula() -> None:
         torch.testing.assert_close(mlp(x), want_mlp)
 
 
-@pytest.mark.parametrize("path", ["gather", "sorted", "padded"])
+@pytest.mark.parametrize("path", ["loop", "gather", "sorted", "padded"])
 def test_every_expert_path_clamps(path: str) -> None:
     gen = torch.Generator().manual_seed(4)
     T, L = 9, 0.3

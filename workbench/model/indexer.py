@@ -99,9 +99,11 @@ class LightningIndexer(nn.Module):
         T = k_index.shape[1]
         q = self.wq_b(q_latent).view(B, S, self.n_heads, self.head_dim)  # [B, S, nI, dI]
         q = rotate_halves(q, cos, sin, self.rope_dim)
-        logits = torch.einsum("bsjd,btd->bsjt", q.float(), k_index.float()) * self.head_dim**-0.5  # [B, S, nI, T]
-        weights = F.linear(x.float(), self.weights_proj.weight.float()) * self.n_heads**-0.5  # [B, S, nI]
-        scores = torch.einsum("bsj,bsjt->bst", weights, F.relu(logits))  # [B, S, T]
+        logits = torch.einsum("bsjd,btd->bsjt", q.float(), k_index.float())  # [B, S, nI, T]
+        # ReLU(l * s) = s * ReLU(l) for the scale s = dI^-1/2 > 0: folded into the [B, S, nI] weights, not the
+        # [B, S, nI, T] logits (the formula's order differs from this only in float rounding)
+        weights = F.linear(x.float(), self.weights_proj.weight.float()) * (self.n_heads**-0.5 * self.head_dim**-0.5)
+        scores = torch.einsum("bsj,bsjt->bst", weights, F.relu(logits, inplace=True))  # [B, S, T]
         future = torch.ones(S, T, dtype=torch.bool, device=x.device).triu(diagonal=past + 1)  # [S, T]
         return scores.masked_fill(future, float("-inf"))
 

@@ -15,6 +15,7 @@ hold -1, so the selection is always [B, S, k].
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from workbench.config import CSA_RATIO, ModelConfig
@@ -36,9 +37,10 @@ class IndexScorer(nn.Module):
 
     def forward(self, q: torch.Tensor, keys: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """q [B, S, H_I, d_I], keys [B, N, d_I], x [B, S, D] -> scores [B, S, N] fp32."""
-        scores = torch.einsum("bshd,bnd->bshn", q.float(), keys.float()).relu() * self.score_scale  # [B,S,H_I,N]
-        weights = self.weights_proj(x).float() * self.head_scale  # [B, S, H_I]
-        return (scores * weights[..., None]).sum(dim=2)
+        logits = torch.einsum("bshd,bnd->bshn", q.float(), keys.float())  # [B, S, H_I, N]
+        # ReLU(l * s) = s * ReLU(l) for s = d_I^-1/2 > 0: the scale goes on the [B, S, H_I] weights
+        weights = self.weights_proj(x).float() * (self.head_scale * self.score_scale)  # [B, S, H_I]
+        return torch.einsum("bsh,bshn->bsn", weights, F.relu(logits, inplace=True))  # [B, S, N]
 
 
 class Indexer(Compressor):
