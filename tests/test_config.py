@@ -155,6 +155,17 @@ def test_v4_hub_form_any_other_ratio_is_hca_at_that_rate():
                                                          "heavily_compressed_attention"]
 
 
+def test_v4_hub_form_with_transformers_hca_override_means_what_transformers_reads():
+    transformers = pytest.importorskip("transformers")
+    d = {**V4_PRO_JSON, "num_hidden_layers": 3, "compress_ratios": [0, 4, 128, 0], "compress_rate_hca": 8}
+    cfg = ModelConfig.from_hf_dict(d)
+    assert cfg.compress_ratios == (0, 4, 8) and cfg.to_hf_dict() == d
+    hf = transformers.DeepseekV4Config(**{k: v for k, v in d.items() if k != "model_type"})
+    assert [hf.compress_rates[t] if t != "sliding_attention" else 0 for t in hf.layer_types] == [0, 4, 8]
+    with pytest.raises(ConfigError, match="compress_rate_csa=8"):
+        ModelConfig.from_hf_dict({**d, "compress_rate_csa": 8})
+
+
 def test_v4_transformers_config_round_trips_and_transformers_reads_ours():
     transformers = pytest.importorskip("transformers")
     hf = transformers.DeepseekV4Config(**TINY_V4)

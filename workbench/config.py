@@ -415,6 +415,15 @@ def _v4_from_hf(d: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         ratios = list(d["compress_ratios"])
         if len(ratios) < L:
             raise ConfigError(f"config.json: compress_ratios has {len(ratios)} entries for num_hidden_layers={L}")
+        # transformers' overrides: with compress_rate_hca the label 128 means that rate (compress_rate_csa must be 4)
+        if d.get("compress_rate_csa") not in (None, CSA_RATIO):
+            raise ConfigError(f"config.json: compress_rate_csa={d['compress_rate_csa']}: CSA layers compress by "
+                              f"{CSA_RATIO} (DeepSeek's code tells CSA from HCA by that ratio)")
+        hca_rate = d.get("compress_rate_hca")
+        if hca_rate is not None:
+            if int(hca_rate) in (0, CSA_RATIO):
+                raise ConfigError(f"config.json: compress_rate_hca={hca_rate} must be > 0 and not {CSA_RATIO}")
+            ratios = [int(hca_rate) if r == 128 else r for r in ratios]
         kw["compress_ratios"] = tuple(ratios[:L])
         extra["__mtp_compress_ratios__"] = ratios[L:]
         kw["config_form"], kw["rope_layout"] = "hub", "rope_scaling"
@@ -490,7 +499,15 @@ def _v4_to_hf(c: ModelConfig) -> dict[str, Any]:
     L = c.num_hidden_layers
     if c.config_form == "hub":
         mtp = extra.pop("__mtp_compress_ratios__", [0] * c.num_nextn_predict_layers)
-        out["compress_ratios"] = list(c.compress_ratios) + list(mtp)
+        ratios = list(c.compress_ratios)
+        if extra.get("compress_rate_hca") is not None:  # written as transformers' label 128 + the override
+            hca = {m for m in ratios if m not in (0, CSA_RATIO)}
+            if len(hca) > 1:
+                raise ConfigError(f"compress_ratios {ratios}: compress_rate_hca gives all HCA layers one rate")
+            if hca:
+                extra["compress_rate_hca"] = hca.pop()
+            ratios = [128 if m not in (0, CSA_RATIO) else m for m in ratios]
+        out["compress_ratios"] = ratios + list(mtp)
         if not extra.pop("__no_rope_theta_key__", False):
             out["rope_theta"] = c.rope_theta
         if not extra.pop("__no_rope_scaling_key__", False):
