@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from workbench.checkpoint import CheckpointError, CheckpointReader, save_checkpoint
+from workbench.checkpoint import CheckpointError, CheckpointReader, build_meta, save_checkpoint
 from workbench.config import PRESETS, ConfigError
 from workbench.model import families
 from workbench.model.block import Block
+from workbench.model.costs import parameter_counts
 from workbench.model.families import FAMILIES, Family, family_for
 from workbench.model.transformer import DeepSeekModel
 
@@ -57,3 +58,18 @@ def test_v2_and_v3_differ_only_where_their_configs_do() -> None:
     assert extra and all(n.endswith("gate.e_score_correction_bias") for n in extra)
     assert set(v2.state_dict()) <= set(v3.state_dict())
     assert torch.equal(torch.tensor(v2.config.moe_layers), torch.tensor(v3.config.moe_layers))
+
+
+@pytest.mark.parametrize(("preset", "total", "active"), [
+    ("deepseek-v3.2", 671e9, 37e9), ("deepseek-v4-flash", 284e9, 13e9), ("deepseek-v4-pro", 1.6e12, 49e9)])
+def test_presets_build_on_the_meta_device_with_the_published_sizes(preset: str, total: float, active: float) -> None:
+    # the whole module tree of the released model, no memory: the parameter count is the model's own, and the
+    # published totals / active sizes (active without the input embedding, a lookup) come out of it
+    cfg = PRESETS[preset]
+    model = build_meta(cfg)
+    n = sum(p.numel() for p in model.parameters())
+    counts = parameter_counts(cfg)
+    assert n == counts["total"]
+    assert abs(n / total - 1) < 0.025, n
+    assert abs((counts["active"] - counts["embedding"]) / active - 1) < 0.03, counts["active"]
+    assert all(p.device.type == "meta" for p in model.parameters())
