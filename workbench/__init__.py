@@ -32,6 +32,10 @@ _LAZY = {
     "enable_fp8": "workbench.model.fp8",
     "disable_fp8": "workbench.model.fp8",
     "set_backend": "workbench.model.backend",
+    "set_reference_quant": "workbench.model.v4.attention",  # DeepSeek's V4 KV FP8 / indexer FP4 simulations
+    "parameter_counts": "workbench.model.costs",
+    "kv_bytes_per_token": "workbench.model.costs",
+    "estimate_flops": "workbench.model.costs",
     # interventions and live sessions
     "Controls": "workbench.controls",
     "RoutingControl": "workbench.controls",

@@ -613,6 +613,16 @@ def _v4_preset(*, layers: int, hidden: int, heads: int, q_lora: int, o_groups: i
         rope_layout="rope_scaling", config_form="hub", bos_token_id=0, eos_token_id=1, num_nextn_predict_layers=1)
 
 
+# CPU-sized, V4-style: one layer of each attention kind (window only, CSA, HCA at rate 16), a hash-routed first layer
+PRESETS["tiny-v4"] = ModelConfig(
+    model_type="deepseek_v4", vocab_size=512, hidden_size=64, moe_intermediate_size=32, num_hidden_layers=4,
+    num_attention_heads=4, num_key_value_heads=1, n_routed_experts=16, n_shared_experts=1, num_experts_per_tok=4,
+    n_group=1, topk_group=1, topk_method="noaux_tc", scoring_func="sqrtsoftplus", norm_topk_prob=True,
+    routed_scaling_factor=1.5, first_k_dense_replace=0, q_lora_rank=48, qk_rope_head_dim=8, head_dim=32, o_groups=2,
+    o_lora_rank=32, sliding_window=32, compress_ratios=(0, 4, 16, 4), index_n_heads=16, index_head_dim=16,
+    index_topk=16, hc_mult=4, num_hash_layers=1, swiglu_limit=10.0, max_position_embeddings=1024,
+    rope_layout="rope_scaling", config_form="hub")
+
 # compress_ratios as published: Flash 2 window-only layers, then CSA/HCA alternating; Pro 2 HCA, then the same
 PRESETS["deepseek-v4-flash"] = _v4_preset(
     layers=43, hidden=4096, heads=64, q_lora=1024, o_groups=8, experts=256, inter=2048, scaling=1.5, index_topk=512,
