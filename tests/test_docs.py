@@ -11,7 +11,7 @@ import pytest
 
 import workbench
 from workbench.cli import SUBCOMMANDS, build_parser
-from workbench.controls import Controls, LatentControl, RoutingControl
+from workbench.controls import AttentionControl, Controls, LatentControl, RoutingControl
 from workbench.model.dispatch import BACKENDS, KINDS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,7 +34,7 @@ def test_every_backend_value_is_documented() -> None:
         assert f'"{value}"' in DOCS, value
 
 
-@pytest.mark.parametrize("cls", [Controls, RoutingControl, LatentControl])
+@pytest.mark.parametrize("cls", [Controls, RoutingControl, LatentControl, AttentionControl])
 def test_every_control_field_is_documented(cls: type) -> None:
     missing = [f.name for f in dataclasses.fields(cls) if f"`{f.name}`" not in DOCS and f"{f.name}=" not in DOCS]
     assert missing == [], f"{cls.__name__} fields missing from README.md / docs/: {missing}"

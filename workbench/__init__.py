@@ -40,6 +40,7 @@ _LAZY = {
     "Controls": "workbench.controls",
     "RoutingControl": "workbench.controls",
     "LatentControl": "workbench.controls",
+    "AttentionControl": "workbench.controls",
     "Session": "workbench.session",
     "Workbench": "workbench.widgets.dashboard",
     # traces

@@ -6,7 +6,10 @@ Design choices:
   on a numpy trace they are numpy. Sparse results (token x expert pairs) are streamed chunk by chunk and
   returned computed, since their size depends on the data.
 - Expert ids of -1 (a layer not captured) are ignored; every count is of (token, slot) choices.
-Shape legend: N tokens, L MoE layers, A all layers, k top-k, E routed experts, C latent width, P token-expert pairs.
+- V3.2 / V4 (schema 1.2): distances of the indexer's selections, its recall against dense attention, V4's
+  attention-mass split, mHC stream-mixing statistics, and hash-routed vs learned layers' specialisation.
+Shape legend: N tokens, L MoE layers, A all layers, k top-k, E routed experts, C latent width, P token-expert pairs,
+I indexer layers.
 """
 
 from __future__ import annotations
@@ -23,8 +26,9 @@ import xarray as xr
 
 TOKEN = "token"
 
-__all__ = ["coactivation", "expert_load", "fp8_error_summary", "latent_spectrum", "load_balance", "n_experts",
-           "routing_transitions", "token_expert_lift", "token_texts", "top_tokens_per_expert"]
+__all__ = ["coactivation", "expert_load", "fp8_error_summary", "indexer_recall", "latent_spectrum", "load_balance",
+           "mass_split", "n_experts", "routing_specialisation", "routing_transitions", "selected_distance",
+           "selection_distance_summary", "stream_mixing", "token_expert_lift", "token_texts", "top_tokens_per_expert"]
 
 
 # ---------------------------------------------------------------------- chunked reductions
@@ -281,3 +285,147 @@ def fp8_error_summary(ds: xr.Dataset, threshold: float = 1e-2) -> xr.Dataset:
     seen = err.notnull()
     return xr.Dataset({"mean": err.mean(TOKEN), "rms": np.sqrt((err**2).mean(TOKEN)), "max": err.max(TOKEN),
                        "frac_over": (err > threshold).sum(TOKEN) / seen.sum(TOKEN).where(seen.any(TOKEN))})
+
+
+# ---------------------------------------------------------------------- V3.2 / V4 (schema 1.2)
+def _need(ds: xr.Dataset, name: str, what: str) -> xr.DataArray:
+    if name not in ds:
+        raise ValueError(f"the trace has no {name} ({what})")
+    return ds[name]
+
+
+def selected_distance(ds: xr.Dataset) -> xr.Dataset:
+    """How far back each entry the indexer kept lies from its query, in tokens: `near` and `far`, float32
+    [token, index_layer, index_k], NaN where nothing was selected.
+
+    V3.2 (compress_ratio 0) selects key positions s: near = far = pos - s. V4 selects compressed entries w of a
+    layer with rate m, covering tokens w*m .. w*m+m-1: near = pos - (w*m + m - 1) (its newest token), far =
+    pos - w*m (its oldest). `pos` is the query's position in its window, the positions the selection indexes.
+    """
+    sel = _need(ds, "index_selected", "not a V3.2 / V4 trace, or the indexer was not captured")
+    m = ds["compress_ratio"].sel(layer_all=ds["index_layer"].values).values  # [I] rate per indexer layer
+    rate = xr.DataArray(np.where(m > 0, m, 1).astype(np.float32), dims="index_layer")
+    picked = sel.where(sel >= 0)
+    first = picked * rate  # [token, I, k] oldest token of each entry
+    pos = ds["pos"].astype(np.float32)
+    near, far = pos - (first + rate - 1), pos - first
+    return xr.Dataset({"near": near.astype(np.float32), "far": far.astype(np.float32)})
+
+
+def selection_distance_summary(ds: xr.Dataset, bins: np.ndarray | None = None) -> xr.Dataset:
+    """Per indexer layer: how many entries were kept, their mean `near` / `far` distance (see
+    `selected_distance`), and a histogram of `near` over `bins` (edges in tokens, default 0, 1, 2, 4, 8, ...,
+    right-open, the last bin closed; distances past the last edge are not counted)."""
+    d = selected_distance(ds)
+    edges = np.asarray(bins if bins is not None else np.concatenate([[0], 2.0 ** np.arange(21)]), dtype=np.float64)
+    near = d["near"].transpose(TOKEN, "index_layer", "index_k")
+    n_layers = near.sizes["index_layer"]
+
+    def hist(block: np.ndarray) -> np.ndarray:  # [n, I, k] -> [I, bins]
+        return np.stack([np.histogram(block[:, i][~np.isnan(block[:, i])], bins=edges)[0] for i in range(n_layers)])
+
+    counts = _sum_over_chunks(hist, [near], (n_layers, len(edges) - 1), np.int64)
+    return xr.Dataset({"count": d["near"].notnull().sum((TOKEN, "index_k")),
+                       "mean_near": d["near"].mean((TOKEN, "index_k")), "mean_far": d["far"].mean((TOKEN, "index_k")),
+                       "hist": (("index_layer", "bin"), counts)},
+                      coords={"index_layer": ds["index_layer"].values, "bin_lo": ("bin", edges[:-1]),
+                              "bin_hi": ("bin", edges[1:])})
+
+
+def indexer_recall(ds: xr.Dataset, dense_topk: np.ndarray) -> xr.Dataset:
+    """How much of dense attention's own top-k the indexer kept, per indexer layer.
+
+    `dense_topk` int [token, index_layer, k] (-1 = none) is, for the same tokens in the same order, the top-k
+    entries of dense attention's head-averaged probabilities, ties to the lower index, k = the trace's index_topk
+    (`workbench.trace.dense_topk.dense_attention_topk` computes it). V3.2: the same weights run with index_topk
+    >= T (V3's MLA, every causal key kept), p_bar[t, s] = mean_h softmax_s(q_h(t) . k_h(s) * scale) over s <= t.
+    V4: the same weights with every complete compressed entry kept, p_bar[t, w] = mean_h of V4's softmax over
+    window keys, entries and sink, taken at entry w. With S_t the trace's `index_selected` and D_t the dense top-k
+    of query t (its entries other than -1): recall_t = |S_t & D_t| / |D_t|. `recall` averages it over the queries
+    that see more than k keys (V4: complete entries), where the indexer really chooses (elsewhere it keeps
+    everything and recall is 1); `recall_all` over every query with a non-empty D_t; `queries` counts the former.
+    """
+    sel = _need(ds, "index_selected", "not a V3.2 / V4 trace, or the indexer was not captured")
+    s = np.asarray(sel.transpose(TOKEN, "index_layer", "index_k").values)  # [N, I, k]
+    d = np.asarray(dense_topk)
+    if d.ndim != 3 or d.shape[:2] != s.shape[:2]:
+        raise ValueError(f"dense_topk must be [token, index_layer, k] = [{s.shape[0]}, {s.shape[1]}, k], "
+                         f"got shape {d.shape}")
+    hit = ((s[:, :, :, None] == d[:, :, None, :]) & (d[:, :, None, :] >= 0)).any(axis=2)  # [N, I, k'] D in S
+    size = (d >= 0).sum(axis=2)  # [N, I]
+    per = np.where(size > 0, hit.sum(axis=2) / np.maximum(size, 1), np.nan)  # [N, I]
+    m = np.asarray(ds["compress_ratio"].sel(layer_all=ds["index_layer"].values).values)  # [I]
+    seen = (np.asarray(ds["pos"].values)[:, None] + 1) // np.where(m > 0, m, 1)[None, :]  # [N, I] keys or entries
+    choosing = (seen > s.shape[2]) & (size > 0)  # [N, I]
+    chosen = np.where(choosing, per, np.nan)
+    with np.errstate(invalid="ignore"):
+        recall = np.nanmean(chosen, axis=0) if chosen.size else np.full(s.shape[1], np.nan)
+        recall_all = np.nanmean(per, axis=0) if per.size else np.full(s.shape[1], np.nan)
+    return xr.Dataset({"recall": ("index_layer", recall), "recall_all": ("index_layer", recall_all),
+                       "queries": ("index_layer", choosing.sum(axis=0))},
+                      coords={"index_layer": ds["index_layer"].values})
+
+
+def mass_split(ds: xr.Dataset) -> xr.Dataset:
+    """V4's attention mass on the window, the compressed entries and the sink: `mean` [layer_all, branch] (over
+    tokens and heads) and `per_head` [layer_all, head, branch] (over tokens), with each layer's `attn_kind`."""
+    mass = _need(ds, "attn_mass", "V4 models only")
+    return xr.Dataset({"mean": mass.mean((TOKEN, "head")), "per_head": mass.mean(TOKEN)})
+
+
+def stream_mixing(ds: xr.Dataset) -> xr.Dataset:
+    """Statistics of V4's mHC mixing matrices M (X' = post y + M^T X) per layer and site (hc_attn, hc_ffn), over
+    tokens: `mean_matrix` [layer_all, hc_site, stream_in, stream_out]; `dist_identity` = mean ||M - I||_F;
+    `max_offdiag` = mean of the largest off-diagonal entry; `self_weight` = mean of diag(M) / n (1: identity,
+    1/n: uniform mixing); `row_error` / `col_error` = mean max |row sum - 1| / |column sum - 1| (Sinkhorn makes M
+    doubly stochastic up to its iteration count)."""
+    M = _need(ds, "hc_mix", "record it with sites=['hc_mix'] on a V4 model").astype(np.float64)
+    n = M.sizes["stream_in"]
+    eye = xr.DataArray(np.eye(n), dims=("stream_in", "stream_out"))
+    diff = M - eye
+    off = M.where(eye == 0)
+    return xr.Dataset({
+        "mean_matrix": M.mean(TOKEN),
+        "dist_identity": ((diff**2).sum(("stream_in", "stream_out")) ** 0.5).mean(TOKEN),
+        "max_offdiag": off.max(("stream_in", "stream_out")).mean(TOKEN),
+        "self_weight": (M * eye).sum(("stream_in", "stream_out")).mean(TOKEN) / n,
+        "row_error": abs(M.sum("stream_out") - 1).max("stream_in").mean(TOKEN),
+        "col_error": abs(M.sum("stream_in") - 1).max("stream_out").mean(TOKEN),
+    })
+
+
+def routing_specialisation(ds: xr.Dataset, shuffle_seed: int | None = 0) -> xr.Dataset:
+    """Expert load and token specialisation per MoE layer, with V4's `hash_routed` flag (False where absent).
+
+    Over the (token, slot) choices of a layer, with T the token id and E the chosen expert: `mutual_info` =
+    I(T; E) in nats = sum over (id, expert) pairs of p(id, expert) log lift (see `token_expert_lift`);
+    `specialisation` = I(T; E) / (H(E) - log k), which is 1 when the experts are a function of the token id (hash
+    routing: tid2eid) and 0 when routing ignores it; `entropy_norm` and `cv` of the load as in `load_balance`.
+    On few tokens per id I(T; E) is biased upwards (an id seen once looks fully specialised), hence the baseline
+    `specialisation_shuffled`: the same statistic with the token ids permuted over the tokens
+    (`numpy.random.default_rng(shuffle_seed).permutation`), which keeps every count but breaks the link between id
+    and expert; compare a layer against it, not against 0. `shuffle_seed=None` skips it."""
+    balance = load_balance(ds)
+    layers = np.asarray(ds["layer"].values)
+    k = int(ds.sizes["slot"])
+    room = balance["entropy"].values - np.log(k)
+
+    def specialisation(trace: xr.Dataset) -> tuple[np.ndarray, np.ndarray]:
+        pairs = token_expert_lift(trace)
+        mi = np.zeros(len(layers))
+        for i, layer in enumerate(layers):
+            here = np.asarray(pairs["layer"].values) == layer
+            c = np.asarray(pairs["count"].values)[here].astype(np.float64)
+            if c.sum() > 0:
+                mi[i] = float((c / c.sum() * np.log(np.asarray(pairs["lift"].values)[here])).sum())
+        return mi, np.where(room > 0, mi / np.where(room > 0, room, 1), np.nan)
+
+    mi, spec = specialisation(ds)
+    out = {"mutual_info": ("layer", mi), "specialisation": ("layer", spec)}
+    if shuffle_seed is not None:
+        tok = np.asarray(ds["token_id"].values)
+        shuffled = ds.assign_coords(token_id=(TOKEN, tok[np.random.default_rng(shuffle_seed).permutation(len(tok))]))
+        out["specialisation_shuffled"] = ("layer", specialisation(shuffled)[1])
+    hashed = ds["hash_routed"].values if "hash_routed" in ds.coords else np.zeros(len(layers), dtype=bool)
+    return xr.Dataset({**out, "entropy_norm": balance["entropy_norm"], "cv": balance["cv"], "load": balance["load"]},
+                      coords={"layer": layers, "hash_routed": ("layer", np.asarray(hashed, dtype=bool))})

@@ -10,9 +10,13 @@ Design choices:
 - Rapid updates (a slider): each request takes a generation number; runs are serialised by a lock, and a request
   that finds a newer one queued gives way (returns None) instead of running. The latest request always runs.
 - Comparisons are always against the baseline: KL of the next-token distribution, top tokens, per-token loss,
-  the fraction of changed expert choices per MoE layer, and a greedy continuation.
+  the fraction of changed expert choices per MoE layer, for sparse attention (V3.2, V4 CSA) the fraction of changed
+  indexer selections per layer, and a greedy continuation.
+- DeepSeek-V4 runs the same way: its stored residual is the streams [1, S, n, H], the prompt's token ids travel
+  with every re-run (hash-routed layers read them), and its cache is a `V4Cache`, cloned and rewound as MLA's is.
 
-Shape legend: S prompt tokens, H hidden, V vocab, k experts per token, C kv_lora_rank, n continuation tokens.
+Shape legend: S prompt tokens, H hidden, V vocab, k experts per token, C kv_lora_rank, n continuation tokens,
+N keys (V3.2: the S prompt tokens) or compressed entries (V4 CSA: S // 4) a query's indexer chooses from.
 """
 
 from __future__ import annotations
@@ -29,11 +33,12 @@ import torch
 import torch.nn.functional as F
 
 from workbench.controls import ControlError, Controls, svd_basis
+from workbench.controls.attention import has_indexer
 from workbench.model.block import Block, LayerControls
-from workbench.model.cache import LatentKVCache
 from workbench.model.fp8_linear import FP8Linear
 from workbench.model.mla import AttnMode
-from workbench.model.transformer import DeepSeekModel
+from workbench.model.transformer import DeepSeekModel, ModelCache
+from workbench.model.v4.cache import V4Cache
 from workbench.run_lock import model_lock
 from workbench.tokenizer import Tokenizer
 
@@ -63,6 +68,9 @@ class ApplyResult:
     continuation_text_after: str
     logits: torch.Tensor  # [S, V] fp32, now
     elapsed_ms: float
+    # indexed layer (V3.2: all; V4: CSA) -> fraction of the keys / compressed entries each query reads that differ
+    # from the baseline's (dense attention reads every visible one, a dropped compressed branch none)
+    selection_change: Mapping[int, float] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,8 +79,9 @@ class _State:
     resolved: Mapping[int, LayerControls]
     residuals: tuple[torch.Tensor, ...]  # per layer, the block's input [1, S, H]
     expert_ids: Mapping[int, torch.Tensor]  # MoE layer -> [S, k]
+    selections: Mapping[int, torch.Tensor]  # indexed layer -> [S, N] bool, the keys / entries each query reads
     logits: torch.Tensor  # [S, V]
-    cache: LatentKVCache | None  # after the prompt; cloned before any decode
+    cache: ModelCache | None  # after the prompt; cloned before any decode
     continuation: tuple[int, ...]
     result: ApplyResult | None
 
@@ -88,7 +97,7 @@ class Session:
         continuation: greedy tokens generated after the prompt before/after (0 skips it and the KV cache).
         top: how many top tokens to report (an int >= 1; more than the vocabulary reports all of it).
         calibration: text or ids whose latents give the SVD bases for latent truncation (default: the prompt).
-        mode: attention computation, "naive" (the reference) or "absorb".
+        mode: attention computation, "naive" (the reference) or "absorb" (V4: its "fast" gathered path).
     """
 
     def __init__(self, model: DeepSeekModel, prompt: str | Sequence[int] | torch.Tensor, tokenizer: Tokenizer | None = None,
@@ -96,9 +105,6 @@ class Session:
                  mode: AttnMode = "naive") -> None:
         _need_count("continuation", continuation, 0)
         _need_count("top", top, 1)
-        if model.config.is_v4:  # its residual is n streams, hash layers need token ids, its cache is not MLA's
-            raise ValueError("Session does not run deepseek_v4 models yet (mHC streams, hash-routed layers and the "
-                             "V4 cache need their own re-run and cache-cloning path)")
         self.model, self.tokenizer, self.config = model, tokenizer, model.config
         self.n_continue, self.top, self.mode = continuation, top, mode
         self.input_ids = self._encode(prompt, "prompt")  # [1, S]
@@ -110,9 +116,10 @@ class Session:
         self._request_lock = threading.Lock()
         self._requested = 0
         calib_latents: dict[int, torch.Tensor] = {}
-        with self._run_lock:
-            self.baseline = self._run(None, Controls(), {}, 0, latents=calib_latents)
-            if calibration is not None:
+        self._indexed = tuple(i for i in range(self.config.num_hidden_layers) if has_indexer(self.config, i))
+        with self._run_lock:  # V4 has no MLA latent: no latents to capture, no SVD bases
+            self.baseline = self._run(None, Controls(), {}, 0, latents=None if self.config.is_v4 else calib_latents)
+            if calibration is not None and not self.config.is_v4:
                 calib_latents.clear()
                 self._capture_latents(self._encode(calibration, "calibration"), calib_latents)
         self.svd_bases = {layer: svd_basis(lat) for layer, lat in calib_latents.items()}  # layer -> [C, C]
@@ -187,7 +194,7 @@ class Session:
                                f"{self.input_ids.shape[1]} tokens {_head(self.input_ids[0].tolist())}")
         resolved = controls.resolve(self.config, svd_bases=self.svd_bases, dtype=self._param.dtype,
                                     device=self._param.device, checkpoint=self.model.checkpoint_digest)
-        if self.mode == "absorb" and any(lc.fp8_sites is not None for lc in resolved.values()):
+        if self.mode == "absorb" and not self.config.is_v4 and any(lc.fp8_sites is not None for lc in resolved.values()):
             for layer, lc in resolved.items():
                 block = cast("Block", self.model.layers[layer])
                 in_fp8 = isinstance(block.self_attn.kv_b_proj, FP8Linear)
@@ -204,28 +211,52 @@ class Session:
         S = self.input_ids.shape[1]
         kept_residuals: tuple[torch.Tensor, ...] = ()
         if prev is None:
-            start, x = 0, model.embed_tokens(self.input_ids)
+            start, x = 0, model.embed_tokens(self.input_ids)  # [1, S, H]
+            if self.config.is_v4:
+                x = x.unsqueeze(2).expand(-1, -1, self.config.hc_mult, -1).contiguous()  # [1, S, n, H] streams
             expert_ids: dict[int, torch.Tensor] = {}
-            cache = cast("LatentKVCache | None",  # V2/V3 (V4 is refused in __init__)
-                         model.new_cache(1, S + self.n_continue) if self.n_continue else None)
+            selected: dict[int, torch.Tensor] = {}
+            cache = model.new_cache(1, S + self.n_continue) if self.n_continue else None
         else:
             x, kept_residuals = prev.residuals[start], prev.residuals[:start]
             expert_ids = {layer: ids for layer, ids in prev.expert_ids.items() if layer < start}
+            selected = {layer: mask for layer, mask in prev.selections.items() if layer < start}
             cache = _clone_cache(prev.cache) if prev.cache is not None else None
         if cache is not None:
-            cache.length = 0  # layers before `start` keep their entries; the rest are rewritten at 0..S
+            _rewind(cache)  # layers before `start` keep their entries; the rest are rewritten at 0..S
         residuals: list[torch.Tensor] = []
         names = [f"blocks.{layer}.mlp.hook_expert_indices" for layer in self.config.moe_layers if layer >= start]
+        names += [f"blocks.{layer}.attn.hook_index_selected" for layer in self._indexed if layer >= start]
         if latents is not None:
             names += [f"blocks.{layer}.attn.hook_kv_latent" for layer in range(self.config.num_hidden_layers)]
-        collect = _Collector(expert_ids, latents).listener
+        picks: dict[int, torch.Tensor] = {}  # indexed layer -> [S, k] what its indexer chose
+        collect = _Collector(expert_ids, latents, picks).listener
         with model.probes.listen(names, collect, own_thread=True) if names else nullcontext():
-            logits = model.forward_from(start, x, cache=cache, mode=self.mode, controls=resolved, residuals=residuals)
+            logits = model.forward_from(start, x, cache=cache, mode=self.mode, controls=resolved, residuals=residuals,
+                                        input_ids=self.input_ids)
+        for layer in self._indexed:
+            if layer >= start:
+                selected[layer] = self._selection_mask(layer, picks.get(layer), resolved.get(layer))
         continuation = self._continue(logits[0, -1], cache, resolved)
-        return _State(controls, resolved, kept_residuals + tuple(residuals), expert_ids, logits[0], cache,
+        return _State(controls, resolved, kept_residuals + tuple(residuals), expert_ids, selected, logits[0], cache,
                       continuation, None)
 
-    def _continue(self, last: torch.Tensor, cache: LatentKVCache | None,
+    def _selection_mask(self, layer: int, picks: torch.Tensor | None, lc: LayerControls | None) -> torch.Tensor:
+        """[S, N] bool: the keys (V3.2) or compressed entries (V4 CSA) each prompt query read in `layer`.
+
+        `picks` [S, k] (-1: none) is what the indexer chose; V4 runs no indexer under dense attention (every
+        visible entry is read) or with the compressed branch off (none is)."""
+        S = self.input_ids.shape[1]
+        N = S // 4 if self.config.is_v4 else S
+        if picks is not None:
+            hits = torch.zeros(S, N + 1, dtype=torch.bool)
+            return hits.scatter_(1, torch.where(picks >= 0, picks, N).cpu(), True)[:, :N]
+        if lc is not None and not lc.use_compressed:
+            return torch.zeros(S, N, dtype=torch.bool)
+        t = torch.arange(S)[:, None]
+        return torch.arange(N)[None] < (t + 1) // 4 if self.config.is_v4 else torch.arange(N)[None] <= t
+
+    def _continue(self, last: torch.Tensor, cache: ModelCache | None,
                   resolved: Mapping[int, LayerControls]) -> tuple[int, ...]:
         """Greedy tokens after the prompt, decoded on a copy of the prompt's cache (the stored one stays prompt-only)."""
         if cache is None or self.n_continue == 0:
@@ -256,9 +287,10 @@ class Session:
         kl = float((logp_base.exp() * (logp_base - logp_now)).sum())
         change = {layer: _changed_fraction(base.expert_ids[layer], state.expert_ids[layer], self.config.n_routed_experts)
                   for layer in self.config.moe_layers}
+        picks = {layer: _changed_selection(base.selections[layer], state.selections[layer]) for layer in self._indexed}
         return ApplyResult(generation, state.controls, start, kl, top_base, top_now, loss_now - loss_base, change,
                            base.continuation, state.continuation, self._decode(base.continuation),
-                           self._decode(state.continuation), state.logits, elapsed_ms)
+                           self._decode(state.continuation), state.logits, elapsed_ms, picks)
 
     def _stats(self, state: _State) -> tuple[torch.Tensor, torch.Tensor, tuple[TokenProb, ...]]:
         """Per-token loss [S-1], next-token log-probs [V] and top tokens of one run."""
@@ -300,15 +332,20 @@ class Session:
 
 
 class _Collector:
-    """Probe listener that records expert ids / latents; attached with own_thread, so other threads' runs pass."""
+    """Probe listener that records expert ids / indexer picks / latents; attached with own_thread, so other threads'
+    runs pass."""
 
-    def __init__(self, expert_ids: dict[int, torch.Tensor], latents: dict[int, torch.Tensor] | None) -> None:
-        self.expert_ids, self.latents = expert_ids, latents
+    def __init__(self, expert_ids: dict[int, torch.Tensor], latents: dict[int, torch.Tensor] | None,
+                 picks: dict[int, torch.Tensor] | None = None) -> None:
+        self.expert_ids, self.latents, self.picks = expert_ids, latents, picks
 
     def listener(self, name: str, value: torch.Tensor) -> None:
         layer = int(name.split(".")[1])
         if name.endswith("hook_expert_indices"):
             self.expert_ids[layer] = value.detach()  # [S, k]
+        elif name.endswith("hook_index_selected"):
+            if self.picks is not None:
+                self.picks[layer] = value.detach()[0]  # [S, k], -1: none
         elif self.latents is not None:
             self.latents[layer] = value.detach().reshape(-1, value.shape[-1])  # [S, C]
 
@@ -326,10 +363,31 @@ def _changed_fraction(before: torch.Tensor, after: torch.Tensor, n_experts: int)
     return float((1 - same / max(before.shape[1], after.shape[1])).mean())
 
 
-def _clone_cache(cache: LatentKVCache) -> LatentKVCache:
+def _changed_selection(before: torch.Tensor, after: torch.Tensor) -> float:
+    """Mean over queries of 1 - |read before ∩ read now| / max(|before|, |now|), [S, N] bool masks; queries that
+    read nothing either time (no compressed entry visible yet) are left out; 0.0 when none is left."""
+    same = (before & after).sum(-1).float()  # [S]
+    most = torch.maximum(before.sum(-1), after.sum(-1)).float()  # [S]
+    used = most > 0
+    return float((1 - same[used] / most[used]).mean()) if bool(used.any()) else 0.0
+
+
+def _clone_cache(cache: ModelCache) -> ModelCache:
+    if isinstance(cache, V4Cache):
+        return copy.deepcopy(cache)  # rings, compressor buffers and entries: every tensor copied
     out = copy.copy(cache)
     out.c_kv, out.k_pe = cache.c_kv.clone(), cache.k_pe.clone()
+    if cache.index_keys is not None:  # V3.2's indexer keys
+        out.index_keys = cache.index_keys.clone()
     return out
+
+
+def _rewind(cache: ModelCache) -> None:
+    """Length 0, so the layers a run re-runs write their state from position 0 (the others keep theirs)."""
+    cache.length = 0
+    if isinstance(cache, V4Cache):
+        for layer in cache.layers:
+            layer.length = 0
 
 
 def _head(ids: Sequence[int], n: int = 8) -> str:

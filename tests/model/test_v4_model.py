@@ -286,7 +286,7 @@ def test_random_v4_model_is_usable() -> None:
     assert torch.equal(DeepSeekModel.random(cfg, seed=3).layers[1].mlp.gate.tid2eid, model.layers[1].mlp.gate.tid2eid)
 
 
-def test_live_sessions_refuse_v4_with_a_clear_error() -> None:
+def test_live_sessions_run_v4() -> None:  # the controls themselves: tests/test_session_v4.py
     ours, _ = pair("covering")
-    with pytest.raises(ValueError, match="Session does not run deepseek_v4 models yet"):
-        Session(ours, [3, 4, 5])
+    session = Session(ours, [3, 4, 5], continuation=2)  # the prompt runs on a V4Cache for the continuation
+    assert torch.equal(session.result.logits, ours(torch.tensor([[3, 4, 5]]), cache=ours.new_cache(1, 5))[0])

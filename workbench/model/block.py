@@ -33,6 +33,16 @@ class LayerControls:
     routing: RouteOverride | None = None  # MoE layers only
     latent_basis: torch.Tensor | None = None  # [C, r] orthonormal columns: c_kv is projected onto their span
     fp8_sites: frozenset[str] | None = None  # exactly these sites compute in FP8 in this layer (None: as the model is)
+    # sparse attention (V3.2's indexed MLA, V4's attention): None / True leave the layer as it is
+    index_topk: int | None = None  # keys (V3.2) or compressed entries (V4 CSA) the indexer keeps per query
+    dense_attention: bool = False  # no indexer choice: V3.2 every causal key, V4 every visible compressed entry
+    sliding_window: int | None = None  # V4: window keys per query, self included (at most the config's)
+    use_window: bool = True  # V4: False drops the sliding-window keys
+    use_compressed: bool = True  # V4 CSA/HCA: False drops the compressed entries (and skips the compressors)
+    # V4 residual and MoE
+    mhc_identity: bool = False  # V4: both hyper-connections mix with M = I (X' = post (x) y + X)
+    hash_rows: tuple[torch.Tensor, torch.Tensor] | None = None  # V4 hash layer: token ids [r], their experts [r, k]
+    swiglu_limit: float | None = None  # V4: the SwiGLU clamp of routed and shared experts (None: the config's)
 
 
 class ResolvableControls(Protocol):
@@ -66,7 +76,8 @@ class Block(nn.Module):
                  cache: LatentKVCache | None, mode: AttnMode, controls: LayerControls | None) -> torch.Tensor:
         x = self.hook_resid_pre(x)
         basis = controls.latent_basis if controls is not None else None
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, rotary, cache, mode, basis)
+        topk = controls.index_topk if controls is not None else None
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, rotary, cache, mode, basis, index_topk=topk)
         x = self.hook_resid_mid(x)
         h = self.post_attention_layernorm(x)
         if isinstance(self.mlp, MoE):

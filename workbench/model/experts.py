@@ -50,10 +50,12 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(inner, hidden, bias=False)
         self.swiglu_limit = swiglu_limit
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.swiglu_limit is None:
+    def forward(self, x: torch.Tensor, swiglu_limit: float | None = None) -> torch.Tensor:
+        """x [..., H] -> [..., H]; `swiglu_limit`: this run's clamp (None: the module's)."""
+        limit = self.swiglu_limit if swiglu_limit is None else swiglu_limit
+        if limit is None:
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x), self.swiglu_limit))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x), limit))
 
 
 class Experts(nn.Module):
@@ -109,40 +111,42 @@ class Experts(nn.Module):
         return g, u, d
 
     # ------------------------------------------------------------------ forward
-    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """x [T, H], ids/weights [T, k] -> [T, H]."""
+    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                swiglu_limit: float | None = None) -> torch.Tensor:
+        """x [T, H], ids/weights [T, k] -> [T, H]; `swiglu_limit`: this run's clamp (None: the module's)."""
+        limit = self.swiglu_limit if swiglu_limit is None else swiglu_limit
         run = dispatch.fp8_run_sites()  # a run's FP8 controls for this layer, if any
         if run is not None and ("experts" in run) != (self.fp8 is not None):
             if "experts" in run:  # switched to FP8 for this run only: the torch recipe, no probe
-                return self._forward_fp8(x, ids, weights, RUN_FORMAT, "torch", None)
-            return experts_forward(x, ids, weights, *self.dense_weights(), swiglu_limit=self.swiglu_limit)
+                return self._forward_fp8(x, ids, weights, RUN_FORMAT, "torch", None, limit)
+            return experts_forward(x, ids, weights, *self.dense_weights(), swiglu_limit=limit)
         if self.fp8 is not None:
-            return self._forward_fp8(x, ids, weights, self.fp8, self.backend, self.hook_fp8_rel_error)
+            return self._forward_fp8(x, ids, weights, self.fp8, self.backend, self.hook_fp8_rel_error, limit)
         # the fused_moe kernel has no SwiGLU clamp: V4's clamped experts run in torch (an explicit "triton" raises)
-        ok = x.dtype in ACT_DTYPES and self.swiglu_limit is None
-        why = f"fused_moe takes fp32/bf16/fp16 activations and no swiglu_limit (got {x.dtype}, {self.swiglu_limit})"
+        ok = x.dtype in ACT_DTYPES and limit is None
+        why = f"fused_moe takes fp32/bf16/fp16 activations and no swiglu_limit (got {x.dtype}, {limit})"
         if dispatch.use_triton(self.backend, x.device, "experts", ok, why):
             return dispatch.launcher("fused_moe").fused_moe(x, self.gate_proj, self.up_proj, self.down_proj, ids,
                                                             weights)
         return experts_forward(x, ids, weights, self.gate_proj, self.up_proj, self.down_proj,
-                               swiglu_limit=self.swiglu_limit)
+                               swiglu_limit=limit)
 
     def _forward_fp8(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, f: FP8Format,
-                     backend: str, site: ProbeSite | None) -> torch.Tensor:
+                     backend: str, site: ProbeSite | None, limit: float | None) -> torch.Tensor:
         # the fused_moe kernel has no SwiGLU clamp: V4's clamped experts run in torch (an explicit "triton" raises)
-        fused_ok = f.fmt == "e4m3" and not f.ue8m0 and x.dtype in ACT_DTYPES and self.swiglu_limit is None
+        fused_ok = f.fmt == "e4m3" and not f.ue8m0 and x.dtype in ACT_DTYPES and limit is None
         why = (f"fused_moe takes fp32/bf16/fp16 activations, FP8 only as e4m3 with fp32 scales and no swiglu_limit "
-               f"(got {x.dtype}, {f}, {self.swiglu_limit})")
+               f"(got {x.dtype}, {f}, {limit})")
         (qg, sg), (qu, su), (qd, sd) = self.quantized_weights(f)
         if dispatch.use_triton(backend, x.device, "experts", fused_ok, why):
             y = dispatch.launcher("fused_moe").fused_moe(x, qg, qu, qd, ids, weights, w_gate_scale=sg,
                                                          w_up_scale=su, w_down_scale=sd)
         else:
             y = experts_forward(x, ids, weights, dequant_stacked(qg, sg), dequant_stacked(qu, su),
-                                dequant_stacked(qd, sd), act_qdq=partial(act_qdq, f=f), swiglu_limit=self.swiglu_limit)
+                                dequant_stacked(qd, sd), act_qdq=partial(act_qdq, f=f), swiglu_limit=limit)
         if site is not None and site.listened():
             wg, wu, wd = (w.to(x.dtype) for w in self.dense_weights())
-            site(rel_error(y, experts_forward(x, ids, weights, wg, wu, wd, swiglu_limit=self.swiglu_limit)))  # [T]
+            site(rel_error(y, experts_forward(x, ids, weights, wg, wu, wd, swiglu_limit=limit)))  # [T]
         return y
 
 

@@ -440,12 +440,12 @@ class FP4Experts(Experts):
         return out[0], out[1], out[2]
 
     def _forward_fp8(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, f: FP8Format,
-                     backend: str, site: ProbeSite | None) -> torch.Tensor:
+                     backend: str, site: ProbeSite | None, limit: float | None) -> torch.Tensor:
         y = experts_forward(x, ids, weights, *self.fp4_weights(), act_qdq=partial(act_qdq, f=f),
-                            swiglu_limit=self.swiglu_limit)  # [T, H]
+                            swiglu_limit=limit)  # [T, H]
         if site is not None and site.listened():
             wg, wu, wd = (w.to(x.dtype) for w in self.dense_weights())
-            site(rel_error(y, experts_forward(x, ids, weights, wg, wu, wd, swiglu_limit=self.swiglu_limit)))  # [T]
+            site(rel_error(y, experts_forward(x, ids, weights, wg, wu, wd, swiglu_limit=limit)))  # [T]
         return y
 
 

@@ -58,17 +58,18 @@ class LightningIndexer(nn.Module):
         return rotate_halves(self.k_norm(self.wk(x)), cos, sin, self.rope_dim)
 
     def forward(self, x: torch.Tensor, q_latent: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: LatentKVCache | None) -> torch.Tensor | None:
+                cache: LatentKVCache | None, topk: int | None = None) -> torch.Tensor | None:
         """x [B, S, H] (the attention input), q_latent [B, S, Q] (MLA's c_q), cos/sin [S, R/2] of positions
         past.. past+S-1 -> the selected key positions [B, S, k] int64 (-1: none), or None when every causal key is
-        kept (T <= index_topk and no listener changed the choice), so MLA can run dense."""
+        kept (T <= index_topk and no listener changed the choice), so MLA can run dense. `topk`: this run's budget
+        instead of the config's index_topk (a control)."""
         k_index = self.keys(x, cos, sin)  # [B, S, dI]
         past = 0
         if cache is not None:
             past = cache.length
             k_index = cache.append_index_keys(self.layer, k_index)  # [B, T, dI]
         T = k_index.shape[1]
-        k = min(self.topk, T)
+        k = min(self.topk if topk is None else topk, T)
         if k == T and not (self.hook_index_scores.listened() or self.hook_index_selected.listened()):
             return None
         computed = self.scores(x, q_latent, k_index, cos, sin, past)  # [B, S, T]

@@ -74,7 +74,9 @@ class MLA(nn.Module):
         return self.q_b_proj(c_q), c_q
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary: Rotary,
-                cache: LatentKVCache | None, mode: AttnMode, latent_basis: torch.Tensor | None = None) -> torch.Tensor:
+                cache: LatentKVCache | None, mode: AttnMode, latent_basis: torch.Tensor | None = None, *,
+                index_topk: int | None = None) -> torch.Tensor:
+        """`index_topk`: this run's indexer budget (V3.2; None: the config's)."""
         B, S, _ = x.shape
         nH, D, R, C = self.n_heads, self.nope_dim, self.rope_dim, self.latent_dim
         q, c_q = self.project_q(x)
@@ -95,7 +97,7 @@ class MLA(nn.Module):
         T = c_kv.shape[1]
         selected = None  # [B, S, k] key positions per query (-1: none); None: every causal key
         if self.indexer is not None and c_q is not None:
-            selected = self.indexer(x, c_q, cos, sin, cache)
+            selected = self.indexer(x, c_q, cos, sin, cache, topk=index_topk)
         # which keys a query sees: causal over the whole history (new token s sits at position past + s), None for
         # causal from the start; with a selection [B, 1, S, T] causal and selected
         allowed = None if past == 0 else torch.ones(S, T, dtype=torch.bool, device=x.device).tril(diagonal=past)

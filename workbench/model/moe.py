@@ -40,8 +40,12 @@ class MoE(nn.Module):
         self.hook_expert_weights = probes.site(f"blocks.{layer}.mlp.hook_expert_weights")  # [T, k] applied weights
 
     def forward(self, x: torch.Tensor, override: RouteOverride | None = None,
-                input_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """x [..., H] -> [..., H]; `input_ids` (the tokens of x's rows, [B, S]) only hash layers read."""
+                input_ids: torch.Tensor | None = None, *, hash_rows: tuple[torch.Tensor, torch.Tensor] | None = None,
+                swiglu_limit: float | None = None) -> torch.Tensor:
+        """x [..., H] -> [..., H]; `input_ids` (the tokens of x's rows, [B, S]) only hash layers read.
+
+        This run's controls: `hash_rows` (token ids [r], experts [r, k]) replace those rows of a hash layer's tid2eid;
+        `swiglu_limit` clamps the routed and shared experts instead of the config's limit."""
         shape = x.shape
         flat = x.reshape(-1, shape[-1])  # [T, H]
         logits = self.gate.logits(flat)  # [T, E]
@@ -52,7 +56,7 @@ class MoE(nn.Module):
             scores = router_scores(logits, self.routing.scoring_func)  # [T, E]
             ids, weights = override.replay_ids, override.replay_weights  # [T, k] each, as recorded
         elif self.gate.is_hash:
-            scores, ids, weights = self._hash_route(logits, input_ids, override)
+            scores, ids, weights = self._hash_route(logits, input_ids, override, hash_rows)
         elif override is None:
             scores, ids, weights = self.gate.select(logits, self.routing)
         else:
@@ -65,14 +69,19 @@ class MoE(nn.Module):
         self.hook_router_scores(scores)
         ids = self.hook_expert_indices(ids)
         weights = self.hook_expert_weights(weights)
-        y = self.experts(flat, ids, weights)
+        y = self.experts(flat, ids, weights, swiglu_limit)
         if self.shared_experts is not None and (override is None or override.shared_experts):
-            y = y + self.shared_experts(flat)
+            y = y + self.shared_experts(flat, swiglu_limit)
         return y.view(shape)
 
     def _hash_route(self, logits: torch.Tensor, input_ids: torch.Tensor | None,
-                    override: RouteOverride | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    override: RouteOverride | None, hash_rows: tuple[torch.Tensor, torch.Tensor] | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         ids = self.gate.hash_ids(input_ids, self.layer)  # [T, k]
+        if hash_rows is not None and input_ids is not None:  # this run's tid2eid edits: those tokens' rows replaced
+            tokens, experts = hash_rows  # [r], [r, k]
+            match = input_ids.reshape(-1)[:, None] == tokens[None]  # [T, r]
+            ids = torch.where(match.any(-1, keepdim=True), experts[match.int().argmax(-1)], ids)  # [T, k]
         if ids.shape[0] != logits.shape[0]:
             raise ValueError(f"layer {self.layer}: {ids.shape[0]} token ids for {logits.shape[0]} tokens")
         if override is None:

@@ -5,6 +5,7 @@ import sys
 import types
 from typing import Any
 
+from workbench.trace.dense_topk import dense_attention_topk
 from workbench.trace.reader import migrate_store, open_trace
 from workbench.trace.recorder import Trace, select, trace
 from workbench.trace.schema import SCHEMA_VERSION, VARIABLES, Layout, SchemaError
@@ -20,6 +21,7 @@ __all__ = [
     "Trace",
     "TraceStore",
     "TraceStoreError",
+    "dense_attention_topk",
     "from_vllm_routed_experts",
     "migrate_store",
     "open_trace",

@@ -55,8 +55,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", required=True, type=Path, help=".txt (a record per line) or .jsonl ('text' field)")
     p.add_argument("--out", required=True, type=Path, help="the zarr trace store to create (or continue)")
     p.add_argument("--sites", nargs="+", default=None,
-                   help="variables (expert_ids, router_scores, kv_latent, ...), probe sites or globs, or 'all'; "
-                        "default: routing + latent norms (+ FP8 errors when simulated)")
+                   help="variables (expert_ids, router_scores, kv_latent, index_selected, attn_mass, hc_mix, ...), "
+                        "probe sites or globs, or 'all'; default: routing + latent norms (+ FP8 errors when "
+                        "simulated, + the indexer's selections on V3.2 / V4, + the attention-mass split on V4)")
     p.add_argument("--batch-tokens", type=int, default=4096, help="tokens per forward batch and per commit")
     p.add_argument("--max-seq-len", type=int, default=512, help="longer records are cut into windows of this many")
     p.add_argument("--chunk-tokens", type=int, default=DEFAULT_CHUNK_TOKENS, help="zarr chunk length along token")

@@ -1,5 +1,5 @@
 """Reading trace stores: `open_trace` (a lazy, dask-backed Dataset of every committed token, any writer, any
-schema 1.x) and `migrate_store` (schema 1.0 -> 1.1 in place).
+schema 1.x, V3.2 / V4 stores of 1.2 included) and `migrate_store` (schema 1.0 -> 1.1 in place).
 
 `open_trace` builds the Dataset from dask arrays over each writer's committed rows rather than through
 `xarray.open_zarr`, because after a crash the arrays may have different capacities.
@@ -26,11 +26,11 @@ import xarray as xr
 import zarr
 
 from workbench.trace.schema import (
+    BASE_VERSION,
     LAYER,
     LAYER_ALL,
     PROGRESS,
     PROGRESS_FIELDS,
-    SCHEMA_VERSION,
     SITE,
     STORED_TEXT_VERSIONS,
     TOKEN,
@@ -53,6 +53,7 @@ MAX_LAYERS = 1024  # transformer layers, hence MoE layers too
 MAX_EXPERTS = 1 << 16  # routed experts; top-k and router scores follow it
 MAX_LATENT = 1 << 16
 MAX_SITES = 1024  # simulated FP8 sites
+MAX_STREAMS = 64  # mHC residual streams (V4 has 4)
 MAX_VOCAB = 1 << 22  # `vocab_text` is read whole on opening
 MAX_CHUNK_BYTES = 1 << 28  # one decoded chunk: zarr allocates a whole chunk to read any row of it
 MAX_ROW_CHUNKS = 4096  # chunks across the non-token axes of one array
@@ -123,7 +124,9 @@ def _check_layout(path: Path, layout: Layout) -> None:
     """Every axis the layout sizes is within the limits (coords such as `layer_all` are built from them)."""
     limits = [("layout n_layers", layout.n_layers, MAX_LAYERS), ("layout layers", len(layout.layers), MAX_LAYERS),
               ("layout n_experts", layout.n_experts, MAX_EXPERTS), ("layout top_k", layout.top_k, MAX_EXPERTS),
-              ("layout latent", layout.latent, MAX_LATENT), ("layout fp8_sites", len(layout.fp8_sites), MAX_SITES)]
+              ("layout latent", layout.latent, MAX_LATENT), ("layout fp8_sites", len(layout.fp8_sites), MAX_SITES),
+              ("layout index_topk", layout.index_topk, MAX_LATENT), ("layout n_heads", layout.n_heads, MAX_EXPERTS),
+              ("layout hc_mult", layout.hc_mult, MAX_STREAMS)]
     for what, claimed, limit in limits:
         if claimed > limit:
             raise _refuse_claim(path, what, claimed, limit)
@@ -334,6 +337,6 @@ def migrate_store(path: str | Path, vocab: Sequence[str] | None = None) -> str:
     arr = group.create_array(VOCAB_TEXT, shape=(vocab_size,), dtype=str, dimension_names=[VOCAB],
                              attributes={"doc": "decoded text of each token id; `text` = vocab_text[token_id]"})
     arr[:] = table
-    group.attrs["schema_version"] = SCHEMA_VERSION
+    group.attrs["schema_version"] = BASE_VERSION
     del group["text"]
-    return SCHEMA_VERSION
+    return BASE_VERSION

@@ -27,9 +27,11 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import xarray as xr
 from torch import nn
 
+from workbench.config import ModelConfig
 from workbench.model.transformer import DeepSeekModel
 from workbench.probes import ProbeRegistry
 from workbench.run_lock import model_lock
@@ -38,7 +40,9 @@ from workbench.trace.schema import (
     BY_NAME,
     DEFAULT_SELECTION,
     FP8_SITE,
-    SCHEMA_VERSION,
+    HC_SITES,
+    INDEX_LAYER,
+    LAYER,
     SITE_VARIABLES,
     Layout,
     build_dataset,
@@ -60,8 +64,13 @@ class Selection:
     """What to capture: per probe site, the variables it feeds and its axis index there."""
 
     layout: Layout
-    # site name -> [(variable, axis index along layer / layer_all, fp8 site index or -1)]
+    # site name -> [(variable, axis index along layer / layer_all / index_layer, fp8 site or hc site index or -1)]
     routes: dict[str, list[tuple[str, int, int]]] = field(default_factory=dict)
+    # sites listened to only to read another: hook_index_selected of a layer whose index_scores are traced
+    helpers: set[str] = field(default_factory=set)
+
+    def sites(self) -> list[str]:
+        return [*self.routes, *sorted(self.helpers - set(self.routes))]
 
 
 def select(model: DeepSeekModel, sites: Sequence[str] | None) -> Selection:
@@ -100,19 +109,42 @@ def select(model: DeepSeekModel, sites: Sequence[str] | None) -> Selection:
                                 f"sites end in {sorted(SITE_VARIABLES)} or '.hook_fp8_rel_error'")
             for n in good:
                 feeds.setdefault(n, set()).update(_site_vars(n))
+    index_layers = tuple(i for i in range(cfg.num_hidden_layers) if f"blocks.{i}.attn.{INDEX_SITE}" in traceable)
     routes: dict[str, list[tuple[str, int, int]]] = {}
+    helpers: set[str] = set()
     present: set[str] = set()
     for name, wanted in feeds.items():
         layer = int(name.split(".")[1])
         m = FP8_SITE.match(name)
         for var in (v for v in _site_vars(name) if v in wanted):
-            axis = moe_layers.index(layer) if BY_NAME[var].dims[1] == "layer" else layer
-            routes.setdefault(name, []).append((var, axis, fp8_names.index(m.group(2)) if m else -1))
+            axis_dim = BY_NAME[var].dims[1]
+            axis = (moe_layers.index(layer) if axis_dim == LAYER else index_layers.index(layer)
+                    if axis_dim == INDEX_LAYER else layer)
+            sub = fp8_names.index(m.group(2)) if m else HC_SITES.index(name.split(".")[2]) if var == "hc_mix" else -1
+            routes.setdefault(name, []).append((var, axis, sub))
             present.add(var)
+            if var == "index_scores":
+                helpers.add(name.replace(".hook_index_scores", f".{INDEX_SITE}"))
     order = tuple(v for v in BY_NAME if v in present)
+    extended = cfg.is_v4 or cfg.model_type == "deepseek_v32"
     layout = Layout(order, moe_layers, cfg.num_hidden_layers, cfg.num_experts_per_tok, cfg.n_routed_experts,
-                    cfg.kv_lora_rank, tuple(fp8_names) if "fp8_rel_error" in present else ())
-    return Selection(layout, routes)
+                    cfg.kv_lora_rank, tuple(fp8_names) if "fp8_rel_error" in present else (),
+                    **(_v32_v4_axes(cfg, index_layers) if extended else {}))
+    return Selection(layout, routes, helpers)
+
+
+INDEX_SITE = "hook_index_selected"
+V32_ATTENTION = "indexed_attention"  # transformers' layer_types name for V3.2's layers
+
+
+def _v32_v4_axes(cfg: ModelConfig, index_layers: tuple[int, ...]) -> dict[str, Any]:
+    """The schema-1.2 fields of a V3.2 / V4 model's layout."""
+    L = cfg.num_hidden_layers
+    kinds = tuple(cfg.attention_kind(i) if cfg.is_v4 else V32_ATTENTION for i in range(L))
+    return {"attn_kinds": kinds, "compress_ratios": tuple(cfg.compress_ratio(i) for i in range(L)),
+            "hash_layers": tuple(i for i in cfg.moe_layers if cfg.is_hash_layer(i)), "index_layers": index_layers,
+            "index_topk": cfg.index_topk if index_layers else 0, "n_heads": cfg.num_attention_heads,
+            "hc_mult": cfg.hc_mult if cfg.is_v4 else 0}
 
 
 def _site_kind(name: str) -> str | None:
@@ -160,7 +192,7 @@ class Trace:
     # ------------------------------------------------------------------ context
     def __enter__(self) -> Trace:
         self._thread = threading.get_ident()
-        names = list(self.selection.routes)
+        names = self.selection.sites()
         if names:
             self._listen = self.model.probes.listen(names, self._on_site, own_thread=True)
             self._listen.__enter__()
@@ -250,13 +282,15 @@ class Trace:
             value = self._pending.get(site)
             if value is None:
                 continue  # the site did not fire this call (e.g. a dense layer under an override)
-            for var, axis, fp8 in targets:
-                if fp8 >= 0:
-                    fp8_values.append((var, axis, fp8, value))
-                else:
-                    axes, values = groups.setdefault(var, ([], []))
-                    axes.append(axis)
-                    values.append(value.reshape(T, -1))
+            for var, axis, sub in targets:
+                if sub >= 0:  # an FP8 site's or an mHC site's slot of the variable
+                    fp8_values.append((var, axis, sub, value))
+                    continue
+                if var in _INDEX_VARS:
+                    value = self._index_values(site, var, value, lay.index_topk)
+                axes, values = groups.setdefault(var, ([], []))
+                axes.append(axis)
+                values.append(value.reshape(T, -1))
         for name in lay.variables:
             spec = BY_NAME[name]
             shape = lay.shape(name, N)
@@ -279,9 +313,22 @@ class Trace:
             else:
                 out[name] = np.full(shape, spec.fill, dtype=numpy_dtype(spec))
                 out[name][:, axes] = host
-        for var, axis, fp8, value in fp8_values:
-            out[var][:, axis, fp8] = _per_token(var, value, T, flat_real)
+        for var, axis, sub, value in fp8_values:
+            out[var][:, axis, sub] = _per_token(var, value, T, flat_real).reshape(out[var].shape[:1] + out[var].shape[3:])
         return out
+
+    def _index_values(self, site: str, var: str, value: torch.Tensor, k: int) -> torch.Tensor:
+        """hook_index_selected [B, S, k'] or hook_index_scores [B, S, T] -> [B, S, k]: the selection padded with -1
+        to index_topk (V3.2 keeps min(index_topk, T) keys), the scores gathered at the selected entries (NaN at
+        -1)."""
+        if var == "index_selected":
+            return F.pad(value, (0, k - value.shape[-1]), value=-1) if value.shape[-1] < k else value
+        selected = self._pending.get(site.replace(".hook_index_scores", f".{INDEX_SITE}"))
+        if selected is None:
+            raise ValueError(f"{site} fired without its layer's {INDEX_SITE}: cannot tell which scores were kept")
+        selected = selected.long()
+        picked = value.float().gather(-1, selected.clamp(min=0)).masked_fill(selected < 0, float("nan"))
+        return F.pad(picked, (0, k - picked.shape[-1]), value=float("nan")) if picked.shape[-1] < k else picked
 
     def vocab(self) -> np.ndarray:
         """The text of every token id, [V] object (all "" without a tokenizer): built once, indexed per batch,
@@ -322,7 +369,8 @@ def _per_token(var: str, value: torch.Tensor, T: int, flat_real: torch.Tensor) -
     return flat.to(_TORCH_DTYPES[BY_NAME[var].dtype]).cpu().numpy()
 
 
-_TORCH_DTYPES = {"int16": torch.int16, "float32": torch.float32, "float16": torch.float16}
+_TORCH_DTYPES = {"int16": torch.int16, "int32": torch.int32, "float32": torch.float32, "float16": torch.float16}
+_INDEX_VARS = ("index_selected", "index_scores")
 
 
 def _next_token_stats(ids: torch.Tensor, logits: torch.Tensor, lengths: torch.Tensor,
@@ -419,7 +467,7 @@ def trace_attrs(model: DeepSeekModel, layout: Layout, checkpoint: str, controls:
     import workbench
 
     return {
-        "schema_version": SCHEMA_VERSION,
+        "schema_version": layout.schema_version(),
         "model_config": json.dumps(model.config.to_hf_dict(), sort_keys=True),
         "controls": json.dumps(controls, sort_keys=True),
         "checkpoint": checkpoint,

@@ -13,8 +13,12 @@ Design choices:
   multiplied by); TransformerLens records them before top-k, so `router_scores` carries that view when asked for.
 - Next-token statistics are aligned two ways on purpose: `logprob[t]` is how surprising token t was (useful next
   to the routing of token t), `loss[t]` / `pred_id[t]` are the prediction made *at* t for token t+1.
+- 1.2 adds V3.2 / V4: the indexer's selections on their own `index_layer` axis (the layers that have an indexer,
+  so layers without one are absent rather than padded with -1), V4's attention-mass split and mHC matrices on
+  `layer_all`, and per-layer coords `attn_kind`, `compress_ratio`, `hash_routed`. Only a V3.2 / V4 store is written
+  as 1.2; a V2 / V3 store stays 1.1 byte for byte (same layout attr, same arrays).
 Shape legend: N tokens, L MoE layers, A all layers, k experts per token, E routed experts, C latent width,
-F simulated FP8 sites.
+F simulated FP8 sites, I indexer layers, K index_topk, H heads, n mHC streams.
 """
 
 from __future__ import annotations
@@ -26,12 +30,19 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-SCHEMA_VERSION = "1.1"
+SCHEMA_VERSION = "1.2"  # the newest version this code writes and reads
+BASE_VERSION = "1.1"  # what a store without V3.2/V4 axes is written as (V2/V3 stores are exactly as before 1.2)
 STORED_TEXT_VERSIONS = ("1.0",)  # versions that keep a per-token `text` array
 
 # dims
 TOKEN, LAYER, LAYER_ALL, SLOT, EXPERT, LATENT, SITE, WRITER, VOCAB = (
     "token", "layer", "layer_all", "slot", "expert", "latent", "site", "writer", "vocab")
+# schema 1.2 (V3.2 / V4): layers with an indexer, its top-k slots, attention heads, the mass branches, the two mHC
+# sites of a layer, and the residual streams a mixing matrix maps from / to
+INDEX_LAYER, INDEX_K, HEAD, BRANCH, HC_SITE, STREAM_IN, STREAM_OUT = (
+    "index_layer", "index_k", "head", "branch", "hc_site", "stream_in", "stream_out")
+BRANCHES = ("window", "compressed", "sink")  # the order of hook_attn_mass's last axis
+HC_SITES = ("hc_attn", "hc_ffn")  # blocks.{L}.hc_attn.hook_mix, blocks.{L}.hc_ffn.hook_mix
 
 
 @dataclass(frozen=True)
@@ -68,6 +79,16 @@ VARIABLES: tuple[Var, ...] = (
     Var("loss", (TOKEN,), "float32", float("nan"), False, False,
         "next-token cross-entropy at t: -log p(token t+1 | tokens <= t) (NaN for a window's last token)"),
     Var("pred_id", (TOKEN,), "int32", -1, False, False, "argmax prediction at t for token t+1"),
+    # schema 1.2: V3.2 / V4
+    Var("index_selected", (TOKEN, INDEX_LAYER, INDEX_K), "int32", -1, False, False,
+        "entries the indexer kept, best first (-1: none): V3.2 key positions in the window, V4 compressed-entry "
+        "indices (entry w covers tokens w*m .. w*m+m-1 at the layer's compress_ratio m)"),
+    Var("index_scores", (TOKEN, INDEX_LAYER, INDEX_K), "float32", float("nan"), False, True,
+        "the index score of each entry in index_selected (NaN where it is -1)"),
+    Var("attn_mass", (TOKEN, LAYER_ALL, HEAD, BRANCH), "float32", float("nan"), False, False,
+        "V4: attention probability per head on the window, the compressed entries and the sink (sums to 1)"),
+    Var("hc_mix", (TOKEN, LAYER_ALL, HC_SITE, STREAM_IN, STREAM_OUT), "float32", float("nan"), False, True,
+        "V4: the mHC Sinkhorn matrix M of hc_attn / hc_ffn (X' = post y + M^T X: M[i, j] takes stream i to j)"),
 )
 BY_NAME = {v.name: v for v in VARIABLES}
 COORDS = tuple(v.name for v in VARIABLES if v.coord)
@@ -78,9 +99,14 @@ SITE_VARIABLES = {
     "mlp.hook_expert_weights": ("expert_weights",),
     "mlp.hook_router_scores": ("router_scores",),
     "attn.hook_kv_latent": ("kv_latent", "kv_latent_norm"),
+    "attn.hook_index_selected": ("index_selected",),
+    "attn.hook_index_scores": ("index_scores",),  # gathered at the same layer's hook_index_selected
+    "attn.hook_attn_mass": ("attn_mass",),
+    "hc_attn.hook_mix": ("hc_mix",),
+    "hc_ffn.hook_mix": ("hc_mix",),
 }
 FP8_SITE = re.compile(r"^blocks\.(\d+)\.(.+)\.hook_fp8_rel_error$")
-DEFAULT_SELECTION = ("expert_ids", "expert_weights", "kv_latent_norm", "fp8_rel_error")
+DEFAULT_SELECTION = ("expert_ids", "expert_weights", "kv_latent_norm", "fp8_rel_error", "index_selected", "attn_mass")
 DERIVED = ("text",)  # coords a 1.1 store does not hold per token: rebuilt from token_id and VOCAB_TEXT
 VOCAB_TEXT = "vocab_text"  # [vocab] str: decoded text of every token id
 # the writer-progress table: one row per writer, one chunk per row, so writers never touch each other's bytes
@@ -121,10 +147,28 @@ class Layout:
     n_experts: int
     latent: int
     fp8_sites: tuple[str, ...]  # coord `site`: names below `blocks.{L}.` of the FP8 error probes
+    # schema 1.2, V3.2 / V4 models only (empty / 0 otherwise, and then absent from `to_json`)
+    attn_kinds: tuple[str, ...] = ()  # coord `attn_kind` per layer: transformers' layer_types names
+    compress_ratios: tuple[int, ...] = ()  # coord `compress_ratio` per layer: V4's m (0: none; V3.2: all 0)
+    hash_layers: tuple[int, ...] = ()  # transformer index of each hash-routed MoE layer (coord `hash_routed`)
+    index_layers: tuple[int, ...] = ()  # transformer index of each layer with an indexer (coord `index_layer`)
+    index_topk: int = 0
+    n_heads: int = 0
+    hc_mult: int = 0  # mHC residual streams (0: no mHC)
 
     def sizes(self) -> dict[str, int]:
         return {LAYER: len(self.layers), LAYER_ALL: self.n_layers, SLOT: self.top_k, EXPERT: self.n_experts,
-                LATENT: self.latent, SITE: len(self.fp8_sites)}
+                LATENT: self.latent, SITE: len(self.fp8_sites), INDEX_LAYER: len(self.index_layers),
+                INDEX_K: self.index_topk, HEAD: self.n_heads, BRANCH: len(BRANCHES), HC_SITE: len(HC_SITES),
+                STREAM_IN: self.hc_mult, STREAM_OUT: self.hc_mult}
+
+    @property
+    def extended(self) -> bool:
+        """A V3.2 / V4 layout: written as schema 1.2 with the per-layer attention coords."""
+        return bool(self.attn_kinds)
+
+    def schema_version(self) -> str:
+        return SCHEMA_VERSION if self.extended else BASE_VERSION
 
     def shape(self, name: str, n_tokens: int) -> tuple[int, ...]:
         sizes = self.sizes()
@@ -146,20 +190,55 @@ class Layout:
         }
         if "fp8_rel_error" in self.variables:
             out[SITE] = ((SITE,), np.array(self.fp8_sites, dtype=object))
+        if self.extended:
+            out[INDEX_LAYER] = ((INDEX_LAYER,), np.array(self.index_layers, dtype=np.int16))
+            out["attn_kind"] = ((LAYER_ALL,), np.array(self.attn_kinds, dtype=object))
+            out["compress_ratio"] = ((LAYER_ALL,), np.array(self.compress_ratios, dtype=np.int32))
+            out["hash_routed"] = ((LAYER,), np.isin(np.array(self.layers, dtype=np.int64), self.hash_layers))
+        if "attn_mass" in self.variables:
+            out[BRANCH] = ((BRANCH,), np.array(BRANCHES, dtype=object))
+        if "hc_mix" in self.variables:
+            out[HC_SITE] = ((HC_SITE,), np.array(HC_SITES, dtype=object))
         return out
 
+    def check(self) -> None:
+        """The 1.2 fields agree with each other (a hand-edited layout attr is refused, not half-read)."""
+        if not self.extended:
+            return
+        if len(self.attn_kinds) != self.n_layers or len(self.compress_ratios) != self.n_layers:
+            raise SchemaError(f"trace layout: {len(self.attn_kinds)} attn_kinds and {len(self.compress_ratios)} "
+                              f"compress_ratios for {self.n_layers} layers")
+        bad = [i for i in (*self.index_layers, *self.hash_layers) if not 0 <= i < self.n_layers]
+        if bad or not set(self.hash_layers) <= set(self.layers):
+            raise SchemaError(f"trace layout: index_layers {list(self.index_layers)} / hash_layers "
+                              f"{list(self.hash_layers)} name layers outside 0..{self.n_layers - 1} or the MoE layers")
+        if min(self.index_topk, self.n_heads, self.hc_mult) < 0:
+            raise SchemaError("trace layout: index_topk, n_heads and hc_mult must be >= 0")
+
     def to_json(self) -> dict[str, object]:
-        return {"variables": list(self.variables), "layers": list(self.layers), "n_layers": self.n_layers,
-                "top_k": self.top_k, "n_experts": self.n_experts, "latent": self.latent,
-                "fp8_sites": list(self.fp8_sites)}
+        out: dict[str, object] = {
+            "variables": list(self.variables), "layers": list(self.layers), "n_layers": self.n_layers,
+            "top_k": self.top_k, "n_experts": self.n_experts, "latent": self.latent, "fp8_sites": list(self.fp8_sites)}
+        if self.extended:  # V2/V3 layouts keep exactly their 1.1 form
+            out.update({"attn_kinds": list(self.attn_kinds), "compress_ratios": list(self.compress_ratios),
+                        "hash_layers": list(self.hash_layers), "index_layers": list(self.index_layers),
+                        "index_topk": self.index_topk, "n_heads": self.n_heads, "hc_mult": self.hc_mult})
+        return out
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Layout:
         try:
-            return cls(tuple(d["variables"]), tuple(d["layers"]), int(d["n_layers"]), int(d["top_k"]),
-                       int(d["n_experts"]), int(d["latent"]), tuple(d["fp8_sites"]))
-        except (KeyError, TypeError, ValueError) as e:
+            layout = cls(tuple(d["variables"]), tuple(d["layers"]), int(d["n_layers"]), int(d["top_k"]),
+                         int(d["n_experts"]), int(d["latent"]), tuple(d["fp8_sites"]),
+                         tuple(str(k) for k in d.get("attn_kinds", ())),
+                         tuple(int(m) for m in d.get("compress_ratios", ())),
+                         tuple(int(i) for i in d.get("hash_layers", ())),
+                         tuple(int(i) for i in d.get("index_layers", ())), int(d.get("index_topk", 0)),
+                         int(d.get("n_heads", 0)), int(d.get("hc_mult", 0)))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise SchemaError(f"trace layout attr is malformed ({e!r})") from None
+        layout.check()
+        return layout
 
 
 def build_dataset(arrays: dict[str, tuple[tuple[str, ...], Any]], layout: Layout, attrs: dict[str, Any]) -> xr.Dataset:

@@ -21,7 +21,7 @@ Design choices:
 - A single writer owns one region, created with room for INITIAL_CHUNKS chunks (metadata only) and grown
   GROWTH-fold when full; close trims it, after which plain `xarray.open_zarr` sees exactly the trace.
 - Schema 1.1 keeps the token text once per vocabulary entry (`vocab_text`); readers derive the `text`
-  coordinate from `token_id`.
+  coordinate from `token_id`. A V3.2 / V4 layout is written as 1.2 (its per-layer coords as small arrays too).
 - Appending checks the model config, checkpoint digest, schema version and layout first and refuses a
   mismatch before writing a byte. Creating refuses a path that holds anything, and a failed create (a full disk)
   removes what it wrote, so the rerun that follows the fix creates the store as if nothing had happened.
@@ -44,12 +44,12 @@ import zarr
 import zarr.api.asynchronous
 
 from workbench.trace.schema import (
+    BASE_VERSION,
     BY_NAME,
     COORDS,
     DERIVED,
     PROGRESS,
     PROGRESS_FIELDS,
-    SCHEMA_VERSION,
     STORED_TEXT_VERSIONS,
     VOCAB,
     VOCAB_TEXT,
@@ -171,7 +171,7 @@ class TraceStore:
                                       attributes={"fields": list(PROGRESS_FIELDS)})
         progress[:] = 0
         # group attrs last: a store without them is recognisably partial
-        group.attrs.update({**attrs, "schema_version": SCHEMA_VERSION, "complete": False, "writers": writers,
+        group.attrs.update({**attrs, "schema_version": layout.schema_version(), "complete": False, "writers": writers,
                             "region_tokens": region_tokens, "chunk_tokens": chunk_tokens})
         return cls(path, group, layout, writer, flush_tokens)
 
@@ -184,7 +184,7 @@ class TraceStore:
         version = str(found["schema_version"])
         if version in STORED_TEXT_VERSIONS:
             raise TraceStoreError(f"{path} is a schema {version} store (per-token text); run "
-                                  f"`workbench.trace.migrate_store({str(path)!r})` once to make it {SCHEMA_VERSION}, "
+                                  f"`workbench.trace.migrate_store({str(path)!r})` once to make it {BASE_VERSION}, "
                                   "then resume")
         for key in _IDENTITY_ATTRS:
             if found.get(key) != attrs.get(key):

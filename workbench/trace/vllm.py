@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from workbench.trace.schema import BY_NAME, LAYER, SCHEMA_VERSION, TOKEN, Layout, build_dataset
+from workbench.trace.schema import BY_NAME, LAYER, TOKEN, Layout, build_dataset
 
 
 def to_vllm_routed_experts(ds: xr.Dataset) -> np.ndarray:
@@ -45,5 +45,5 @@ def from_vllm_routed_experts(routed: np.ndarray, *, moe_layers: Sequence[int] | 
         "pos": ((TOKEN,), np.arange(N, dtype=np.int32)), "text": ((TOKEN,), np.full(N, "", dtype=object)),
         "expert_ids": (BY_NAME["expert_ids"].dims, routed.astype(np.int16)),
     }
-    return build_dataset(arrays, layout, {"schema_version": SCHEMA_VERSION, "source": "vllm routed_experts",
+    return build_dataset(arrays, layout, {"schema_version": layout.schema_version(), "source": "vllm routed_experts",
                                           "complete": True})

@@ -95,10 +95,16 @@ class V4Attention(nn.Module):
         return found if isinstance(found, Indexer) else None
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: V4LayerCache | None = None,
-                mode: V4AttnMode = "naive") -> torch.Tensor:
+                mode: V4AttnMode = "naive", *, index_topk: int | None = None, dense: bool = False,
+                window: int | None = None, use_window: bool = True, use_compressed: bool = True) -> torch.Tensor:
         """x [B, S, D] (the attn_norm'ed block input), positions [S] int64 = past .. past+S-1 (past = tokens in
         `cache`, 0 without one) -> [B, S, D]. A cache is written in place; `V4Cache.advance` moves it on.
-        Positions on the CPU are checked against `past`; elsewhere that check would cost a device sync per layer."""
+        Positions on the CPU are checked against `past`; elsewhere that check would cost a device sync per layer.
+
+        This run's controls (validated by `workbench.controls`): `index_topk` the indexer's k; `dense` every visible
+        compressed entry instead of the indexer's choice (the indexer does not run); `window` keys per query (at
+        most the config's, which the cache's ring holds); `use_window=False` no window keys; `use_compressed=False`
+        no compressed entries (the compressors and the indexer do not run, their cache state is left as it is)."""
         if mode not in ("naive", "fast"):
             raise ValueError(f"V4 attention mode must be 'naive' or 'fast', got {mode!r}")
         B, S = self._check_input(x, positions, cache)
@@ -117,29 +123,31 @@ class V4Attention(nn.Module):
         else:
             keys, key_pos = kv, positions
         entries, selected = None, None  # [B, N, d]; CSA: [B, S, k]
-        if self.compressor is not None:
+        if self.compressor is not None and use_compressed:
             entries = self.compressor.compress(x, past, cache.compressor if cache is not None else None,
                                                simulate=self.simulate_kv_fp8)
             indexer = self.indexer
-            if indexer is not None:
+            if indexer is not None and not dense:
                 selected = indexer.select(x, q_latent, past, positions, cos, sin,
                                           cache.indexer if cache is not None else None,
-                                          simulate=self.simulate_indexer_fp4)
+                                          simulate=self.simulate_indexer_fp4, topk=index_topk)
+        W = (self.window if window is None else window) if use_window else 0
         if mode == "naive":
-            out = self._attend_dense(q, keys, key_pos, entries, selected, positions)
+            out = self._attend_dense(q, keys, key_pos, entries, selected, positions, W)
         else:
             out = self._attend_gathered(q, keys, entries, selected, positions, past,
-                                        cache.window.shape[1] if cache is not None else 0)
+                                        cache.window.shape[1] if cache is not None else 0, W)
         out = self.rotary.unrotate(out, cos, sin)  # [B, S, nH, d]: take the keys' rotation off the values
         grouped = self.o_a_proj(out.reshape(B, S, self.o_groups, -1))  # [B, S, g, r]
         return self.o_b_proj(grouped.flatten(2))  # [B, S, D]
 
     # ------------------------------------------------------------------ the two computations
     def _attend_dense(self, q: torch.Tensor, keys: torch.Tensor, key_pos: torch.Tensor, entries: torch.Tensor | None,
-                      selected: torch.Tensor | None, positions: torch.Tensor) -> torch.Tensor:
-        """Every key in reach under a dense mask. q [B, S, nH, d], keys [B, P, d] at key_pos [P] -> [B, S, nH, d]."""
+                      selected: torch.Tensor | None, positions: torch.Tensor, window: int) -> torch.Tensor:
+        """Every key in reach under a dense mask. q [B, S, nH, d], keys [B, P, d] at key_pos [P] -> [B, S, nH, d];
+        `window` keys per query (0: none)."""
         t = positions[:, None]  # [S, 1]
-        window_ok = (key_pos >= 0) & (key_pos <= t) & (key_pos > t - self.window)  # [S, P]
+        window_ok = (key_pos >= 0) & (key_pos <= t) & (key_pos > t - window)  # [S, P]
         logits = [torch.einsum("bshd,bpd->bshp", q, keys).float().masked_fill(~window_ok[None, :, None], -math.inf)]
         if entries is not None:
             N = entries.shape[1]
@@ -158,10 +166,10 @@ class V4Attention(nn.Module):
 
     def _attend_gathered(self, q: torch.Tensor, keys: torch.Tensor, entries: torch.Tensor | None,
                          selected: torch.Tensor | None, positions: torch.Tensor, past: int,
-                         slots: int) -> torch.Tensor:
-        """Each query's own keys only: its W window keys and its chosen entries, gathered (-1 = no key)."""
+                         slots: int, window: int) -> torch.Tensor:
+        """Each query's own keys only: its `window` window keys and its chosen entries, gathered (-1 = no key)."""
         B = q.shape[0]
-        window_pos = positions[:, None] - torch.arange(self.window, device=q.device)  # [S, W], newest first
+        window_pos = positions[:, None] - torch.arange(window, device=q.device)  # [S, W], newest first
         # where each window position sits in `keys`: the ring slot p % (W-1) if cached before, else after the ring
         index = torch.where(window_pos >= past, slots + window_pos - past, window_pos % max(slots, 1))
         window_idx = torch.where(window_pos >= 0, index, -1)[None].expand(B, -1, -1)  # [B, S, W]

@@ -6,8 +6,9 @@ The residual state is n streams X [B, S, n, D] (`workbench.model.v4.hyper`). Per
 u = sum_i pre_i X_i -> RMSNorm -> F -> y, then X' = post (x) y + M^T X. The attention is `V4Attention` (sliding
 window, CSA or HCA by the layer's compress ratio), the MLP V4's `MoE` (hash-routed in the first num_hash_layers
 layers, so the block takes the token ids). The family (`workbench.model.families.v4`) builds both and hands them in.
-Interventions arrive as `LayerControls`: routing overrides and per-run FP8 sites as in V2/V3; V4 has no MLA latent,
-so a latent-basis control raises.
+Interventions arrive as `LayerControls`: routing overrides and per-run FP8 sites as in V2/V3; the attention's
+budget, window and branches, identity mHC mixing, tid2eid edits and the SwiGLU limit; V4 has no MLA latent, so a
+latent-basis control raises.
 """
 
 from __future__ import annotations
@@ -53,11 +54,22 @@ class V4Block(nn.Module):
 
     def _forward(self, x: torch.Tensor, positions: torch.Tensor, cache: V4LayerCache | None, mode: V4AttnMode,
                  controls: LayerControls | None, input_ids: torch.Tensor | None) -> torch.Tensor:
+        c = controls if controls is not None else _NONE
         x = self.hook_resid_pre(x)
         u, post, mix = self.attn_hc(x)  # [B, S, D], [B, S, n], [B, S, n, n]
-        y = self.self_attn(self.input_layernorm(u), positions, cache, mode)  # [B, S, D]
-        x = self.hook_resid_mid(expand(x, y, post, mix))
+        y = self.self_attn(self.input_layernorm(u), positions, cache, mode, index_topk=c.index_topk,
+                           dense=c.dense_attention, window=c.sliding_window, use_window=c.use_window,
+                           use_compressed=c.use_compressed)  # [B, S, D]
+        x = self.hook_resid_mid(expand(x, y, post, _identity(mix) if c.mhc_identity else mix))
         u, post, mix = self.ffn_hc(x)
-        routing = controls.routing if controls is not None else None
-        y = self.mlp(self.post_attention_layernorm(u), routing, input_ids)  # [B, S, D]
-        return expand(x, y, post, mix)
+        y = self.mlp(self.post_attention_layernorm(u), c.routing, input_ids, hash_rows=c.hash_rows,
+                     swiglu_limit=c.swiglu_limit)  # [B, S, D]
+        return expand(x, y, post, _identity(mix) if c.mhc_identity else mix)
+
+
+_NONE = LayerControls()  # a layer without controls
+
+
+def _identity(mix: torch.Tensor) -> torch.Tensor:
+    """The identity in place of the Sinkhorn matrices [B, S, n, n] (a control: the streams pass through unmixed)."""
+    return torch.eye(mix.shape[-1], dtype=mix.dtype, device=mix.device).expand_as(mix)

@@ -64,9 +64,10 @@ class Indexer(Compressor):
 
     def select(self, x: torch.Tensor, q_latent: torch.Tensor, past: int, positions: torch.Tensor,
                cos: torch.Tensor, sin: torch.Tensor, state: CompressorState | None, *,
-               simulate: bool = False) -> torch.Tensor:
+               simulate: bool = False, topk: int | None = None) -> torch.Tensor:
         """x [B, S, D], q_latent [B, S, Q], positions [S] = past .. past+S-1 (with their compress-table cos/sin
-        [S, R/2]) -> selected entry indices [B, S, k] int64, best first, -1 where no visible entry is left."""
+        [S, R/2]) -> selected entry indices [B, S, k] int64, best first, -1 where no visible entry is left.
+        `topk`: this run's k instead of the config's index_topk (a control)."""
         B, S, _ = x.shape
         keys = self.compress(x, past, state, simulate=simulate)  # [B, N, d_I]
         N = keys.shape[1]
@@ -77,8 +78,9 @@ class Indexer(Compressor):
         scores = self.scorer(q, keys, x)  # [B, S, N]
         visible = torch.arange(N, device=x.device) < ((positions + 1) // self.rate)[:, None]  # [S, N]
         scores = self.scores_site(scores.masked_fill(~visible, float("-inf")))
-        order = top_indices(scores, min(self.topk, N))  # [B, S, <=k]
+        k = self.topk if topk is None else topk
+        order = top_indices(scores, min(k, N))  # [B, S, <=k]
         chosen = torch.where(scores.gather(-1, order) > float("-inf"), order, -1)
-        if chosen.shape[-1] < self.topk:
-            chosen = torch.cat([chosen, chosen.new_full((B, S, self.topk - chosen.shape[-1]), -1)], dim=-1)
+        if chosen.shape[-1] < k:
+            chosen = torch.cat([chosen, chosen.new_full((B, S, k - chosen.shape[-1]), -1)], dim=-1)
         return self.selected_site(chosen)
