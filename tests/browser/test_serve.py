@@ -74,7 +74,7 @@ def test_served_dashboard_renders_and_reacts(served: str, page: Any) -> None:
     assert re.search(r"layer \d+, expert \d+: chosen [1-9]\d* times", page.locator(".wb-spec").first.inner_text())
     _tab(page, "KV compression")
     page.locator(".wb-kv-row").first.wait_for()
-    assert page.locator(".wb-kv-row").count() == 4
+    assert page.locator(".wb-kv-row").count() == 7
     _tab(page, "FP8 error")
     page.locator(".wb-fp8-heat-cell").first.wait_for()
     assert page.locator(".wb-fp8-flip").count() == L
