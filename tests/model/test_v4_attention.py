@@ -35,14 +35,7 @@ PREFILL = (13, 17)  # crosses CSA and HCA window boundaries and leaves partial b
 TOPK_MARGIN = 1e-4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a shared 2-core machine their spinning costs
-    several times the work; restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/model/conftest.py
 
 
 def tf_config(**overrides: object):

@@ -14,14 +14,7 @@ from workbench.probes import ProbeRegistry
 W, D, d, DI = 8, 64, 32, 16  # window, hidden, head_dim, index_head_dim
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a shared 2-core machine their spinning costs
-    several times the work; restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/model/conftest.py
 
 
 def config() -> ModelConfig:

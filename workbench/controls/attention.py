@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 from workbench.config import CSA, CSA_RATIO, SLIDING, ModelConfig
-from workbench.controls.keys import ControlError, _need_mapping, _need_type
+from workbench.controls.keys import ControlError, _from_fields, _need_type
 
 INDEXER_FIELDS = ("index_topk", "dense")
 WINDOW_FIELDS = ("sliding_window", "window")
@@ -64,15 +64,7 @@ class AttentionControl:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str = "attention control") -> AttentionControl:
         """From JSON's object of fields; `where` (e.g. "attention[2]") starts every message."""
-        d = _need_mapping(d, where, "an object of attention fields")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known, key=str)
-        if unknown:
-            raise ControlError(f"{where}: unknown field(s) {unknown}; known: {sorted(known)}")
-        try:
-            return cls(**d)
-        except ControlError as e:
-            raise ControlError(f"{where}: {e}") from None
+        return cast("AttentionControl", _from_fields(cls, d, where, "an object of attention fields"))
 
 
 def has_indexer(config: ModelConfig, layer: int) -> bool:

@@ -11,6 +11,7 @@ Design choices:
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
 import re
 from collections.abc import Mapping
@@ -59,6 +60,20 @@ def _need_mapping(value: Any, where: str, what: str) -> Mapping[Any, Any]:
     if not isinstance(value, Mapping):
         raise ControlError(f"{where} must be {what}, got {type(value).__name__} {_short(value)}")
     return value
+
+
+def _from_fields(cls: Any, d: Any, where: str, what: str) -> Any:
+    """A control dataclass `cls` built from JSON's object of its fields: the object, the field names and the values
+    (the class's own checks) are validated, each message starting with `where` (e.g. "routing[2]")."""
+    d = _need_mapping(d, where, what)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known, key=str)
+    if unknown:
+        raise ControlError(f"{where}: unknown field(s) {unknown}; known: {sorted(known)}")
+    try:
+        return cls(**d)
+    except ControlError as e:
+        raise ControlError(f"{where}: {e}") from None
 
 
 def _short(value: Any, limit: int = 60) -> str:

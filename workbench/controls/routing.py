@@ -20,12 +20,12 @@ import math
 import numbers
 from collections.abc import Iterable, Mapping
 from types import MappingProxyType
-from typing import Any
+from typing import Any, cast
 
 import torch
 
 from workbench.config import ModelConfig
-from workbench.controls.keys import ControlError, _integral, _need_mapping, _need_type
+from workbench.controls.keys import ControlError, _from_fields, _integral, _need_type
 from workbench.model.routing import RouteOverride, RoutingParams
 
 
@@ -84,15 +84,8 @@ class RoutingControl:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str = "routing control") -> RoutingControl:
         """From JSON's object of fields; `where` (e.g. "routing[2]") starts every message, so it names the layer."""
-        d = _need_mapping(d, where, "an object of routing fields")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known, key=str)
-        if unknown:
-            raise ControlError(f"{where}: unknown field(s) {unknown}; known: {sorted(known)}")
-        try:
-            return cls(**d)  # JSON's string expert keys become ints in __post_init__
-        except ControlError as e:
-            raise ControlError(f"{where}: {e}") from None
+        # JSON's string expert keys become ints in __post_init__
+        return cast("RoutingControl", _from_fields(cls, d, where, "an object of routing fields"))
 
 
 # the model computes in float32 (or bf16, whose range is the same): a value past this is inf there, and NaN follows

@@ -1,4 +1,4 @@
-"""ModelConfig: the DeepSeek-V2/V3 hyper-parameters under DeepSeek's own field names.
+"""ModelConfig: the DeepSeek-V2/V3/V3.2/V4 hyper-parameters under DeepSeek's own field names, and the presets.
 
 Design choices:
 - Frozen dataclass, so a config can key caches and be shared between a model, a trace and a session safely.
@@ -6,6 +6,7 @@ Design choices:
   verbatim in `hf_extra`, so `ModelConfig.from_hf_dict(d).to_hf_dict() == d` holds exactly.
 - transformers 4.x wrote `rope_theta` + `rope_scaling`; 5.x writes `rope_parameters` (with `rope_theta` inside).
   Both are read; the layout that was read is the layout written back (`rope_layout`).
+- V4's two config.json forms are read and written by `workbench.config.v4_forms`.
 - `validate()` rejects impossible shapes with a message naming the field, before any tensor is allocated.
 """
 
@@ -13,27 +14,27 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-ScoringFunc = Literal["softmax", "sigmoid", "sqrtsoftplus"]
-TopkMethod = Literal["greedy", "group_limited_greedy", "noaux_tc"]
-RopeLayout = Literal["rope_parameters", "rope_scaling"]
-
-ModelType = Literal["deepseek_v2", "deepseek_v3", "deepseek_v32", "deepseek_v4"]
-ConfigForm = Literal["hf", "hub"]  # V4 only: transformers' layer_types/compress_rates, or DeepSeek's compress_ratios
-
-ARCHITECTURES = {"deepseek_v2": "DeepseekV2ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM",
-                 "deepseek_v32": "DeepseekV32ForCausalLM", "deepseek_v4": "DeepseekV4ForCausalLM"}
-# V4's attention kinds, by transformers' layer_types names; DeepSeek's code tells them apart by compress ratio
-SLIDING, CSA, HCA = "sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"
-CSA_RATIO = 4  # DeepSeek's inference code: ratio 4 = CSA (overlapping windows + indexer), any other > 0 = HCA
-
-
-class ConfigError(ValueError):
-    """A configuration that no DeepSeek model could have; the message names the offending field."""
+from workbench.config.names import (
+    ARCHITECTURES,
+    CSA,
+    CSA_RATIO,
+    HCA,
+    INDEX_FIELDS,
+    SLIDING,
+    ConfigError,
+    ConfigForm,
+    ModelType,
+    RopeLayout,
+    ScoringFunc,
+    TopkMethod,
+    rope_type,
+    yarn_mscale,
+)
+from workbench.config.v4_forms import v4_from_hf, v4_to_hf
 
 
 @dataclasses.dataclass(frozen=True)
@@ -258,9 +259,9 @@ class ModelConfig:
                 raise ConfigError(f"config.json: model_type {d.get('model_type')!r} / architectures {archs} "
                                   f"is not one of {sorted(ARCHITECTURES)}")
         if model_type == "deepseek_v4":
-            v4_fields, v4_extra = _v4_from_hf(d)
+            v4_fields, v4_extra = v4_from_hf(d)
             return cls(**v4_fields, hf_extra=v4_extra)
-        fields = _HF_FIELDS + (_INDEX_FIELDS if model_type == "deepseek_v32" else ())
+        fields = _HF_FIELDS + (INDEX_FIELDS if model_type == "deepseek_v32" else ())
         kw: dict[str, Any] = {"model_type": model_type}
         extra: dict[str, Any] = {}
         is_v3 = model_type in ("deepseek_v3", "deepseek_v32")
@@ -312,14 +313,14 @@ class ModelConfig:
     def to_hf_dict(self) -> dict[str, Any]:
         """The config.json dict; `from_hf_dict(d).to_hf_dict() == d` for every form read."""
         if self.is_v4:
-            return _v4_to_hf(self)
+            return v4_to_hf(self)
         extra = dict(self.hf_extra)
         present = extra.pop("__present__", None)
         nulls = set(extra.pop("__nulls__", []))
         no_scaling_key = extra.pop("__no_rope_scaling_key__", False)
         no_theta_key = extra.pop("__no_rope_theta_key__", False)
         out: dict[str, Any] = {"model_type": self.model_type}
-        fields = _HF_FIELDS + (_INDEX_FIELDS if self.model_type == "deepseek_v32" else ())
+        fields = _HF_FIELDS + (INDEX_FIELDS if self.model_type == "deepseek_v32" else ())
         keys = present if present is not None else [
             k for k in fields if k not in _NOT_IN_V2 or self.model_type == "deepseek_v3"]
         for key in keys:
@@ -378,180 +379,6 @@ _HF_FIELDS = (
     "num_nextn_predict_layers",
 )
 _NOT_IN_V2 = ("rope_interleave",)
-_INDEX_FIELDS = ("index_n_heads", "index_head_dim", "index_topk")
-# V4's config.json keys that map 1:1 onto fields, in both forms (the layer pattern and rope are handled apart)
-_V4_FIELDS = (
-    "vocab_size", "hidden_size", "moe_intermediate_size", "num_hidden_layers", "num_attention_heads",
-    "num_key_value_heads", "n_routed_experts", "n_shared_experts", "num_experts_per_tok", "topk_method",
-    "scoring_func", "norm_topk_prob", "routed_scaling_factor", "q_lora_rank", "qk_rope_head_dim",
-    "max_position_embeddings", "rms_norm_eps", "hidden_act", "attention_bias", "tie_word_embeddings",
-    "initializer_range", "bos_token_id", "eos_token_id", "pad_token_id", "num_nextn_predict_layers",
-    *_INDEX_FIELDS, "head_dim", "o_groups", "o_lora_rank", "sliding_window", "compress_rope_theta", "hc_mult",
-    "hc_sinkhorn_iters", "hc_eps", "swiglu_limit", "num_hash_layers",
-)
-_V4_TF_DEFAULT_HASH_LAYERS = 3  # transformers' mlp_layer_types default
-
-
-def _v4_from_hf(d: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(fields, extras) of a V4 config.json, in DeepSeek's hub form (`compress_ratios` per layer + MTP entries,
-    `num_hash_layers`, top-level rope_theta/rope_scaling) or transformers' form (`layer_types`, `compress_rates`,
-    `mlp_layer_types`, nested `rope_parameters` {main, compress})."""
-    kw: dict[str, Any] = {"model_type": "deepseek_v4", "first_k_dense_replace": 0, "n_group": 1, "topk_group": 1,
-                          "scoring_func": "sqrtsoftplus", "topk_method": "noaux_tc"}
-    extra: dict[str, Any] = {}
-    present: list[str] = []
-    handled = ("model_type", "compress_ratios", "layer_types", "compress_rates", "mlp_layer_types",
-               "rope_parameters", "rope_scaling", "rope_theta")
-    for key, value in d.items():
-        if key in _V4_FIELDS:
-            kw[key] = value
-            present.append(key)
-        elif key not in handled:
-            extra[key] = value
-    L = int(kw.get("num_hidden_layers", 0))
-    if "qk_rope_head_dim" not in kw and d.get("partial_rotary_factor") and kw.get("head_dim"):
-        kw["qk_rope_head_dim"] = round(float(d["partial_rotary_factor"]) * int(kw["head_dim"]))
-    if "compress_ratios" in d:  # DeepSeek's hub form
-        ratios = list(d["compress_ratios"])
-        if len(ratios) < L:
-            raise ConfigError(f"config.json: compress_ratios has {len(ratios)} entries for num_hidden_layers={L}")
-        # transformers' overrides: with compress_rate_hca the label 128 means that rate (compress_rate_csa must be 4)
-        if d.get("compress_rate_csa") not in (None, CSA_RATIO):
-            raise ConfigError(f"config.json: compress_rate_csa={d['compress_rate_csa']}: CSA layers compress by "
-                              f"{CSA_RATIO} (DeepSeek's code tells CSA from HCA by that ratio)")
-        hca_rate = d.get("compress_rate_hca")
-        if hca_rate is not None:
-            if int(hca_rate) in (0, CSA_RATIO):
-                raise ConfigError(f"config.json: compress_rate_hca={hca_rate} must be > 0 and not {CSA_RATIO}")
-            ratios = [int(hca_rate) if r == 128 else r for r in ratios]
-        kw["compress_ratios"] = tuple(ratios[:L])
-        extra["__mtp_compress_ratios__"] = ratios[L:]
-        kw["config_form"], kw["rope_layout"] = "hub", "rope_scaling"
-        kw["rope_theta"] = float(d.get("rope_theta", 10000.0))
-        kw["rope_scaling"] = d.get("rope_scaling")
-        for key in ("rope_theta", "rope_scaling"):
-            if key not in d:
-                extra[f"__no_{key}_key__"] = True
-    else:  # transformers' form
-        layer_types = d.get("layer_types")
-        if layer_types is None:
-            raise ConfigError("config.json: deepseek_v4 needs compress_ratios (DeepSeek's form) or layer_types "
-                              "(transformers' form) to say which layers compress")
-        rates = dict(d.get("compress_rates") or {CSA: CSA_RATIO, HCA: 128})
-        if int(rates.get(CSA, CSA_RATIO)) != CSA_RATIO:
-            raise ConfigError(f"config.json: compress_rates[{CSA!r}]={rates[CSA]}: CSA layers compress by "
-                              f"{CSA_RATIO} (DeepSeek's code tells CSA from HCA by that ratio)")
-        if int(rates.get(HCA, 128)) in (0, CSA_RATIO):
-            raise ConfigError(f"config.json: compress_rates[{HCA!r}]={rates[HCA]} must be > 0 and not {CSA_RATIO}")
-        ratios = []
-        for i, kind in enumerate(layer_types):
-            if kind not in (SLIDING, CSA, HCA):
-                raise ConfigError(f"config.json: layer_types[{i}]={kind!r} is not one of {SLIDING}, {CSA}, {HCA}")
-            ratios.append(0 if kind == SLIDING else int(rates.get(kind, CSA_RATIO if kind == CSA else 128)))
-        kw["compress_ratios"] = tuple(ratios)
-        extra["__compress_rates__"] = rates
-        mlp_types = d.get("mlp_layer_types")
-        if mlp_types is None:
-            kw["num_hash_layers"] = min(_V4_TF_DEFAULT_HASH_LAYERS, L)
-            extra["__no_mlp_layer_types_key__"] = True
-        else:
-            n_hash = sum(1 for t in mlp_types if t == "hash_moe")
-            if list(mlp_types) != ["hash_moe"] * n_hash + ["moe"] * (len(mlp_types) - n_hash):
-                raise ConfigError(f"config.json: mlp_layer_types {list(mlp_types)} must be hash_moe layers first, "
-                                  "then moe (DeepSeek hash-routes the first num_hash_layers layers)")
-            kw["num_hash_layers"] = n_hash
-        kw["config_form"], kw["rope_layout"] = "hf", "rope_parameters"
-        rp = d.get("rope_parameters")
-        if rp is not None:
-            if not (isinstance(rp, Mapping) and "main" in rp and "compress" in rp):
-                raise ConfigError("config.json: deepseek_v4 rope_parameters must hold 'main' and 'compress' tables")
-            main, compress = dict(rp["main"]), dict(rp["compress"])
-            kw["rope_theta"] = float(main.pop("rope_theta", d.get("rope_theta", 10000.0)))
-            kw["compress_rope_theta"] = float(compress.pop("rope_theta", kw.get("compress_rope_theta", 160000.0)))
-            extra["__rope_main__"] = main
-            extra["__rope_compress_keys__"] = sorted(k for k in ("partial_rotary_factor", "attention_factor")
-                                                     if k in compress)
-            for key in ("partial_rotary_factor", "attention_factor"):
-                compress.pop(key, None)
-            kw["rope_scaling"] = compress
-        else:
-            kw["rope_theta"] = float(d.get("rope_theta", 10000.0))
-            kw["rope_scaling"] = d.get("rope_scaling")
-            extra["__no_rope_parameters_key__"] = True
-        for key in ("rope_theta", "rope_scaling"):
-            if key in d:
-                extra[key] = d[key]
-    extra["__present__"] = present
-    return kw, extra
-
-
-def _v4_to_hf(c: ModelConfig) -> dict[str, Any]:
-    extra = dict(c.hf_extra)
-    present = extra.pop("__present__", None)
-    out: dict[str, Any] = {"model_type": c.model_type}
-    keys = present if present is not None else [
-        k for k in _V4_FIELDS if not (c.config_form == "hf" and k == "num_hash_layers")]
-    for key in keys:
-        value = getattr(c, key)
-        out[key] = dict(value) if isinstance(value, Mapping) else value
-    if present is None:
-        out["architectures"] = [c.architecture]
-    L = c.num_hidden_layers
-    if c.config_form == "hub":
-        mtp = extra.pop("__mtp_compress_ratios__", [0] * c.num_nextn_predict_layers)
-        ratios = list(c.compress_ratios)
-        if extra.get("compress_rate_hca") is not None:  # written as transformers' label 128 + the override
-            hca = {m for m in ratios if m not in (0, CSA_RATIO)}
-            if len(hca) > 1:
-                raise ConfigError(f"compress_ratios {ratios}: compress_rate_hca gives all HCA layers one rate")
-            if hca:
-                extra["compress_rate_hca"] = hca.pop()
-            ratios = [128 if m not in (0, CSA_RATIO) else m for m in ratios]
-        out["compress_ratios"] = ratios + list(mtp)
-        if not extra.pop("__no_rope_theta_key__", False):
-            out["rope_theta"] = c.rope_theta
-        if not extra.pop("__no_rope_scaling_key__", False):
-            out["rope_scaling"] = dict(c.rope_scaling) if c.rope_scaling is not None else None
-        return {**out, **extra}
-    rates = dict(extra.pop("__compress_rates__", {CSA: CSA_RATIO, HCA: 128}))
-    hca = {m for m in c.compress_ratios if m not in (0, CSA_RATIO)}
-    if len(hca) > 1:
-        raise ConfigError(f"compress_ratios {list(c.compress_ratios)}: transformers' form has one HCA rate; "
-                          "write this config with config_form='hub'")
-    if hca:
-        rates[HCA] = hca.pop()
-    out["layer_types"] = [c.attention_kind(i) for i in range(L)]
-    out["compress_rates"] = rates
-    if not extra.pop("__no_mlp_layer_types_key__", False) or c.num_hash_layers != min(_V4_TF_DEFAULT_HASH_LAYERS, L):
-        out["mlp_layer_types"] = ["hash_moe"] * c.num_hash_layers + ["moe"] * (L - c.num_hash_layers)
-    main = dict(extra.pop("__rope_main__", {"partial_rotary_factor": c.qk_rope_head_dim / c.head_dim,
-                                            "rope_type": "default"}))
-    compress_keys = extra.pop("__rope_compress_keys__", ["attention_factor", "partial_rotary_factor"])
-    if not extra.pop("__no_rope_parameters_key__", False):
-        compress = dict(c.rope_scaling or {"rope_type": "default"})
-        compress["rope_theta"] = c.compress_rope_theta
-        if "partial_rotary_factor" in compress_keys:
-            compress["partial_rotary_factor"] = c.qk_rope_head_dim / c.head_dim
-        if "attention_factor" in compress_keys and rope_type(compress) == "yarn":
-            compress["attention_factor"] = 1.0
-        out["rope_parameters"] = {"main": {**main, "rope_theta": c.rope_theta}, "compress": compress}
-        if "rope_theta" in extra:  # transformers also writes the main base at the top level
-            extra["rope_theta"] = c.rope_theta
-    else:
-        out["rope_theta"] = c.rope_theta
-        out["rope_scaling"] = dict(c.rope_scaling) if c.rope_scaling is not None else None
-    return {**out, **extra}
-
-
-def rope_type(rope_scaling: Mapping[str, Any]) -> str:
-    return str(rope_scaling.get("rope_type", rope_scaling.get("type", "default")))
-
-
-def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
-    """YaRN's attention-temperature factor 0.1 * mscale * ln(s) + 1 (1 when not extrapolating)."""
-    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
-
-
 _YARN_V2 = {"type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096, "beta_fast": 32,
             "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707}
 _YARN_V3 = {"type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096, "beta_fast": 32,
