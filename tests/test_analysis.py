@@ -22,7 +22,7 @@ SITES = ["expert_ids", "expert_weights", "kv_latent"]
 
 @pytest.fixture(scope="module", params=["eager", "lazy"])
 def ds(request, tmp_path_factory) -> xr.Dataset:
-    loaded = load_model()
+    loaded = load_model("default-v3")  # MLA: the kv_latent analyses need its latent
     path = tmp_path_factory.mktemp("an") / "t.zarr"
     write_store(path, loaded, corpus(30, seed=4), SITES, chunk_tokens=50)
     lazy = open_trace(path)
@@ -75,7 +75,7 @@ def test_token_expert_lift_and_top_tokens(ds):
     mine = sorted(((lift, v) for (la, ex, v), (_, lift) in expected.items() if la == layer and ex == e), reverse=True)
     np.testing.assert_allclose(top.lift.sel(layer=layer).values[e][: len(mine[:3])], [x for x, _ in mine[:3]])
     # each listed id carries its decoded text (the tokenizer's, as recorded); empty ranks carry ""
-    tokenizer = load_model().tokenizer
+    tokenizer = load_model("default-v3").tokenizer
     ids_all, texts = top.token_id.values.ravel(), top.text.values.ravel()
     assert [str(x) for x in texts] == [tokenizer.token_text(int(t)) if t >= 0 else "" for t in ids_all]
     assert (ids_all < 0).any() and (ids_all >= 0).any()

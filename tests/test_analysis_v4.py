@@ -48,7 +48,7 @@ def _numpy_distances(ds):
     far = np.full(sel.shape, np.nan)
     for n, i, j in zip(*np.nonzero(sel >= 0), strict=True):
         m, w = int(ratios[i]), int(sel[n, i, j])
-        lo, hi = (w * m, w * m + m - 1) if m else (w, w)
+        lo, hi = (max(0, w - 1) * m if m == 4 else w * m, w * m + m - 1) if m else (w, w)  # CSA: overlapping half
         near[n, i, j], far[n, i, j] = pos[n] - hi, pos[n] - lo
     return near, far
 

@@ -21,6 +21,7 @@ import pytest
 from workbench import demo
 from workbench.cli import main
 from workbench.loader import load_model
+from workbench.model.costs import kv_bytes_per_token
 
 LISTEN = "0A"  # TCP state in /proc/net/tcp
 
@@ -186,14 +187,20 @@ def test_headless_failure_keeps_the_partial_notebook(tmp_path: Path, monkeypatch
 
 
 # ---------------------------------------------------------------------- terminal summary
-def test_summary_prints_routing_and_kv(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["demo", "--summary", "--new-tokens", "4"]) == 0
+@pytest.mark.parametrize("name", ["default", "default-v3"])
+def test_summary_prints_routing_and_kv(capsys: pytest.CaptureFixture[str], name: str) -> None:
+    assert main(["demo", "--summary", "--new-tokens", "4", "--model", name]) == 0
     out = capsys.readouterr().out
-    model = load_model("default").model
-    kv = model.kv_bytes_per_token(dtype_bytes=2)
+    model = load_model(name).model
     assert "routing (expert load per MoE layer" in out
     assert all(f"layer {layer}:" in out for layer in model.config.moe_layers)
-    assert f"MLA {kv['mla']:.0f} B vs MHA {kv['mha']:.0f} B ({kv['mha'] / kv['mla']:.1f}x)" in out
+    if model.config.is_v4:  # no latent: V4's own cache parts at the prompt's length
+        S = int(re.search(r"prompt: (\d+) tokens", out).group(1))
+        kv = kv_bytes_per_token(model.config, 2, context=S)
+        assert f"window {kv['window']:.1f} B + compressed {kv['compressed']:.0f} B + indexer {kv['indexer']:.0f} B" in out
+    else:
+        kv = model.kv_bytes_per_token(dtype_bytes=2)
+        assert f"MLA {kv['mla']:.0f} B vs MHA {kv['mha']:.0f} B ({kv['mha'] / kv['mla']:.1f}x)" in out
 
 
 def test_summary_options_without_summary_are_refused(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:

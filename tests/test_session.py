@@ -18,7 +18,7 @@ PROMPT = "Mixture of experts, latent attention."
 
 @pytest.fixture(scope="module")
 def loaded():
-    return load_model("default")  # tiny preset: layer 0 dense, MoE layers 1-2, 16 experts, top-4
+    return load_model("default-v3")  # V3-style: layer 0 dense, MoE layers 1-3, 16 experts in 4 groups, top-4
 
 
 @pytest.fixture

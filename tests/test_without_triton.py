@@ -74,8 +74,9 @@ assert report.kl > 0
 # a trace to a store, read back lazily
 (work / "c.jsonl").write_text(json.dumps({"text": "import os"}) + "\\n")
 assert workbench_cli(["trace", "--input", str(work / "c.jsonl"), "--out", str(work / "c.zarr"), "--no-progress",
-                      "--sites", "expert_ids", "kv_latent"]) == 0
+                      "--sites", "expert_ids", "index_selected", "attn_mass"]) == 0
 ds = wb.open_trace(work / "c.zarr")
+assert ds.attrs["schema_version"] == "1.2" and {"index_selected", "attn_mass"} <= set(ds)  # the V4 default's sites
 assert int(wb.analysis.expert_load(ds).sum()) == ds.sizes["token"] * ds.sizes["layer"] * model.config.num_experts_per_tok
 
 # FP8 simulation on the torch path, and an FP8 checkpoint kept, run and saved back bit for bit

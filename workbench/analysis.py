@@ -24,6 +24,8 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
+from workbench.config.names import CSA_RATIO
+
 TOKEN = "token"
 
 __all__ = ["coactivation", "expert_load", "fp8_error_summary", "indexer_recall", "latent_spectrum", "load_balance",
@@ -299,16 +301,20 @@ def selected_distance(ds: xr.Dataset) -> xr.Dataset:
     [token, index_layer, index_k], NaN where nothing was selected.
 
     V3.2 (compress_ratio 0) selects key positions s: near = far = pos - s. V4 selects compressed entries w of a
-    layer with rate m, covering tokens w*m .. w*m+m-1: near = pos - (w*m + m - 1) (its newest token), far =
-    pos - w*m (its oldest). `pos` is the query's position in its window, the positions the selection indexes.
+    layer with rate m; entry w's own window is tokens w*m .. w*m+m-1, and a CSA entry (m = 4) also pools the
+    previous window (its overlapping half), so it covers max(0, (w-1)*m) .. w*m+m-1: near = pos - (w*m + m - 1)
+    (its newest token), far = pos - (its oldest). `pos` is the query's position in its window, the positions the
+    selection indexes.
     """
     sel = _need(ds, "index_selected", "not a V3.2 / V4 trace, or the indexer was not captured")
     m = ds["compress_ratio"].sel(layer_all=ds["index_layer"].values).values  # [I] rate per indexer layer
     rate = xr.DataArray(np.where(m > 0, m, 1).astype(np.float32), dims="index_layer")
     picked = sel.where(sel >= 0)
-    first = picked * rate  # [token, I, k] oldest token of each entry
+    overlap = xr.DataArray((m == CSA_RATIO).astype(np.float32), dims="index_layer")  # CSA reaches one window back
+    first = (picked - overlap).clip(min=0) * rate  # [token, I, k] oldest token of each entry
+    newest = picked * rate + rate - 1
     pos = ds["pos"].astype(np.float32)
-    near, far = pos - (first + rate - 1), pos - first
+    near, far = pos - newest, pos - first
     return xr.Dataset({"near": near.astype(np.float32), "far": far.astype(np.float32)})
 
 

@@ -37,7 +37,9 @@ from typing import IO
 
 import torch
 
+from workbench.config import ModelConfig
 from workbench.loader import load_model
+from workbench.model.costs import kv_bytes_per_token
 
 DEFAULT_PROMPT = "def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)\n"
 QUICKSTART = "quickstart.ipynb"
@@ -312,6 +314,19 @@ def serve_lab(workdir: Path, *, port: int | None = None, open_browser: bool = Tr
 
 
 # ---------------------------------------------------------------------- terminal summary
+def kv_summary(cfg: ModelConfig, context: int) -> str:
+    """One line of KV-cache bytes per token in bf16: MLA vs MHA vs GQA, or V4's window + compressed + indexer at
+    the prompt's length (its window is a fixed number of tokens, so its share per token depends on the context)."""
+    if cfg.is_v4:
+        kv = kv_bytes_per_token(cfg, 2, context=context)
+        return (f"KV cache per token (bf16, at {context} tokens): window {kv['window']:.1f} B + compressed "
+                f"{kv['compressed']:.0f} B + indexer {kv['indexer']:.0f} B = {kv['total']:.1f} B "
+                f"(DeepSeek's released formats: {kv['stored']:.1f} B); no MLA latent")
+    kv = kv_bytes_per_token(cfg, 2)
+    return (f"KV cache per token (bf16): MLA {kv['mla']:.0f} B vs MHA {kv['mha']:.0f} B "
+            f"({kv['mha'] / kv['mla']:.1f}x) vs GQA-{kv['gqa_groups']:.0f} {kv['gqa']:.0f} B")
+
+
 def print_summary(model_name: str, prompt: str, new_tokens: int) -> int:
     """A prompt's routing (expert load per MoE layer), loss, KV-cache sizes and greedy continuation."""
     loaded = load_model(model_name)
@@ -338,9 +353,7 @@ def print_summary(model_name: str, prompt: str, new_tokens: int) -> int:
         mean = sum(loads) / len(loads)
         top = ", ".join(f"e{e}:{c}" for e, c in counts.most_common(4))
         print(f"  layer {layer}: max/mean {max(loads) / mean:.2f}, unused {loads.count(0)}, busiest {top}")
-    kv = model.kv_bytes_per_token(dtype_bytes=2)
-    print(f"KV cache per token (bf16): MLA {kv['mla']:.0f} B vs MHA {kv['mha']:.0f} B "
-          f"({kv['mha'] / kv['mla']:.1f}x) vs GQA-{kv['gqa_groups']:.0f} {kv['gqa']:.0f} B")
+    print(kv_summary(cfg, ids.shape[1]))
     out = model.generate(ids, new_tokens)
     print(f"greedy continuation: {tok.decode(out[0, ids.shape[1]:].tolist())!r}")
     return 0

@@ -1,9 +1,12 @@
 """`load_model()`: the one entry point that turns a name or a path into (model, tokenizer).
 
-- "default": the bundled trained model in `workbench/assets/default-model/` (a small DeepSeek-V3-style MoE trained
+- "default": the bundled trained model in `workbench/assets/default-model/` (a small DeepSeek-V4-style MoE trained
   on the Python standard library by `python -m workbench.training`; see docs/model-card.md), with its BPE tokenizer.
+  "default-v3": its V3-style predecessor (MLA with a latent cache) in `workbench/assets/default-v3-model/`, trained
+  on the same data with the same tokenizer by `python -m workbench.training --arch v3`.
 - "tiny-random" (also "tiny"): the `tiny` preset with seeded random weights and the byte tokenizer, for tests and
-  benchmarks that need a model whose shape is fixed and that costs nothing to build.
+  benchmarks that need a model whose shape is fixed and that costs nothing to build; "tiny-v4-random" (also
+  "tiny-v4") the same for the V4-style `tiny-v4` preset.
 - A directory (or a safetensors file): an HF checkpoint, with its `tokenizer.json` when there is one.
 A bundled asset that is missing or unreadable raises an error naming the file, never a silently random model.
 `LoadedModel.digest` names the weights by their bytes (`checkpoint_digest`), so a fine-tune of the same shapes is
@@ -27,8 +30,11 @@ from workbench.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, Tokenizer
 
 DEFAULT_SEED = 0
 DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "default-model"
+DEFAULT_V3_MODEL_DIR = Path(__file__).parent / "assets" / "default-v3-model"
+BUNDLED_MODELS = {"default": DEFAULT_MODEL_DIR, "default-v3": DEFAULT_V3_MODEL_DIR}  # name -> shipped directory
 BUNDLED_FILES = ("config.json", "model.safetensors", "tokenizer.json")
-RANDOM_MODELS = {"tiny-random": "tiny", "tiny": "tiny"}  # name -> preset built with seeded random weights
+RANDOM_MODELS = {"tiny-random": "tiny", "tiny": "tiny",  # name -> preset built with seeded random weights
+                 "tiny-v4-random": "tiny-v4", "tiny-v4": "tiny-v4"}
 
 
 class BundledModelError(FileNotFoundError):
@@ -39,14 +45,14 @@ class BundledModelError(FileNotFoundError):
 class LoadedModel:
     model: DeepSeekModel
     tokenizer: Tokenizer
-    name: str  # what was asked for: "default", "tiny-random", or the checkpoint path
+    name: str  # what was asked for: "default", "default-v3", "tiny-random", or the checkpoint path
     digest: str  # identifies the weights: sha256 of config.json + every weight byte (cached), or "random:<preset>:<seed>"
 
 
 def load_model(name_or_path: str | Path = "default", *, dtype: torch.dtype = torch.float32,
                device: str | torch.device = "cpu") -> LoadedModel:
-    """The model and tokenizer called `name_or_path` ("default", "tiny-random" or a checkpoint path), in `dtype`
-    on `device`."""
+    """The model and tokenizer called `name_or_path` ("default", "default-v3", "tiny-random", "tiny-v4-random" or a
+    checkpoint path), in `dtype` on `device`."""
     target = resolve_device(device)
     loaded = _load(name_or_path, dtype)
     loaded.model.checkpoint_digest = loaded.digest
@@ -79,8 +85,10 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 def _load(name_or_path: str | Path, dtype: torch.dtype) -> LoadedModel:
     name = str(name_or_path)
-    if name == "default":
+    if name == "default":  # looked up at call time, so a test can point it at a copy
         return _load_bundled(DEFAULT_MODEL_DIR, name, dtype)
+    if name == "default-v3":
+        return _load_bundled(DEFAULT_V3_MODEL_DIR, name, dtype)
     if name in RANDOM_MODELS:
         return _load_random(RANDOM_MODELS[name], name, dtype)
     if name in PRESETS:
@@ -88,7 +96,7 @@ def _load(name_or_path: str | Path, dtype: torch.dtype) -> LoadedModel:
                          "workbench.checkpoint.build_meta(config) instead of loading random weights")
     path = Path(name_or_path)
     if not path.exists():
-        raise FileNotFoundError(f"no model named {name!r}: not 'default', {sorted(RANDOM_MODELS)}, a preset "
+        raise FileNotFoundError(f"no model named {name!r}: not {sorted(BUNDLED_MODELS)}, {sorted(RANDOM_MODELS)}, a preset "
                                 f"({sorted(PRESETS)}) or an existing path")
     return _load_checkpoint(path, name, dtype)
 

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from tests.browser.harness import free_port, is_offsite, shot, wait_for_http
+from workbench.loader import load_model
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +97,25 @@ def test_served_dashboard_renders_and_reacts(served: str, page: Any) -> None:
     assert controls == {"latent": {}, "routing": {"all": {"top_k": k - 1}}}
     shot(page, "serve-tuner")
     _tab(page, "Routing")
-    page.locator(".wb-routing-caption", has_text=f"top-{k - 1} of {E}").first.wait_for(timeout=30_000)
+    cfg = load_model("default").model.config  # the model `workbench serve` loaded
+    if not any(cfg.is_hash_layer(layer) for layer in cfg.moe_layers):
+        page.locator(".wb-routing-caption", has_text=f"top-{k - 1} of {E}").first.wait_for(timeout=30_000)
+    else:  # V4's hash layers keep their k table experts (the caption's top-k): the learned layers' rows shrink
+        last_layer = cfg.moe_layers[-1]
+        for token in range(S):  # the grid redraws when the run's routing arrives; each click pins a fresh token
+            page.mouse.click(box["x"] + float(geo["gridX"]) + (token + 0.5) * float(geo["cellW"]),
+                             box["y"] + float(geo["gridY"]) + 0.5 * float(geo["cellH"]))
+            row = page.locator(f'.wb-routing-detail-table tr[data-layer="{last_layer}"]').first
+            if len(re.findall(r"e\d+", row.inner_text())) == k - 1:
+                break
+            page.wait_for_timeout(500)
+        assert len(re.findall(r"e\d+", row.inner_text())) == k - 1, row.inner_text()
+        # the V4 tabs: the mHC heat maps (4 x 4 per layer, site and mean / token), served through the mirror
+        _tab(page, "mHC")
+        page.locator(".wb-hc-cell").first.wait_for(timeout=30_000)
+        cells = page.locator('.wb-hc-cell[data-which="mean"]').evaluate_all("els => els.map(e => +e.dataset.value)")
+        assert len(cells) % 16 == 0 and len(cells) >= 2 * 16 and all(0 <= v <= 1 for v in cells)
+        shot(page, "serve-mhc")
 
 
 _REPORT = """() => { const find = (root) => { const r = root.querySelector('.wb-tuner-report'); if (r) return r;

@@ -9,15 +9,17 @@ import json
 import re
 from typing import Any
 
+import pytest
+
 from tests.browser.harness import LabServer, open_notebook, run_all_cells, shot
 
-# the notebook states the facts the checks need, so the test holds for whatever model "default" is
+# the notebook states the facts the checks need, so the test holds for either bundled model
 CELLS = [
     "import json\nfrom workbench.widgets import Workbench\n"
-    "wb = Workbench(prompt='def add(a, b):\\n    return a + b\\n')\ncfg = wb.live.config\n"
-    "print('FACTS', json.dumps({'S': wb.live.input_ids.shape[1], 'layers': list(cfg.moe_layers), "
-    "'k': cfg.num_experts_per_tok, 'E': cfg.n_routed_experts, 'C': cfg.kv_lora_rank, "
-    "'text': wb.routing.grid.data['text']}))",
+    "wb = Workbench({model!r}, prompt='def add(a, b):\\n    return a + b\\n')\ncfg = wb.live.config\n"
+    "print('FACTS', json.dumps({{'S': wb.live.input_ids.shape[1], 'layers': list(cfg.moe_layers), "
+    "'k': cfg.num_experts_per_tok, 'E': cfg.n_routed_experts, 'C': cfg.kv_lora_rank, 'v4': cfg.is_v4, "
+    "'hash': [l for l in cfg.moe_layers if cfg.is_hash_layer(l)], 'text': wb.routing.grid.data['text']}}))",
     "wb",
     "wb.save_html('views-export.html')\nprint('exported')",
 ]
@@ -78,8 +80,9 @@ def _token_labels(page: Any) -> list[str]:
     return [str(t) for t in page.locator(".wb-routing-tokens li").evaluate_all("els => els.map(e => e.textContent)")]
 
 
-def test_dashboard_renders_and_reacts(lab: LabServer, page: Any) -> None:
-    name = lab.make_notebook("views.ipynb", CELLS)
+@pytest.mark.parametrize("model", ["default", "default-v3"])
+def test_dashboard_renders_and_reacts(lab: LabServer, page: Any, model: str) -> None:
+    name = lab.make_notebook(f"views-{model}.ipynb", [c.format(model=model) if i == 0 else c for i, c in enumerate(CELLS)])
     open_notebook(page, lab, name)
     assert run_all_cells(page) == []
     facts = json.loads(page.locator(".jp-OutputArea-output", has_text="FACTS").first.inner_text().split("FACTS", 1)[1])
@@ -115,28 +118,33 @@ def test_dashboard_renders_and_reacts(lab: LabServer, page: Any) -> None:
     page.mouse.click(x, y)
     rows = page.locator(".wb-routing-detail-table tr[data-layer]")
     assert rows.count() == len(layers)
-    assert re.fullmatch(rf"L{layers[0]}\s+e\d+ \d\.\d{{3}}(\s+e\d+ \d\.\d{{3}}){{{k - 1}}}", rows.first.inner_text().strip())
+    mark = "#" if layers[0] in facts["hash"] else ""  # V4's hash-routed layers are marked
+    assert re.fullmatch(rf"{mark}L{layers[0]}\s+e\d+ \d\.\d{{3}}(\s+e\d+ \d\.\d{{3}}){{{k - 1}}}",
+                        rows.first.inner_text().strip())
     assert root.get_attribute("data-selected") == "3"
     assert page.locator('.wb-routing-tokens li[aria-current="true"]').first.get_attribute("data-token") == "3"
     # hover a legend entry: the cells of every other top-1 expert fade (and the cursor has left the grid)
     page.locator(".wb-routing-legend-item").first.hover()
     assert root.get_attribute("data-hover-token") == ""
     assert _painted_pixels(page, "canvas.wb-routing-overlay") > 0.5 * (S * len(layers) - legend[0][1]) * 36 * 24
-    shot(page, "views-routing")
+    shot(page, f"views-routing-{model}")
 
     _tab(page, "Specialisation")
     spec = page.locator(".wb-spec").first
     spec.wait_for()
     assert re.search(rf"layer {layers[0]}, expert \d+: chosen [1-9]\d* times", spec.inner_text())  # the busiest
     assert page.locator(".wb-spec-partners tr").count() >= 2
-    shot(page, "views-specialisation")
+    shot(page, f"views-specialisation-{model}")
 
     _tab(page, "KV compression")
     costs = page.locator(".wb-kv-row")
     costs.first.wait_for()
     assert costs.count() == 7 and "68.6 KiB" in page.locator('.wb-kv-row[data-name="deepseek-v3"]').inner_text()
-    assert page.locator("svg.wb-kv-spectrum circle").count() == 2 * facts["C"]
-    shot(page, "views-kv")
+    if facts["v4"]:  # no MLA latent: said plainly, and the sparse-attention truncation instead of the rank
+        assert page.locator(".wb-kv-no-latent").count() >= 1 and page.locator(".wb-kv-sparse-result").count() == 1
+    else:
+        assert page.locator("svg.wb-kv-spectrum circle").count() == 2 * facts["C"]
+    shot(page, f"views-kv-{model}")
 
     _tab(page, "FP8 error")
     page.locator(".wb-fp8-heat-cell").first.wait_for()
@@ -144,7 +152,7 @@ def test_dashboard_renders_and_reacts(lab: LabServer, page: Any) -> None:
               if v != "nan"]
     assert len(values) >= 10 and all(0.001 < v < 0.2 for v in values)
     assert page.locator(".wb-fp8-flip").count() == len(layers)
-    shot(page, "views-fp8")
+    shot(page, f"views-fp8-{model}")
 
     # move the top-k slider: the tuner's report and then the routing grid change
     _tab(page, "Live tuner")
@@ -159,9 +167,18 @@ def test_dashboard_renders_and_reacts(lab: LabServer, page: Any) -> None:
     controls = json.loads(page.locator(".wb-tuner-report").first.get_attribute("data-controls"))
     assert controls == {"latent": {}, "routing": {"all": {"top_k": k - 1}}}
     assert float(page.locator(".wb-tuner-report").first.get_attribute("data-kl")) > 0
-    shot(page, "views-tuner")
+    shot(page, f"views-tuner-{model}")
     _tab(page, "Routing")
-    page.locator(".wb-routing-caption", has_text=f"top-{k - 1} of {E}").first.wait_for(timeout=30_000)
+    if facts["hash"]:  # hash layers keep their k table experts (the caption's top-k): the learned rows shrink
+        for token in range(S):  # the grid redraws when the run's routing arrives; each click pins a fresh token
+            page.mouse.click(*_cell_point(page, token, 0))
+            last = page.locator(f'.wb-routing-detail-table tr[data-layer="{layers[-1]}"]').first
+            if len(re.findall(r"e\d+", last.inner_text())) == k - 1:
+                break
+            page.wait_for_timeout(500)
+        assert len(re.findall(r"e\d+", last.inner_text())) == k - 1, last.inner_text()
+    else:
+        page.locator(".wb-routing-caption", has_text=f"top-{k - 1} of {E}").first.wait_for(timeout=30_000)
     _check_static_export(lab, page, facts)
 
 
@@ -177,7 +194,7 @@ def _check_static_export(lab: LabServer, page: Any, facts: dict[str, Any]) -> No
     assert _token_labels(page)[0] == _visible(facts["text"][0])
     page.mouse.click(*_cell_point(page, 0, 0))
     assert page.locator(".wb-routing-detail-table tr[data-layer]").count() == len(facts["layers"])
-    shot(page, "views-export")
+    shot(page, "views-export-v4" if facts["v4"] else "views-export-v3")
 
 
 def test_large_trace_is_paged(lab: LabServer, page: Any) -> None:

@@ -10,7 +10,8 @@ import nbformat
 import pytest
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-EXPECTED = ["expert_specialisation", "fp8_error", "kv_compression", "live_routing", "quickstart", "trace_corpus"]
+EXPECTED = ["expert_specialisation", "fp8_error", "kv_compression", "live_routing", "quickstart", "trace_corpus",
+            "v4_attention"]
 NOTEBOOKS = sorted(EXAMPLES.glob("*.ipynb"))
 CELL_TIMEOUT_S = 300
 

@@ -1,4 +1,5 @@
-"""Shared fixtures: the tiny default model, loaded once."""
+"""Shared fixtures: the bundled V3-style model, loaded once (the trace tests of schema 1.1; V4 stores, schema 1.2,
+have their own tests in test_v4_trace.py)."""
 
 from __future__ import annotations
 
@@ -9,4 +10,4 @@ from workbench.loader import LoadedModel, load_model
 
 @pytest.fixture(scope="session")
 def loaded() -> LoadedModel:
-    return load_model("default")
+    return load_model("default-v3")

@@ -155,7 +155,8 @@ def test_resume_refuses_another_checkpoint_of_the_same_shapes(tmp_path, capsys, 
 @pytest.mark.parametrize("sites", [["all"], ["router_scores", "blocks.1.attn.hook_kv_latent"]])
 def test_sites_flag(tmp_path, sites):
     (tmp_path / "in.txt").write_text("abc\nde\n")
-    assert trace_cli("--input", tmp_path / "in.txt", "--out", tmp_path / "t.zarr", "--sites", *sites) == 0
+    assert trace_cli("--input", tmp_path / "in.txt", "--out", tmp_path / "t.zarr", "--model", "default-v3", "--sites",
+                     *sites) == 0  # kv_latent: an MLA model's
     ds = open_trace(tmp_path / "t.zarr")
     assert "router_scores" in ds and "kv_latent" in ds
     if sites != ["all"]:

@@ -81,7 +81,7 @@ def test_fp8_errors_are_taken_from_fp8_probe_sites_when_they_exist():
     """Another component will add `blocks.{L}.<site>.hook_fp8_rel_error`; simulate it firing from a listener."""
     from workbench.loader import load_model
 
-    model = load_model("default").model  # a private copy: we add probe sites to it
+    model = load_model("default-v3").model  # a private copy: we add probe sites to it (MLA site names)
     names = {layer: model.probes.site(f"blocks.{layer}.attn.kv_a_proj_with_mqa.hook_fp8_rel_error")
              for layer in range(model.config.num_hidden_layers)}
 

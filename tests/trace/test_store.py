@@ -174,7 +174,7 @@ from workbench.trace import Trace, TraceStore
 sys.path.insert(0, {tests!r})
 from trace_helpers import corpus, run_windows
 w = int(sys.argv[1])
-loaded = load_model()
+loaded = load_model("default-v3")
 t = Trace(loaded.model, None, tokenizer=loaded.tokenizer, keep=False, checkpoint=loaded.digest)
 store = TraceStore.open_for_append({path!r}, t.attrs(), t.layout, writer=w)
 with t:

@@ -86,6 +86,15 @@ def test_v4_default_sites_and_padding(v4):
         np.testing.assert_allclose(batch[name][24:], short[name], rtol=1e-5, atol=1e-6)
 
 
+def test_a_window_shorter_than_one_compressed_entry_records_nothing_kept(v4):
+    """Three tokens: no CSA entry is complete yet, so the selection is all -1 and its scores all NaN (not a crash)."""
+    ids = _ids(v4, 1, 3, seed=5)
+    with wb.trace(v4, sites=["all"]) as t:
+        batch = t.forward(ids)
+    assert (batch["index_selected"] == -1).all() and np.isnan(batch["index_scores"]).all()
+    assert batch["index_scores"].shape == batch["index_selected"].shape == (3, 2, v4.config.index_topk)
+
+
 def test_v32_selection_is_padded_to_index_topk(v32):
     k = v32.config.index_topk
     for S in (5, 12):  # fewer keys than index_topk, then more

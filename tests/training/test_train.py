@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from workbench.config import PRESETS
+from workbench.model.transformer import DeepSeekModel
 from workbench.training.data import load_corpus
 from workbench.training.train import RUN_LOG, TrainConfig, learning_rate, train
 
@@ -81,24 +82,58 @@ def test_command_refuses_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="--steps must be >= 1"):
         command.run(argparse.Namespace(out=tmp_path, steps=0, seed=0, threads=1, quiet=True))
     with pytest.raises(ValueError, match="not a directory"):
-        command.run(argparse.Namespace(out=afile, steps=1, seed=0, threads=1, quiet=True))
+        command.run(argparse.Namespace(out=afile, steps=1, seed=0, threads=1, quiet=True, arch="v4"))
     assert afile.read_text() == "x"
 
 
-@pytest.mark.slow  # tokenizer on the full corpus + 20 steps of the real model: about a minute
-def test_current_code_reproduces_the_bundled_runs_first_steps():
-    """The shipped checkpoint came from this code: its first 20 steps (inside the warm-up, where the learning rate
-    does not depend on the total step count) give the logged losses again."""
-    from workbench.loader import DEFAULT_MODEL_DIR
+@pytest.mark.slow  # tokenizer on the full corpus + 20 steps of the real model: about a minute each
+@pytest.mark.parametrize("name", ["default", "default-v3"])
+def test_current_code_reproduces_the_bundled_runs_first_steps(name):
+    """Each shipped checkpoint came from this code: its first 20 steps (inside the warm-up, where the learning rate
+    does not depend on the total step count) give the logged losses (and V4's indexer KL) again."""
+    from workbench.loader import BUNDLED_MODELS
     from workbench.training.data import corpus_manifest
 
-    bundled = json.loads((DEFAULT_MODEL_DIR / RUN_LOG).read_text())
+    bundled = json.loads((BUNDLED_MODELS[name] / RUN_LOG).read_text())
     docs = load_corpus()
     if corpus_manifest(docs)["digest"] != bundled["corpus"]["digest"]:
         pytest.skip("this Python's standard library is not the corpus the bundled model was trained on")
-    cfg = TrainConfig(**{**bundled["train_config"], "steps": 20, "eval_every": 1000})
-    assert cfg.warmup >= 20
+    # run logs from before the V4 default have no "arch": they are V3 runs
+    cfg = TrainConfig(**{"arch": "v3", **bundled["train_config"], "steps": 20, "eval_every": 1000})
+    assert cfg.warmup >= 20 and cfg.arch == {"default": "v4", "default-v3": "v3"}[name]
     result = train(cfg, docs=docs, progress=False)
-    logged = [r["loss"] for r in bundled["records"][:2]]
+    logged = bundled["records"][:2]
     # same ops, same seed; another CPU's kernels may sum in another order, hence not bit-for-bit
-    assert _losses(result) == pytest.approx(logged, rel=1e-4)
+    assert _losses(result) == pytest.approx([r["loss"] for r in logged], rel=1e-4)
+    if name == "default":
+        assert [r["indexer_kl"] for r in result.log["records"]] == pytest.approx([r["indexer_kl"] for r in logged],
+                                                                                 rel=1e-4)
+
+
+def test_v4_run_keeps_hash_tables_and_balances_only_learned_layers(tmp_path, tiny_slice):
+    """A V4-style run: hash layers route by their fixed tid2eid (saved and reloaded as trained), only learned layers
+    have a balancing bias (moved in gamma steps), and the checkpoint reloads to the trained model."""
+    from workbench.loader import load_model
+
+    cfg = PRESETS["tiny-v4"].replace(config_form="hf")
+    result = train(TINY_RUN, tmp_path, docs=tiny_slice, model_config=cfg, progress=False)
+    learned = [layer for layer in cfg.moe_layers if not cfg.is_hash_layer(layer)]
+    assert sorted(int(k) for k in result.log["final_bias"]) == learned == [1, 2, 3]
+    for layer in learned:
+        bias = result.model.layers[layer].mlp.gate.e_score_correction_bias
+        assert 0 < bias.abs().max() <= TINY_RUN.steps * TINY_RUN.bias_gamma + 1e-9
+    start = DeepSeekModel.random(cfg, seed=TINY_RUN.seed)
+    loaded = load_model(tmp_path)
+    assert loaded.model.config.is_v4 and loaded.model.config.is_hash_layer(0)
+    table = result.model.layers[0].mlp.gate.tid2eid
+    assert torch.equal(loaded.model.layers[0].mlp.gate.tid2eid, table)
+    assert torch.equal(table, start.layers[0].mlp.gate.tid2eid)  # the init's table: training never moves it
+    assert (table.sort(-1).values.diff(dim=-1) > 0).all()  # k distinct experts per token
+    trained, reloaded = result.model.state_dict(), loaded.model.state_dict()
+    assert trained.keys() == reloaded.keys()
+    for name, value in trained.items():  # stored as is (fp32: router, mHC, sinks, ...) or rounded to bf16
+        got = reloaded[name]
+        assert torch.equal(got, value) or torch.equal(got, value.to(torch.bfloat16).to(value.dtype)), name
+    ids = torch.tensor([loaded.tokenizer.encode("def f(x):\n    return x\n" * 4)])
+    with torch.no_grad():
+        assert not torch.allclose(loaded.model(ids), start(ids), atol=1e-3)  # and it was trained

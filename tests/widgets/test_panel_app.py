@@ -94,4 +94,5 @@ def test_whole_dashboard_mirrors_with_a_store(tmp_path: Path, loaded: LoadedMode
     routing_source.value = "live"
     assert wb.routing.source == "live" and grid.data["n_total"] == len("hi there") + 1
     (tabs, *_) = list(app.select(pn.Tabs))
-    assert tabs._names == ["Routing", "Specialisation", "KV compression", "FP8 error", "Live tuner"]
+    assert tabs._names == ["Routing", "Specialisation", "KV compression", "FP8 error", "Live tuner", "Sparse attention",
+                           "mHC"]

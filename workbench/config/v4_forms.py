@@ -135,8 +135,8 @@ def v4_to_hf(c: ModelConfig) -> dict[str, Any]:
     if present is None:
         out["architectures"] = [c.architecture]
     L = c.num_hidden_layers
+    mtp = extra.pop("__mtp_compress_ratios__", [0] * c.num_nextn_predict_layers)  # read from the hub form, if so
     if c.config_form == "hub":
-        mtp = extra.pop("__mtp_compress_ratios__", [0] * c.num_nextn_predict_layers)
         ratios = list(c.compress_ratios)
         if extra.get("compress_rate_hca") is not None:  # written as transformers' label 128 + the override
             hca = {m for m in ratios if m not in (0, CSA_RATIO)}

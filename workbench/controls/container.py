@@ -137,8 +137,12 @@ class Controls:
                         swiglu_limit={**self.swiglu_limit, **other.swiglu_limit})
 
     # ------------------------------------------------------------------ per layer
-    def routing_for(self, layer: int) -> RoutingControl | None:
+    def routing_for(self, layer: int, config: ModelConfig | None = None) -> RoutingControl | None:
+        """The layer's own entry over the "all" entry; with `config`, a hash-routed layer gets only the "all"
+        fields it can apply (`RoutingControl.for_hash_layer`), so `Controls.top_k(2)` means every learned layer."""
         everywhere, own = self.routing.get("all"), self.routing.get(layer)
+        if everywhere is not None and config is not None and config.is_hash_layer(layer):
+            everywhere = everywhere.for_hash_layer()
         return own.merged_over(everywhere) if own is not None else everywhere
 
     def latent_for(self, layer: int) -> LatentControl | None:
@@ -185,7 +189,7 @@ class Controls:
                 return layer
             if self._v4_for(layer, config) != other._v4_for(layer, config):
                 return layer
-            if config.is_moe_layer(layer) and (self.routing_for(layer) != other.routing_for(layer)
+            if config.is_moe_layer(layer) and (self.routing_for(layer, config) != other.routing_for(layer, config)
                                                or self._replay_at(layer) is not other._replay_at(layer)):
                 return layer
         return config.num_hidden_layers
@@ -207,7 +211,7 @@ class Controls:
             elif key not in moe:
                 raise ControlError(f"routing[{key}]: layer {key} is a dense layer with no router; MoE layers: {list(moe)}")
         for layer in moe:
-            rc = self.routing_for(layer)
+            rc = self.routing_for(layer, config)
             if rc is not None:
                 _check_routing(rc, config, layer)
         for key, lc in self.latent.items():
@@ -230,7 +234,7 @@ class Controls:
             if absent:
                 raise ControlError(f"fp8[{key}]: layer {key} has no {absent} (it has {sorted(fp8_layer_sites(config, key))})")
         if self.routing_replay is not None:
-            _check_replay(self.routing_replay, config, self.routing_for, checkpoint)
+            _check_replay(self.routing_replay, config, lambda layer: self.routing_for(layer, config), checkpoint)
         self._validate_v4(config)
         return self
 
@@ -269,7 +273,7 @@ class Controls:
         base = RoutingParams.from_config(config)
         out: dict[int, LayerControls] = {}
         for layer in range(config.num_hidden_layers):
-            rc = self.routing_for(layer) if config.is_moe_layer(layer) else None
+            rc = self.routing_for(layer, config) if config.is_moe_layer(layer) else None
             lc = self.latent_for(layer)
             fp8 = self.fp8_for(layer)
             replay = self._replay_at(layer)

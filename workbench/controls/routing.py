@@ -28,6 +28,9 @@ from workbench.config import ModelConfig
 from workbench.controls.keys import ControlError, _from_fields, _integral, _need_type
 from workbench.model.routing import RouteOverride, RoutingParams
 
+# fields that change which experts are chosen: a V4 hash layer (experts = tid2eid[token id]) makes no choice
+SELECTION_FIELDS = ("top_k", "bias_offset", "force", "topk_group")
+
 
 @dataclasses.dataclass(frozen=True)
 class RoutingControl:
@@ -60,6 +63,13 @@ class RoutingControl:
                 if ids is None or not all(isinstance(e, int) and not isinstance(e, bool) for e in ids):
                     raise ControlError(f"routing {name} must be a list of expert ids, got {value!r}")
                 object.__setattr__(self, name, tuple(int(e) for e in ids))
+
+    def for_hash_layer(self) -> RoutingControl | None:
+        """This control without the fields a hash-routed layer cannot apply (`SELECTION_FIELDS`: its experts are
+        tid2eid[token id]), as an "all" entry reaches such a layer; None when nothing is left."""
+        kept = dict.fromkeys(SELECTION_FIELDS)
+        out = dataclasses.replace(self, **kept)
+        return None if out == RoutingControl() else out
 
     def merged_over(self, base: RoutingControl | None) -> RoutingControl:
         """This control's set fields over `base`'s (a layer's entry over the "all" entry)."""
@@ -127,6 +137,11 @@ def _check_routing(rc: RoutingControl, config: ModelConfig, layer: int) -> None:
         if not cond:
             raise ControlError(f"{where}: {msg}")
 
+    if config.is_hash_layer(layer):
+        fixed = [name for name in SELECTION_FIELDS if getattr(rc, name) is not None]
+        need(not fixed, f"layer {layer} is hash-routed (experts = tid2eid[token id]): {fixed} would change the "
+             "selection, which this layer does not make; ablate, temperature, routed_scaling_factor, "
+             "norm_topk_prob and shared_experts apply, and Controls(tid2eid=...) edits its table")
     ablate, force = rc.ablate or (), rc.force or ()
     for name, experts in (("ablate", ablate), ("force", force)):
         bad = [e for e in experts if not 0 <= e < E]

@@ -327,7 +327,10 @@ class Trace:
         if selected is None:
             raise ValueError(f"{site} fired without its layer's {INDEX_SITE}: cannot tell which scores were kept")
         selected = selected.long()
-        picked = value.float().gather(-1, selected.clamp(min=0)).masked_fill(selected < 0, float("nan"))
+        if value.shape[-1] == 0:  # a window shorter than one compressed entry: nothing to score, nothing kept
+            picked = torch.full(selected.shape, float("nan"), device=value.device)
+        else:
+            picked = value.float().gather(-1, selected.clamp(min=0)).masked_fill(selected < 0, float("nan"))
         return F.pad(picked, (0, k - picked.shape[-1]), value=float("nan")) if picked.shape[-1] < k else picked
 
     def vocab(self) -> np.ndarray:

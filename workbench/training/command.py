@@ -15,6 +15,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "tokenizer.json, run-log.json and run-log.png (created; files in it are replaced)")
     p.add_argument("--steps", type=int, default=defaults.steps)
     p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--arch", choices=("v4", "v3"), default=defaults.arch,
+                   help="model shape: v4 (the bundled `default`) or v3 (`default-v3`)")
     p.add_argument("--threads", type=int, default=defaults.threads, help="torch CPU threads")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -22,7 +24,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
-    cfg = dataclasses.replace(TrainConfig(), steps=args.steps, seed=args.seed, threads=args.threads)
+    cfg = dataclasses.replace(TrainConfig(), steps=args.steps, seed=args.seed, threads=args.threads,
+                              arch=args.arch)
     out: Path = args.out
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a directory")

@@ -1,6 +1,6 @@
-"""The views: routing explorer, expert specialisation, KV compression, FP8 error and live tuner, each an ipywidgets
-widget, and `Workbench`, the dashboard that puts them on one shared live session. `workbench serve` shows the same
-dashboard as a standalone Panel app (workbench/widgets/app.py)."""
+"""The views: routing explorer, expert specialisation, KV compression, FP8 error, live tuner, sparse attention and
+mHC, each an ipywidgets widget, and `Workbench`, the dashboard that puts them on one shared live session.
+`workbench serve` shows the same dashboard as a standalone Panel app (workbench/widgets/app.py)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ _LAZY = {
     "KVCompression": "workbench.widgets.kv_compression",
     "FP8Error": "workbench.widgets.fp8_error",
     "LiveTuner": "workbench.widgets.tuner",
+    "SparseAttention": "workbench.widgets.sparse_attention",
+    "HyperConnections": "workbench.widgets.hyper_connections",
 }
 __all__ = sorted(_LAZY)
 

@@ -1,8 +1,9 @@
-"""Workbench: the five views on one live session (one model, one prompt, one set of controls) as tabs.
+"""Workbench: the views on one live session (one model, one prompt, one set of controls) as tabs.
 
 The tuner and the KV view write controls into the shared session; the routing explorer and the specialisation view
-follow it when their source is "live"; the FP8 view compares on the same prompt. `set_prompt` swaps the prompt for
-all of them at once.
+follow it when their source is "live"; the FP8 view compares on the same prompt; the sparse-attention view recaptures
+what each query reads and the mHC view the stream-mixing matrices after every change. `set_prompt` swaps the prompt
+for all of them at once. A new view is one more (title, view) pair in `views`.
 """
 
 from __future__ import annotations
@@ -13,10 +14,12 @@ import ipywidgets as widgets
 import xarray as xr
 
 from workbench.widgets.fp8_error import FP8Error
+from workbench.widgets.hyper_connections import HyperConnections
 from workbench.widgets.kv_compression import KVCompression
 from workbench.widgets.live import LiveSession
 from workbench.widgets.routing import RoutingExplorer
 from workbench.widgets.routing_page import DEFAULT_PAGE_TOKENS
+from workbench.widgets.sparse_attention import SparseAttention
 from workbench.widgets.specialisation import ExpertSpecialisation
 from workbench.widgets.trace_source import check_trace_matches, load_trace
 from workbench.widgets.tuner import LiveTuner
@@ -42,17 +45,25 @@ class Workbench(View):
         self.specialisation = ExpertSpecialisation(trace=ds, live=self.live)
         self.kv = KVCompression(trace=ds, live=self.live)
         self.fp8 = FP8Error(trace=ds, live=self.live)
+        self.sparse_attention = SparseAttention(live=self.live)
+        self.hyper_connections = HyperConnections(live=self.live)
+        # tab title -> view, in tab order
+        self.views: dict[str, View] = {"Routing": self.routing, "Specialisation": self.specialisation,
+                                       "KV compression": self.kv, "FP8 error": self.fp8, "Live tuner": self.tuner,
+                                       "Sparse attention": self.sparse_attention, "mHC": self.hyper_connections}
         self.prompt_box = widgets.Textarea(self.live.prompt, description="prompt", rows=2,
                                            layout=widgets.Layout(width="70%"))
         self.prompt_button = widgets.Button(description="run prompt")
         self.prompt_error = widgets.HTML()
-        self.tabs = widgets.Tab(children=[self.routing, self.specialisation, self.kv, self.fp8, self.tuner],
-                                titles=["Routing", "Specialisation", "KV compression", "FP8 error", "Live tuner"])
+        self.tabs = widgets.Tab(children=list(self.views.values()), titles=list(self.views))
         cfg = loaded.model.config
+        attention = (f"window {cfg.sliding_window}, compress ratios {list(cfg.compress_ratios[: cfg.num_hidden_layers])}, "
+                     f"{cfg.num_hash_layers} hash-routed layers, {cfg.hc_mult} mHC streams" if cfg.is_v4 else
+                     f"kv_lora_rank {cfg.kv_lora_rank}")
         header = widgets.HTML(
             f'<div class="wb-header"><b>MoE Workbench</b> · {loaded.name} · {cfg.num_hidden_layers} layers, '
-            f"{cfg.n_routed_experts} routed experts (top-{cfg.num_experts_per_tok}), kv_lora_rank "
-            f"{cfg.kv_lora_rank}" + (f" · trace: {int(ds.sizes['token'])} tokens" if ds is not None else "") + "</div>")
+            f"{cfg.n_routed_experts} routed experts (top-{cfg.num_experts_per_tok}), {attention}"
+            + (f" · trace: {int(ds.sizes['token'])} tokens" if ds is not None else "") + "</div>")
         super().__init__([header, widgets.HBox([self.prompt_box, self.prompt_button]), self.prompt_error, self.tabs])
         self.prompt_button.on_click(lambda _: self._prompt_clicked())
 

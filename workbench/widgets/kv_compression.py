@@ -7,6 +7,9 @@ it costs.
   each row's stored cache over V3.2's, with V4-Pro / V4-Flash at 1M next to the report's 10% / 7%.
 - V4 has no MLA latent (one K = V head per window or compressed entry): on a V4 model the spectrum, the rank slider
   and the sweep say so instead of running.
+- V3.2 / V4 sparse attention is truncated live instead (kv_truncation.SparseTruncation): the indexer's index_topk,
+  V4's window and compressed branches, with KL, loss change and changed selections, and a KL-vs-index_topk sweep.
+  V3.2 has both that panel and the latent controls; V2 / V3 show neither panel nor change.
 - The singular-value spectrum of a layer's latent c_kv (`analysis.latent_spectrum`) on the live prompt or on a
   stored trace that recorded `kv_latent`.
 - A rank slider: the latent of every layer truncated to rank r through the shared session's controls; the session
@@ -32,6 +35,7 @@ from workbench.config import PRESETS, ModelConfig
 from workbench.controls import Controls, LatentControl
 from workbench.model.costs import kv_bytes_per_token
 from workbench.session import ApplyResult
+from workbench.widgets.kv_truncation import SparseTruncation, indexer_layers
 from workbench.widgets.live import LiveSession
 from workbench.widgets.svg_charts import line_chart
 from workbench.widgets.trace_source import load_trace
@@ -133,6 +137,8 @@ class KVCompression(View):
         self.sweep_button = widgets.Button(description="sweep ranks", disabled=not self.has_latent)
         self.error = widgets.HTML()
         self.sweep = widgets.HTML()
+        # V3.2 / V4: the indexer budget, V4's window and compressed branches (None on MLA-only models)
+        self.sparse = SparseTruncation(self.live) if cfg.is_v4 or indexer_layers(cfg) else None
         super().__init__([
             heading("KV compression", f"{self.live.loaded.name}: " + (
                 f"kv_lora_rank {self.C}, " if self.has_latent else
@@ -140,7 +146,8 @@ class KVCompression(View):
                 + f"rope key {cfg.qk_rope_head_dim}, {cfg.num_attention_heads} heads"),
             widgets.HBox([self.context, self.dtype]), self.costs,
             widgets.HBox([self.spectrum_source, self.layer_picker]), self.spectrum,
-            widgets.HBox([self.rank, self.basis, self.sweep_button]), self.error, self.sweep])
+            widgets.HBox([self.rank, self.basis, self.sweep_button]), self.error, self.sweep,
+            *([self.sparse] if self.sparse is not None else [])])
         for w in (self.context, self.dtype):
             w.observe(lambda _: self.refresh_costs(), names="value")
         for w in (self.spectrum_source, self.layer_picker):

@@ -1,9 +1,10 @@
 """LiveSession: the one `Session` the views share, with the controls each view owns composed into one `Controls`.
 
 Design choices:
-- The tuner owns the routing controls, the KV view the latent ones; both go through `update`, which validates the
-  composed controls before anything runs, so an impossible setting raises `ControlError` and the session keeps
-  showing the last valid state (nothing is lost).
+- The tuner owns the routing controls, the KV view the latent and sparse-attention ones (V3.2/V4: the indexer's
+  budget, V4's window and compressed branch), the mHC view V4's identity mixing; all go through `update`, which
+  validates the composed controls before anything runs, so an impossible setting raises `ControlError` and the
+  session keeps showing the last valid state (nothing is lost).
 - A slider fires many changes per second. `Debouncer` coalesces them: only the last change of a burst runs, after
   `debounce_s` of quiet, on a timer thread; `Session.apply` serialises runs and drops superseded ones. With
   `debounce_s=0` everything runs synchronously, which is what tests and scripts want.
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 import xarray as xr
 
-from workbench.controls import Controls, LatentControl, LayerKey, RoutingControl
+from workbench.controls import AttentionControl, Controls, LatentControl, LayerKey, RoutingControl
 from workbench.loader import LoadedModel
 from workbench.run_lock import model_lock
 from workbench.session import ApplyResult, Session
@@ -76,6 +77,8 @@ class LiveSession:
         self.lock = model_lock(self.model)  # shared by every session and view on this model
         self.routing: dict[LayerKey, RoutingControl] = {}
         self.latent: dict[LayerKey, LatentControl] = {}
+        self.attention: dict[LayerKey, AttentionControl] = {}
+        self.mhc_identity: dict[LayerKey, bool] = {}  # V4: True runs the layer's mHC mixing as the identity
         self._result_listeners: list[ResultListener] = []
         self._prompt_listeners: list[Callable[[], None]] = []
         self._error_listeners: list[Callable[[str], None]] = []
@@ -97,7 +100,8 @@ class LiveSession:
         return self.session.result
 
     def controls(self) -> Controls:
-        return Controls(routing=dict(self.routing), latent=dict(self.latent))
+        return Controls(routing=dict(self.routing), latent=dict(self.latent), attention=dict(self.attention),
+                        mhc_identity=dict(self.mhc_identity))
 
     def _new_session(self, prompt: str) -> Session:
         if not isinstance(prompt, str) or not prompt:
@@ -119,18 +123,25 @@ class LiveSession:
 
     # ------------------------------------------------------------------ changes
     def update(self, *, routing: Mapping[LayerKey, RoutingControl | None] | None = None,
-               latent: Mapping[LayerKey, LatentControl | None] | None = None) -> Controls:
-        """Set (or, with None, clear) routing / latent entries; validates the composed controls first and raises
-        ControlError without changing anything when they are impossible. The run itself is debounced."""
-        new_routing, new_latent = dict(self.routing), dict(self.latent)
-        for target, changes in ((new_routing, routing), (new_latent, latent)):
+               latent: Mapping[LayerKey, LatentControl | None] | None = None,
+               attention: Mapping[LayerKey, AttentionControl | None] | None = None,
+               mhc_identity: Mapping[LayerKey, bool | None] | None = None) -> Controls:
+        """Set (or, with None, clear) routing / latent / attention / mhc_identity entries; validates the composed
+        controls first and raises ControlError without changing anything when they are impossible. The run itself is
+        debounced."""
+        new_routing, new_latent, new_attention = dict(self.routing), dict(self.latent), dict(self.attention)
+        new_identity = dict(self.mhc_identity)
+        for target, changes in ((new_routing, routing), (new_latent, latent), (new_attention, attention),
+                                (new_identity, mhc_identity)):
             for key, value in (changes or {}).items():
                 if value is None:
                     target.pop(key, None)
                 else:
                     target[key] = value  # type: ignore[assignment]
-        controls = Controls(routing=new_routing, latent=new_latent).validate(self.config)
-        self.routing, self.latent = new_routing, new_latent
+        controls = Controls(routing=new_routing, latent=new_latent, attention=new_attention,
+                            mhc_identity=new_identity).validate(self.config)
+        self.routing, self.latent, self.attention = new_routing, new_latent, new_attention
+        self.mhc_identity = new_identity
         self.debouncer.trigger()
         return controls
 
@@ -154,7 +165,7 @@ class LiveSession:
         with self.lock:
             self.session = session
             self._routing_cache = None
-            if self.routing or self.latent:
+            if self.controls() != Controls():
                 session.apply(self.controls())
         for fn in self._prompt_listeners:
             fn()

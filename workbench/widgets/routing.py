@@ -4,7 +4,9 @@ The grid is an anywidget whose ESM (static/routing_grid.js) draws a page of toke
 when wide enough, numbered) by top-1 expert, token texts along the x axis, a legend of experts; hover shows a token's
 top-k experts and weights in every layer, click selects it (`selected`, a global token index). Only a page
 and the per-layer loads travel to the browser (see routing_page.py), so a 100k-token store pages instead of
-freezing the tab. With the live source, every change the tuner makes redraws the grid.
+freezing the tab. With the live source, every change the tuner makes redraws the grid. DeepSeek-V4's hash-routed
+layers (from the live config, or a trace's `hash_routed` coordinate) are marked: "#" before the row label, a dashed
+border, and a tooltip saying the experts are tid2eid[token id].
 """
 
 from __future__ import annotations
@@ -100,6 +102,14 @@ class RoutingExplorer(View):
             raise ValueError(f"unknown source {name!r}; this explorer has {list(self.source_picker.options)}")
         return self.traces[name]
 
+    def hash_layers(self, source: str | None = None) -> list[int] | None:
+        """The live model's hash-routed MoE layers for the live source; None (the trace says) for a stored one."""
+        if (source or self.source) != "live":
+            return None
+        assert self.live is not None
+        cfg = self.live.config
+        return [layer for layer in cfg.moe_layers if cfg.is_hash_layer(layer)]
+
     def _load(self, name: str, ds: xr.Dataset) -> np.ndarray:
         if name == "live":  # changes with every control; the prompt is small
             return load_per_layer(ds)
@@ -143,7 +153,8 @@ class RoutingExplorer(View):
         name = self.source
         ds = self.dataset(name)
         page = min(int(self.page_slider.value), n_pages(int(ds.sizes["token"]), self.page_tokens) - 1)
-        self.grid.data = routing_page(ds, page, page_tokens=self.page_tokens, load=self._load(name, ds), source=name)
+        self.grid.data = routing_page(ds, page, page_tokens=self.page_tokens, load=self._load(name, ds), source=name,
+                                      hash_layers=self.hash_layers(name))
         complete = ds.attrs.get("complete", True)
         self.status.value = ("" if complete else '<span style="color:#a60">this store is incomplete (an interrupted '
                              "run): it shows every committed token</span>")

@@ -3,11 +3,14 @@
 Bound: a page carries `page_tokens` x L x k expert ids and weights and `page_tokens` token texts; the aggregates are
 the [L, E] expert loads over the whole source. So the payload is O(page_tokens·L·k + L·E) whatever the trace's
 length; a 100k-token trace costs the browser what a 256-token one does (benchmarks/bench_ui.py prints the bytes).
+DeepSeek-V4's hash-routed layers (experts = tid2eid[token id], no gate) are named in `hash_layers`, with the page's
+token ids so the grid can say which row of tid2eid a token used; every other page has `hash_layers: []` and no ids.
 Shape legend: N tokens in the source, n on the page, L MoE layers, k top-k, E routed experts.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
@@ -34,9 +37,23 @@ def _finite_or_none(values: np.ndarray, decimals: int) -> list[float | None]:
     return [None if not math.isfinite(v) else v for v in rounded.tolist()]
 
 
+def hash_routed_layers(ds: xr.Dataset) -> list[int]:
+    """The MoE layers a trace records as hash-routed: its `hash_routed` coordinate, else the `hash_layers` of its
+    layout attr; [] for a trace that has neither (V2/V3, or a store older than schema 1.2)."""
+    if "hash_routed" in ds.coords:
+        flags = np.asarray(ds["hash_routed"].values, dtype=bool)
+        return [int(layer) for layer, hashed in zip(ds["layer"].values, flags, strict=True) if hashed]
+    try:
+        layout = json.loads(ds.attrs.get("layout", "{}"))
+    except (TypeError, ValueError):
+        return []
+    return sorted(int(i) for i in layout.get("hash_layers", [])) if isinstance(layout, dict) else []
+
+
 def routing_page(ds: xr.Dataset, page: int, *, page_tokens: int = DEFAULT_PAGE_TOKENS, load: np.ndarray | None = None,
-                 source: str = "trace") -> dict[str, Any]:
-    """The grid's data for page `page` of `ds` (JSON-ready; NaN weights become null)."""
+                 source: str = "trace", hash_layers: list[int] | None = None) -> dict[str, Any]:
+    """The grid's data for page `page` of `ds` (JSON-ready; NaN weights become null). `hash_layers`: the hash-routed
+    MoE layers (default: what the trace records, `hash_routed_layers`)."""
     if isinstance(page_tokens, bool) or not isinstance(page_tokens, (int, np.integer)) or page_tokens < 1:
         raise ValueError(f"page_tokens must be an int >= 1, got {page_tokens!r}")
     N = int(ds.sizes["token"])
@@ -54,13 +71,22 @@ def routing_page(ds: xr.Dataset, page: int, *, page_tokens: int = DEFAULT_PAGE_T
     if load is None:
         load = load_per_layer(ds)
     text = [str(t) for t in np.asarray(part["text"].values).tolist()] if "text" in part else [""] * len(ids)
+    layers = [int(x) for x in ds["layer"].values]
+    hashed = hash_routed_layers(ds) if hash_layers is None else [int(i) for i in hash_layers]
+    unknown = sorted(set(hashed) - set(layers))
+    if unknown:
+        raise ValueError(f"hash_layers {unknown} are not MoE layers of this source ({layers})")
+    extra: dict[str, Any] = {}
+    if hashed and "token_id" in part:
+        extra["token_ids"] = np.asarray(part["token_id"].values, dtype=np.int64).tolist()  # [n]
     return {
         "source": source, "start": start, "n_total": N, "page": int(page), "n_pages": pages,
-        "layers": [int(x) for x in ds["layer"].values], "n_experts": E, "top_k": int(ids.shape[2]),
+        "layers": layers, "n_experts": E, "top_k": int(ids.shape[2]), "hash_layers": sorted(hashed),
         "text": text,
         "expert_ids": ids.astype(np.int64).reshape(-1).tolist(),  # [n*L*k] token-major
         "weights": _finite_or_none(weights.reshape(-1), 4),  # [n*L*k]
         "load": np.asarray(load, dtype=np.int64).reshape(-1).tolist(),  # [L*E]
+        **extra,
     }
 
 

@@ -6,7 +6,9 @@
 // static HTML export; the bridge files beside this one adapt each host's model to that api.
 //
 // data: {start, n_total, page, n_pages, layers[L], n_experts E, top_k k, text[n],
-//        expert_ids[n*L*k] (flat, token-major), weights[n*L*k], load[L*E], source}
+//        expert_ids[n*L*k] (flat, token-major), weights[n*L*k], load[L*E], source,
+//        hash_layers[] (DeepSeek-V4 layers routed by tid2eid[token id]), token_ids[n] (only with hash layers)}
+// Hash-routed rows are marked: "#" before the layer label, a dashed border, and the tooltip names tid2eid.
 //
 // Two stacked canvases: the grid (drawn once per page, O(n·L) rects) and an overlay for hover / selection /
 // legend highlights, so moving the cursor never repaints the grid.
@@ -15,6 +17,21 @@ const MIN_CELL_W = 14, MAX_CELL_W = 36; // 256 tokens: the dense 14 px columns; 
 const GRID_TARGET_W = 720; // a page of n tokens gets about this width, within the bounds above
 const AXIS_W = 40, PAD_TOP = 4, LOAD_H = 26, MAX_LABEL_PX = 96, FOOT_SHARE = 0.24;
 const NUMBER_MIN_W = 20; // cells narrower than this show colour only
+const HASH_INK = "#8a4b00"; // label and border of a hash-routed row
+
+function isHashRow(d, l) {
+  return (d.hash_layers || []).includes(d.layers[l]);
+}
+
+function layerLabel(d, l) {
+  return `${isHashRow(d, l) ? "#" : ""}L${d.layers[l]}`;
+}
+
+// What routed token i in row l: the gate, or (hash-routed) tid2eid's row for the token's id.
+function hashNote(d, i) {
+  const tid = d.token_ids ? d.token_ids[i] : undefined;
+  return `hash-routed: experts = tid2eid[${tid === undefined ? "token id" : tid}]`;
+}
 
 // Cell size for a page of n tokens: wide cells for a short prompt, the dense layout for a full page.
 function cellGeometry(n) {
@@ -90,7 +107,10 @@ function detailTable(d, i) {
   d.layers.forEach((layer, l) => {
     const tr = el_("tr");
     tr.dataset.layer = String(layer);
-    tr.appendChild(el_("td", "", `L${layer}`));
+    tr.dataset.hashRouted = String(isHashRow(d, l));
+    const label = el_("td", "", layerLabel(d, l));
+    if (isHashRow(d, l)) { label.title = hashNote(d, i); label.style.color = HASH_INK; }
+    tr.appendChild(label);
     for (const [e, w] of cellChoices(d, i, l)) {
       const td = el_("td", "", e < 0 ? "—" : `e${e} ${Number(w).toFixed(3)}`);
       td.style.borderLeft = `6px solid ${expertColour(e)}`;
@@ -128,7 +148,7 @@ function draw(el, api) {
     .wb-routing canvas { display: block; }
     .wb-routing canvas.wb-routing-grid { cursor: crosshair; }
     .wb-routing canvas.wb-routing-overlay { position: absolute; left: 0; top: 0; pointer-events: none; }
-    .wb-routing-tokens { position: absolute; width: 1px; height: 1px; overflow: hidden; clip: rect(0 0 0 0);
+    .wb-routing-tokens, .wb-routing-rows { position: absolute; width: 1px; height: 1px; overflow: hidden; clip: rect(0 0 0 0);
       white-space: nowrap; margin: 0; padding: 0; }
     .wb-routing-legend { display: flex; flex-wrap: wrap; gap: 2px 10px; align-items: center; margin: 4px 0 2px;
       max-width: 900px; }
@@ -151,11 +171,13 @@ function draw(el, api) {
   scroll.appendChild(plot);
   const tokenList = el_("ol", "wb-routing-tokens");
   tokenList.setAttribute("aria-label", "tokens on this page, left to right");
+  const rowList = el_("ol", "wb-routing-rows");
+  rowList.setAttribute("aria-label", "MoE layers, top to bottom");
   const legend = el_("div", "wb-routing-legend");
   const tip = el_("div", "wb-routing-tip");
   const detail = el_("div", "wb-routing-detail");
   const loads = el_("div", "wb-routing-loads");
-  root.append(style, caption, scroll, tokenList, legend, tip, detail, loads);
+  root.append(style, caption, scroll, tokenList, rowList, legend, tip, detail, loads);
   el.appendChild(root);
 
   // what the overlay shows; geometry is set by render() for the page drawn
@@ -183,8 +205,11 @@ function draw(el, api) {
     root.dataset.layers = String(L);
     root.dataset.start = String(d.start);
     root.dataset.source = d.source || "";
+    root.dataset.hashLayers = (d.hash_layers || []).join(",");
+    const hashed = d.hash_layers || [];
     caption.textContent = `${d.source}: tokens ${d.start}-${d.start + n - 1} of ${d.n_total} ` +
-      `(page ${d.page + 1}/${d.n_pages}) x ${L} MoE layers, top-${k} of ${d.n_experts} experts`;
+      `(page ${d.page + 1}/${d.n_pages}) x ${L} MoE layers, top-${k} of ${d.n_experts} experts` +
+      (hashed.length ? `; # = hash-routed (${hashed.map((x) => `L${x}`).join(", ")}: experts = tid2eid[token id])` : "");
     canvas.setAttribute("aria-label", caption.textContent);
     const geo = layout(d);
     view.d = d; view.geo = geo; view.hover = null; view.expert = null;
@@ -200,6 +225,14 @@ function draw(el, api) {
       const li = el_("li", "", label);
       li.dataset.token = String(d.start + i);
       li.dataset.text = d.text[i];
+      return li;
+    }));
+    rowList.replaceChildren(...d.layers.map((layer, l) => {
+      const li = el_("li", "wb-routing-row",
+        isHashRow(d, l) ? `${layerLabel(d, l)} (hash-routed: experts = tid2eid[token id])` : layerLabel(d, l));
+      li.dataset.layer = String(layer);
+      li.dataset.hashRouted = String(isHashRow(d, l));
+      li.dataset.label = layerLabel(d, l);
       return li;
     }));
     drawLegend(d);
@@ -234,7 +267,10 @@ function draw(el, api) {
 
   function drawAxes(g, d, geo) {
     g.fillStyle = "#222"; g.font = "11px system-ui, sans-serif"; g.textBaseline = "middle"; g.textAlign = "right";
-    d.layers.forEach((layer, l) => g.fillText(`L${layer}`, geo.x0 - 6, geo.y0 + l * geo.ch + geo.ch / 2));
+    d.layers.forEach((layer, l) => {
+      g.fillStyle = isHashRow(d, l) ? HASH_INK : "#222";
+      g.fillText(layerLabel(d, l), geo.x0 - 6, geo.y0 + l * geo.ch + geo.ch / 2);
+    });
     g.font = geo.font;
     g.fillStyle = "#333";
     geo.labels.forEach((label, i) => {
@@ -289,6 +325,10 @@ function draw(el, api) {
     }
     for (const [e, r] of rects) fillRects(g, expertColour(e), r);
     fillRects(g, "rgba(255,255,255,0.85)", hairlines);
+    g.save(); // hash-routed rows: a dashed border round the whole row
+    g.strokeStyle = HASH_INK; g.lineWidth = 2; g.setLineDash([4, 3]);
+    for (let l = 0; l < L; l++) if (isHashRow(d, l)) g.strokeRect(geo.x0 + 1, geo.y0 + l * ch + 1, n * cw - 2, ch - 2);
+    g.restore();
     const numberFont = `${Math.min(12, ch - foot - 6)}px system-ui, sans-serif`;
     g.font = numberFont;
     if (cw < NUMBER_MIN_W || g.measureText(String(Math.max(0, d.n_experts - 1))).width > cw - 4) return;
@@ -410,7 +450,8 @@ function draw(el, api) {
     const { d, i } = hit;
     const lines = [`token ${d.start + i} ${JSON.stringify(d.text[i])}`];
     d.layers.forEach((layer, l) => lines.push(
-      `L${layer}: ` + cellChoices(d, i, l).map(([e, w]) => `e${e} ${Number(w).toFixed(2)}`).join("  ")));
+      `${layerLabel(d, l)}: ` + cellChoices(d, i, l).map(([e, w]) => `e${e} ${Number(w).toFixed(2)}`).join("  ") +
+      (isHashRow(d, l) ? `  (${hashNote(d, i)})` : "")));
     tip.textContent = lines.join("\n");
     const box = root.getBoundingClientRect();
     tip.style.left = `${ev.clientX - box.left + 12}px`;
