@@ -86,10 +86,13 @@ def _check_hash_marks(page: Any, facts: dict[str, Any]) -> None:
     assert "# = hash-routed (L0: experts = tid2eid[token id])" in page.locator(".wb-routing-caption").first.text_content()
     assert _ink_pixels(page, 0) > 50 and _ink_pixels(page, 1) == 0  # the dashed border on the hash row only
     canvas = page.locator("canvas.wb-routing-grid").first
+    canvas.scroll_into_view_if_needed()  # the cursor must be over the grid on screen, not where it was
     ds = canvas.evaluate("c => ({...c.dataset})")
     box = canvas.bounding_box()
     page.mouse.move(box["x"] + float(ds["gridX"]) + 5.5 * float(ds["cellW"]),
                     box["y"] + float(ds["gridY"]) + 0.5 * float(ds["cellH"]))
+    page.wait_for_function("""() => { const t = document.querySelector('.wb-routing-tip');
+        return t && t.offsetParent !== null && t.innerText.includes('tid2eid'); }""", timeout=30_000)
     tip = page.locator(".wb-routing-tip").first.inner_text()
     tid = facts["token_ids"][5]
     assert re.search(rf"^#L0: e\d+ .*\(hash-routed: experts = tid2eid\[{tid}\]\)$", tip, re.M), tip

@@ -154,6 +154,18 @@ def test_dashboard_renders_and_reacts(lab: LabServer, page: Any, model: str) -> 
     assert page.locator(".wb-fp8-flip").count() == len(layers)
     shot(page, f"views-fp8-{model}")
 
+    if facts["v4"]:  # the V4 tabs: what a query reads, and the mHC heat maps (4 x 4 per layer, site and mean / token)
+        _tab(page, "Sparse attention")
+        page.locator(".wb-sa-entry").first.wait_for(timeout=30_000)
+        assert page.locator(".wb-sa-layer-button").count() == len(layers)  # every V4 layer attends (and routes)
+        _tab(page, "mHC")
+        page.locator(".wb-hc-cell").first.wait_for(timeout=30_000)
+        means = page.locator('.wb-hc-cell[data-which="mean"]').evaluate_all("els => els.map(e => +e.dataset.value)")
+        assert len(means) == 2 * 16 * len(layers) and all(0 <= v <= 1 for v in means)
+        rows = [sum(means[i:i + 4]) for i in range(0, len(means), 4)]  # Sinkhorn: each row of M sums to 1
+        assert all(abs(r - 1) < 0.02 for r in rows), rows
+        shot(page, "views-mhc")
+
     # move the top-k slider: the tuner's report and then the routing grid change
     _tab(page, "Live tuner")
     report = page.locator(".wb-tuner-report").first
