@@ -7,7 +7,7 @@ Usage: python benchmarks/bench_ui.py [--moves 15] [--tokens 100000] [--skip-brow
 2. First render: a JupyterLab (tests/browser/harness.py) runs a notebook that builds `Workbench()` on the default
    model; time from "run all" to the routing grid drawn in Chromium, and the in-kernel build time alone.
 3. Latency: the tuner's top-k slider is moved with the keyboard `--moves` times (alternating left/right); each move
-   is timed in the page from the keydown to the tuner report showing the new generation (debounce, kernel round trip,
+   is timed in the page from the keydown to the tuner report showing the new generation (kernel round trip,
    Session.apply, HTML update, render), median reported beside the median time Session.apply itself took for those
    same moves in the kernel (the compute floor, `ApplyResult.elapsed_ms`). Goal: under 250 ms.
 """
@@ -125,7 +125,7 @@ def bench_browser(moves: int) -> None:
     print(f"[latency] top-k slider move -> tuner report updated, median of {moves} moves: {med:.0f} ms "
           f"(min {min(latencies):.0f}, max {max(latencies):.0f}); goal < 250 ms: {'met' if med < 250 else 'NOT met'}")
     print(f"  peer: Session.apply alone for the same moves (in the kernel): median {base:.0f} ms; "
-          f"browser / apply = {med / base:.2f}x (the rest is 50 ms debounce + kernel and browser round trip)")
+          f"browser / apply = {med / base:.2f}x (the rest is the kernel and browser round trip)")
     print(f"[offline] requests off this machine: {len(offsite)}")
 
 

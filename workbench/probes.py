@@ -4,7 +4,7 @@ Names follow TransformerLens (`blocks.{L}.mlp.hook_expert_indices`, `blocks.{L}.
 traces line up with tools people already use. A listener receives `(site_name, value)` and may return a tensor
 to replace the value (that is how interventions and routing replay enter the model); returning None observes.
 `listen(..., own_thread=True)` hears only the forward calls of the thread that attached it: the model is shared (a
-dashboard's debounced run, another session, a notebook cell each run on their own thread), and the recorder and the
+dashboard's background run, another session, a notebook cell each run on their own thread), and the recorder and the
 sessions must not collect another run's values. Without it a listener hears every thread.
 Not an `nn.Module`: a module call costs microseconds of hook dispatch even when empty, a plain object does not.
 """

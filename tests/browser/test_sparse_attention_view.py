@@ -31,7 +31,7 @@ ALONE = [FACTS + "from workbench.widgets import SparseAttention\n"
          f"sa = SparseAttention(model='tiny-v4-random', prompt={PROMPT!r})\nprint('FACTS', facts(sa))",
          "sa", "sa.save_html('sparse-export.html')\nprint('exported')"]
 DASHBOARD = [FACTS + "from workbench.widgets import Workbench\n"
-             f"wb = Workbench('tiny-v4-random', prompt={PROMPT!r}, debounce_s=0)\nprint('FACTS', facts(wb.sparse_attention))",
+             f"wb = Workbench('tiny-v4-random', prompt={PROMPT!r}, background=False)\nprint('FACTS', facts(wb.sparse_attention))",
              "wb"]
 
 

@@ -154,7 +154,7 @@ def test_argmax_and_logsumexp_equal_torch(T, block_rows):
 
 
 def test_forward_calls_of_other_threads_are_not_recorded(loaded):
-    """A dashboard's debounced run (or another session) on the same model runs on its own thread while a trace is
+    """A dashboard's background run (or another session) on the same model runs on its own thread while a trace is
     open: only the calls of the thread that opened the trace are recorded, and they are recorded unchanged."""
     import threading
 

@@ -23,7 +23,7 @@ from workbench.widgets.trace_source import TraceMismatchError
 
 @pytest.fixture(scope="module")
 def wb(loaded: LoadedModel, corpus_trace: xr.Dataset) -> Workbench:
-    return Workbench(loaded, trace=corpus_trace, prompt="hello experts", debounce_s=0)
+    return Workbench(loaded, trace=corpus_trace, prompt="hello experts", background=False)
 
 
 def test_views_share_one_session(wb: Workbench) -> None:

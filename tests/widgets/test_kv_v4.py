@@ -108,7 +108,7 @@ def test_view_on_a_v4_model_shows_the_table_and_no_latent(v4_loaded: LoadedModel
 
 
 def test_dashboard_opens_on_a_v4_model(v4_loaded: LoadedModel) -> None:
-    dash = Workbench(v4_loaded, prompt="hello experts", debounce_s=0)
+    dash = Workbench(v4_loaded, prompt="hello experts", background=False)
     assert not dash.kv.has_latent and "no MLA latent" in dash.kv.spectrum.value
     dash.set_prompt("the token routes the expert")
     assert "deepseek-v4-pro" in dash.kv.costs.value

@@ -1,10 +1,10 @@
-"""LiveSession: controls compose and validate before running, a debounced burst runs once with the last value,
-and a new prompt gives every listener a fresh baseline."""
+"""LiveSession: controls compose and validate before running, a burst of changes runs latest-wins (at once, then
+once more with the last value, the stale result unreported), and a new prompt gives every listener a fresh
+baseline."""
 
 from __future__ import annotations
 
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -13,7 +13,7 @@ import torch
 from workbench.controls import ControlError, Controls, LatentControl, RoutingControl
 from workbench.loader import LoadedModel, load_model
 from workbench.session import ApplyResult
-from workbench.widgets.live import Debouncer, LiveSession
+from workbench.widgets.live import LatestWins, LiveSession
 
 
 def test_update_composes_and_refuses_impossible_controls(live: LiveSession) -> None:
@@ -27,17 +27,52 @@ def test_update_composes_and_refuses_impossible_controls(live: LiveSession) -> N
     assert live.result.controls == Controls() and live.result.kl == 0.0
 
 
-def test_a_debounced_burst_runs_once_with_the_last_value(loaded: LoadedModel) -> None:
-    live = LiveSession(loaded, "a short prompt", continuation=0, debounce_s=1.0)  # a burst well inside 1 s
+def test_a_burst_runs_at_once_then_once_more_with_the_last_value(loaded: LoadedModel) -> None:
+    """Latest wins: the first change starts at once; the changes made while it runs become one run with the last of
+    them; the stale first result is never reported, so the views never show a control older than the last sent."""
+    live = LiveSession(loaded, "a short prompt", continuation=0, background=True)
     seen: list[ApplyResult] = []
-    done = threading.Event()
-    live.on_result(lambda r: (seen.append(r), done.set()))
-    for k in (1, 2, 3, 2):
+    started = threading.Event()
+    release = threading.Event()
+    real_apply = live.session.apply
+    applied: list[Controls] = []
+
+    def slow_apply(controls: Controls) -> ApplyResult | None:
+        applied.append(controls)
+        started.set()
+        release.wait(30)  # hold the first run until the burst is in
+        return real_apply(controls)
+
+    live.session.apply = slow_apply  # type: ignore[method-assign]
+    live.on_result(seen.append)
+    live.update(routing={"all": RoutingControl(top_k=1)})
+    assert started.wait(30)  # no debounce: the run began without waiting for quiet
+    for k in (2, 3, 2):
         live.update(routing={"all": RoutingControl(top_k=k)})
-    assert done.wait(30)
-    live.debouncer.flush()
-    time.sleep(0.1)
-    assert len(seen) == 1 and seen[0].controls == Controls(routing={"all": RoutingControl(top_k=2)})
+    release.set()
+    live.scheduler.flush()
+    assert [c.routing["all"].top_k for c in applied] == [1, 2]  # one run for the whole burst, with its last value
+    assert [r.controls for r in seen] == [Controls(routing={"all": RoutingControl(top_k=2)})]  # the stale one unheard
+
+
+def test_latest_wins_in_the_foreground_and_after_a_failing_run() -> None:
+    calls: list[int] = []
+    inline = LatestWins(lambda: calls.append(threading.get_ident()), background=False)
+    inline.trigger()
+    assert calls == [threading.get_ident()] and not inline.superseded()  # ran in the caller's thread
+    runs: list[int] = []
+
+    def flaky() -> None:
+        runs.append(len(runs))
+        if len(runs) == 1:
+            raise RuntimeError("a listener failed")
+
+    worker = LatestWins(flaky, background=True)
+    worker.trigger()
+    worker.flush()
+    worker.trigger()  # the worker survived the failure
+    worker.flush()
+    assert runs == [0, 1]
 
 
 def test_set_prompt_rebaselines_and_reapplies(live: LiveSession) -> None:
@@ -52,11 +87,6 @@ def test_set_prompt_rebaselines_and_reapplies(live: LiveSession) -> None:
     with pytest.raises(ValueError, match="non-empty string"):
         live.set_prompt("")
     assert live.prompt == "another prompt entirely"
-
-
-def test_debouncer_rejects_negative_delay() -> None:
-    with pytest.raises(ValueError, match=">= 0 seconds"):
-        Debouncer(lambda: None, -1)
 
 
 def test_two_live_sessions_on_one_model_from_two_threads_give_their_serial_traces(loaded: LoadedModel) -> None:

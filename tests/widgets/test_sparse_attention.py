@@ -210,7 +210,7 @@ def test_panel_mirror_and_dashboard(live4: LiveSession, v4: LoadedModel) -> None
     query.value = 7
     assert view.map.query == 7 and comp.query == 7
 
-    wb = Workbench(v4, prompt=PROMPT, debounce_s=0)
+    wb = Workbench(v4, prompt=PROMPT, background=False)
     tab = list(wb.views).index("Sparse attention")
     assert wb.tabs.titles[tab] == "Sparse attention" and wb.tabs.children[tab] is wb.sparse_attention
     assert wb.sparse_attention.live is wb.live and wb.sparse_attention.data["n"] == S

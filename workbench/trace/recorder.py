@@ -8,7 +8,7 @@ Design choices:
   the next-token statistics without a second lm_head pass.
 - Padding is the caller's business: `t.forward(ids, lengths=...)` runs right-padded windows (causal attention
   keeps pads out of real tokens' results) and drops the pads from the record.
-- It records the forward calls of the thread that opened the `with` block only: a dashboard's debounced run or
+- It records the forward calls of the thread that opened the `with` block only: a dashboard's background run or
   another session on the same model runs on its own thread and must not land in this trace.
 - `keep=False` makes the recorder a pure stream (the `workbench trace` command hands each batch to the store),
   so memory stays flat however many batches pass.

@@ -28,18 +28,19 @@ from workbench.widgets.view import ModelArg, View, resolve_model
 
 class Workbench(View):
     """The dashboard. `model`: a name, checkpoint path or LoadedModel; `trace`: a store path or Dataset recorded
-    with that model (optional); `prompt`: the live session's text (default: a short mixed prose/code prompt)."""
+    with that model (optional); `prompt`: the live session's text (default: a short mixed prose/code prompt);
+    `background`: controls run on a worker thread, latest wins (`LatestWins`; False: in the caller's thread)."""
 
     title = "dashboard"
 
     def __init__(self, model: ModelArg = "default", *, trace: str | Path | xr.Dataset | None = None,
-                 prompt: str | None = None, debounce_s: float = 0.05, page_tokens: int = DEFAULT_PAGE_TOKENS) -> None:
+                 prompt: str | None = None, background: bool = True, page_tokens: int = DEFAULT_PAGE_TOKENS) -> None:
         loaded = resolve_model(model)
         ds = None
         if trace is not None:
             ds = load_trace(trace)
             check_trace_matches(ds, loaded)  # before anything slow runs
-        self.live = LiveSession(loaded, prompt, debounce_s=debounce_s)
+        self.live = LiveSession(loaded, prompt, background=background)
         self.tuner = LiveTuner(live=self.live)  # first, so its report is the first listener a result reaches
         self.routing = RoutingExplorer(trace=ds, live=self.live, page_tokens=page_tokens)
         self.specialisation = ExpertSpecialisation(trace=ds, live=self.live)
@@ -81,5 +82,5 @@ class Workbench(View):
         self.prompt_error.value = ""
 
     def save_html(self, path: str | Path) -> Path:
-        self.live.debouncer.flush()
+        self.live.scheduler.flush()
         return super().save_html(path)

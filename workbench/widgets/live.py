@@ -5,9 +5,10 @@ Design choices:
   budget, V4's window and compressed branch), the mHC view V4's identity mixing; all go through `update`, which
   validates the composed controls before anything runs, so an impossible setting raises `ControlError` and the
   session keeps showing the last valid state (nothing is lost).
-- A slider fires many changes per second. `Debouncer` coalesces them: only the last change of a burst runs, after
-  `debounce_s` of quiet, on a timer thread; `Session.apply` serialises runs and drops superseded ones. With
-  `debounce_s=0` everything runs synchronously, which is what tests and scripts want.
+- A slider fires many changes per second. `LatestWins` runs them on a worker thread, latest wins: an idle session
+  starts at once (no fixed debounce delay), changes that arrive during a run become one run after it, and a run
+  whose result a newer change has made stale does not report. With `background=False` everything runs
+  synchronously, which is what tests and scripts want.
 - Whoever changes the model's modules (the FP8 view swaps linears) holds `lock`, so no session run sees a half
   swapped model.
 Shape legend: S prompt tokens, L MoE layers, k top-k.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import json
 import threading
+import traceback
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -37,40 +39,61 @@ DEFAULT_PROMPT = ('def add(a, b):\n    """Return the sum of a and b."""\n    ret
 ResultListener = Callable[[ApplyResult], None]
 
 
-class Debouncer:
-    """Run `fn` once `delay_s` after the last `trigger()` (at once, in the caller's thread, when delay_s is 0)."""
+class LatestWins:
+    """Run `fn` for the newest request only: at once when idle; while a run is in flight, any number of requests
+    become one run right after it. `background=False` runs every request in the caller's thread (tests, scripts).
 
-    def __init__(self, fn: Callable[[], Any], delay_s: float) -> None:
-        if delay_s < 0:
-            raise ValueError(f"debounce delay must be >= 0 seconds, got {delay_s}")
-        self.fn, self.delay_s = fn, delay_s
-        self._timer: threading.Timer | None = None
-        self._lock = threading.Lock()
+    Why not a debounce: a fixed quiet period delays every change by that period even when the model is idle, and a
+    change during a run still waits for it. Here an idle session starts at once, and `superseded()` lets the run tell
+    that a newer request arrived meanwhile, so its result is never shown after a newer control was sent.
+    """
+
+    def __init__(self, fn: Callable[[], Any], background: bool) -> None:
+        self.fn, self.background = fn, background
+        self._lock = threading.Condition()
+        self._pending = False  # a request arrived that no run has started on yet
+        self._running = False
 
     def trigger(self) -> None:
-        if self.delay_s == 0:
+        if not self.background:
             self.fn()
             return
         with self._lock:
-            if self._timer is not None:
-                self._timer.cancel()
-            self._timer = threading.Timer(self.delay_s, self.fn)
-            self._timer.daemon = True
-            self._timer.start()
+            self._pending = True
+            if self._running:
+                return  # the worker picks it up when the current run ends
+            self._running = True
+        threading.Thread(target=self._work, daemon=True, name="workbench-live").start()
+
+    def _work(self) -> None:
+        while True:
+            with self._lock:
+                if not self._pending:
+                    self._running = False
+                    self._lock.notify_all()
+                    return
+                self._pending = False
+            try:
+                self.fn()
+            except Exception:  # a view's listener failing must not stop the runs after it
+                traceback.print_exc()
+
+    def superseded(self) -> bool:
+        """Whether a request arrived after the run in progress started (its result is already stale)."""
+        with self._lock:
+            return self._pending
 
     def flush(self) -> None:
-        """Wait for a pending run (tests and exports want the settled state)."""
+        """Wait until every request has run (tests and exports want the settled state)."""
         with self._lock:
-            timer = self._timer
-        if timer is not None:
-            timer.join()
+            self._lock.wait_for(lambda: not self._running and not self._pending)
 
 
 class LiveSession:
     """A model + prompt kept warm for the views; see the module docstring."""
 
     def __init__(self, loaded: LoadedModel, prompt: str | None = None, *, continuation: int = 4,
-                 debounce_s: float = 0.0) -> None:
+                 background: bool = False) -> None:
         self.loaded = loaded
         self.model, self.tokenizer, self.config = loaded.model, loaded.tokenizer, loaded.model.config
         self.continuation = continuation
@@ -83,7 +106,7 @@ class LiveSession:
         self._prompt_listeners: list[Callable[[], None]] = []
         self._error_listeners: list[Callable[[str], None]] = []
         self._routing_cache: tuple[tuple[int, int], xr.Dataset] | None = None
-        self.debouncer = Debouncer(self._run, debounce_s)
+        self.scheduler = LatestWins(self._run, background)
         self.session = self._new_session(prompt if prompt is not None else DEFAULT_PROMPT)
 
     # ------------------------------------------------------------------ state
@@ -128,7 +151,7 @@ class LiveSession:
                mhc_identity: Mapping[LayerKey, bool | None] | None = None) -> Controls:
         """Set (or, with None, clear) routing / latent / attention / mhc_identity entries; validates the composed
         controls first and raises ControlError without changing anything when they are impossible. The run itself is
-        debounced."""
+        scheduled latest-wins (`LatestWins`)."""
         new_routing, new_latent, new_attention = dict(self.routing), dict(self.latent), dict(self.attention)
         new_identity = dict(self.mhc_identity)
         for target, changes in ((new_routing, routing), (new_latent, latent), (new_attention, attention),
@@ -142,7 +165,7 @@ class LiveSession:
                             mhc_identity=new_identity).validate(self.config)
         self.routing, self.latent, self.attention = new_routing, new_latent, new_attention
         self.mhc_identity = new_identity
-        self.debouncer.trigger()
+        self.scheduler.trigger()
         return controls
 
     def _run(self) -> None:
@@ -153,14 +176,14 @@ class LiveSession:
             for on_error in self._error_listeners:
                 on_error(str(e))
             return
-        if result is None:  # superseded: a newer request will report
+        if result is None or self.scheduler.superseded():  # stale: the run for the newer request will report
             return
         for on_result in self._result_listeners:
             on_result(result)
 
     def set_prompt(self, prompt: str) -> None:
         """A new prompt: a fresh session (new baseline), the current controls re-applied, every view refreshed."""
-        self.debouncer.flush()
+        self.scheduler.flush()
         session = self._new_session(prompt)
         with self.lock:
             self.session = session

@@ -1,5 +1,5 @@
 """LiveTuner: every routing and latent control of `workbench.controls` as a widget, applied to the shared live
-session as you move it (debounced by the session), with the session's report beside it.
+session as you move it (latest-wins, scheduled by the session), with the session's report beside it.
 
 A widget left at the model's own value means "not set" (None in the control), so a fresh tuner is the baseline and
 only what you touched is sent. `scope` picks which controls you edit: "all" MoE layers, or one layer, whose own
@@ -208,5 +208,5 @@ class LiveTuner(View):
             f"</code><br>continuation now: <code>{esc(repr(result.continuation_text_after))}</code></p></div>")
 
     def save_html(self, path: str | Path) -> Path:
-        self.live.debouncer.flush()
+        self.live.scheduler.flush()
         return super().save_html(path)
