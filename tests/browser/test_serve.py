@@ -66,6 +66,12 @@ def test_served_dashboard_renders_and_reacts(served: str, page: Any) -> None:
     page.mouse.click(box["x"] + float(geo["gridX"]) + 2.5 * float(geo["cellW"]),
                      box["y"] + float(geo["gridY"]) + 0.5 * float(geo["cellH"]))
     assert page.locator(".wb-routing-detail-table tr[data-layer]").count() == L
+    served_cfg = load_model("default").model.config  # the model `workbench serve` loaded
+    hashed = [layer for layer in served_cfg.moe_layers if served_cfg.is_hash_layer(layer)]
+    for layer in served_cfg.moe_layers:  # V4's hash-routed rows are marked in the served grid too
+        row = page.locator(f'.wb-routing-detail-table tr[data-layer="{layer}"]').first
+        assert row.get_attribute("data-hash-routed") == str(layer in hashed).lower()
+        assert (row.text_content() or "").startswith(("#" if layer in hashed else "") + f"L{layer}")
     assert page.locator('.wb-routing-tokens li[aria-current="true"]').first.get_attribute("data-token") == "2"
     page.locator(".wb-routing-legend-item").first.hover()  # off the grid: the tooltip no longer hides the labels
     shot(page, "serve-routing")
@@ -76,6 +82,8 @@ def test_served_dashboard_renders_and_reacts(served: str, page: Any) -> None:
     _tab(page, "KV compression")
     page.locator(".wb-kv-row").first.wait_for()
     assert page.locator(".wb-kv-row").count() == 7
+    if served_cfg.is_v4:  # the live truncation of sparse attention, through the Panel mirror
+        assert page.locator(".wb-kv-sparse-result").count() == 1
     _tab(page, "FP8 error")
     page.locator(".wb-fp8-heat-cell").first.wait_for()
     assert page.locator(".wb-fp8-flip").count() == L
@@ -97,8 +105,8 @@ def test_served_dashboard_renders_and_reacts(served: str, page: Any) -> None:
     assert controls == {"latent": {}, "routing": {"all": {"top_k": k - 1}}}
     shot(page, "serve-tuner")
     _tab(page, "Routing")
-    cfg = load_model("default").model.config  # the model `workbench serve` loaded
-    if not any(cfg.is_hash_layer(layer) for layer in cfg.moe_layers):
+    cfg = served_cfg
+    if not hashed:
         page.locator(".wb-routing-caption", has_text=f"top-{k - 1} of {E}").first.wait_for(timeout=30_000)
     else:  # V4's hash layers keep their k table experts (the caption's top-k): the learned layers' rows shrink
         last_layer = cfg.moe_layers[-1]
