@@ -98,3 +98,25 @@ def test_save_html_is_self_contained(wb: Workbench, tmp_path: Path) -> None:
     assert export_html(wb.routing, "t").count('data-wb-esm="routing_grid"') == 1
     with pytest.raises(FileNotFoundError, match="does not exist"):
         wb.save_html(tmp_path / "no" / "dir.html")
+
+
+def test_hidden_tabs_catch_up_when_selected_and_in_the_export(loaded: LoadedModel, tmp_path: Path) -> None:
+    """Only the selected tab refreshes on a live change (a hidden routing grid skips its probed forward); a tab
+    coming on screen, and the static export, show the latest state."""
+    dash = Workbench(loaded, prompt="hello experts", background=False)
+    dash.routing.set_source("live")
+    titles = list(dash.views)
+    dash.tabs.selected_index = titles.index("Live tuner")
+    captures: list[int] = []
+    real = dash.live._capture_routing
+    dash.live._capture_routing = lambda controls: captures.append(1) or real(controls)  # type: ignore[method-assign]
+    dash.tuner.top_k.value = 1
+    dash.tuner.top_k.value = 2
+    assert captures == [] and dash.routing.grid.data["top_k"] == 4  # hidden: nothing recaptured yet
+    dash.tabs.selected_index = titles.index("Routing")
+    assert captures == [1] and dash.routing.grid.data["top_k"] == 2  # one catch-up run, at the latest controls
+    dash.tabs.selected_index = titles.index("Live tuner")
+    dash.tuner.top_k.value = 3
+    page = dash.save_html(tmp_path / "d.html").read_text()
+    assert dash.routing.grid.data["top_k"] == 3 and '"top_k": 3' in page.replace('"top_k":3', '"top_k": 3')
+    assert not dash.routing._shown and dash.tuner._shown  # the export leaves the tabs as they were

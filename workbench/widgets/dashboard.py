@@ -67,6 +67,14 @@ class Workbench(View):
             + (f" · trace: {int(ds.sizes['token'])} tokens" if ds is not None else "") + "</div>")
         super().__init__([header, widgets.HBox([self.prompt_box, self.prompt_button]), self.prompt_error, self.tabs])
         self.prompt_button.on_click(lambda _: self._prompt_clicked())
+        self.tabs.observe(lambda _: self._tab_changed(), names="selected_index")
+        self._tab_changed()
+
+    def _tab_changed(self) -> None:
+        """Only the selected tab refreshes on every live change; the others catch up when they are selected."""
+        selected = self.tabs.selected_index or 0
+        for i, view in enumerate(self.views.values()):
+            view.set_shown(i == selected)
 
     def set_prompt(self, text: str) -> None:
         """Re-run the live session on `text` and refresh every view."""
@@ -82,5 +90,11 @@ class Workbench(View):
         self.prompt_error.value = ""
 
     def save_html(self, path: str | Path) -> Path:
+        """Every tab as it is now: the hidden ones catch up first."""
         self.live.scheduler.flush()
-        return super().save_html(path)
+        for view in self.views.values():
+            view.set_shown(True)
+        try:
+            return super().save_html(path)
+        finally:
+            self._tab_changed()

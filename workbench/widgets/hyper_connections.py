@@ -92,8 +92,8 @@ class HyperConnections(View):
                           widgets.HBox([self.token, self.identity]), self.message, self.body])
         self.token.observe(lambda _: self.refresh(), names="value")
         self.identity.observe(lambda _: self._identity_changed(), names="value")
-        self.live.on_result(lambda _: self.refresh())
-        self.live.on_prompt(self._prompt_changed)
+        self.live.on_result(self.when_shown(self.refresh))
+        self.live.on_prompt(self.when_shown(self._prompt_changed))
         self.refresh()
 
     # ------------------------------------------------------------------ data

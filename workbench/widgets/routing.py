@@ -83,8 +83,8 @@ class RoutingExplorer(View):
         self.source_picker.observe(lambda _: self._source_changed(), names="value")
         self.page_slider.observe(lambda _: self.refresh(), names="value")
         if self.live is not None:
-            self.live.on_result(lambda _: self._live_changed())
-            self.live.on_prompt(self._live_changed)
+            self.live.on_result(self.when_shown(self._live_changed))
+            self.live.on_prompt(self.when_shown(self._live_changed))
         self._source_changed()
 
     # ------------------------------------------------------------------ data

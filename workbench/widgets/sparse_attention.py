@@ -85,8 +85,8 @@ class SparseAttention(View):
         self.layer_picker.observe(lambda ch: self._set_map("layer", ch["new"]), names="value")
         self.query_slider.observe(lambda ch: self._set_map("query", ch["new"]), names="value")
         self.map.observe(lambda ch: self._map_moved(), names=["layer", "query"])
-        self.live.on_result(lambda _: self.refresh())
-        self.live.on_prompt(self._prompt_changed)
+        self.live.on_result(self.when_shown(self.refresh))
+        self.live.on_prompt(self.when_shown(self._prompt_changed))
 
     # ------------------------------------------------------------------ data
     @property

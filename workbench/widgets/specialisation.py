@@ -71,8 +71,8 @@ class ExpertSpecialisation(View):
         for w in (self.source_picker, self.layer_picker, self.expert_picker, self.min_count):
             w.observe(lambda _: self.refresh(), names="value")
         if self.live is not None:
-            self.live.on_result(lambda _: self._live_changed())
-            self.live.on_prompt(self._live_changed)
+            self.live.on_result(self.when_shown(self._live_changed))
+            self.live.on_prompt(self.when_shown(self._live_changed))
         self.refresh()
 
     # ------------------------------------------------------------------ data

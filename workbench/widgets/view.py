@@ -3,7 +3,9 @@ alone from a model name or on a dashboard's shared live session, and it exports 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import ipywidgets as widgets
 import xarray as xr
@@ -52,6 +54,27 @@ def heading(text: str, note: str = "") -> widgets.HTML:
 
 class View(widgets.VBox):
     title = "view"
+    _shown = True  # on screen; the dashboard clears it for the tabs not selected
+
+    def when_shown(self, fn: Callable[[], None]) -> Callable[..., None]:
+        """A live-session listener that runs `fn` now while this view is on screen, else once when it next is
+        (`set_shown`): a hidden dashboard tab does not pay a probed forward for every control change."""
+
+        def listener(*_: Any) -> None:
+            if self._shown:
+                fn()
+            else:
+                self.__dict__.setdefault("_deferred", {})[listener] = fn  # one pending run per listener, in order
+
+        return listener
+
+    def set_shown(self, shown: bool) -> None:
+        """Mark the view as on screen (or not); coming on screen runs the refreshes it skipped while hidden."""
+        self._shown = shown
+        if shown:
+            deferred = self.__dict__.pop("_deferred", {})
+            for fn in deferred.values():
+                fn()
 
     def save_html(self, path: str | Path) -> Path:
         """A static, self-contained HTML page of what the view shows now (no kernel, no network needed)."""
