@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 
 from workbench.config import PRESETS
-from workbench.controls import Controls, LatentControl, RoutingControl
+from workbench.controls import AttentionControl, Controls, LatentControl, RoutingControl
 from workbench.loader import load_model
 from workbench.model.transformer import DeepSeekModel
 from workbench.session import Session
@@ -50,7 +50,9 @@ def bench(name: str, model: DeepSeekModel, args: argparse.Namespace) -> None:
     def last_layer(i: int) -> Controls:
         return Controls(routing={last: RoutingControl(bias_offset={i % 2: 0.5})})
 
-    def first_layer(i: int) -> Controls:
+    def first_layer(i: int) -> Controls:  # MLA: a latent rank; V4 (no latent): the window length
+        if model.config.is_v4:
+            return Controls(attention={0: AttentionControl(sliding_window=8 + 8 * (i % 2))})
         return Controls(latent={0: LatentControl(8 + 8 * (i % 2))})
 
     t = interleaved_medians({
@@ -74,7 +76,9 @@ def main() -> None:
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"{'':<32} {'-- change in the last layer --':^30}   {'-- change in layer 0 --':^30}")
     print(f"{'model':<32} {'apply ms':>9} {'full ms':>9} {'ratio':>9}   {'apply ms':>9} {'full ms':>9} {'ratio':>9}")
-    bench("default (bundled, 4 layers)", load_model("default").model.eval(), args)
+    for name in ("default", "default-v3"):
+        model = load_model(name).model.eval()
+        bench(f"{name} (bundled, {model.config.num_hidden_layers} layers)", model, args)
     bench("larger (8 layers, H=256, E=32)", DeepSeekModel.random(LARGER, seed=0), args)
 
 

@@ -87,13 +87,16 @@ def capture_times(model: DeepSeekModel, ids: torch.Tensor, tokenizer: object) ->
 
 
 def bench_transformers_hooks(config: object, ids: torch.Tensor, ours_plain: float, ours_routing: float) -> None:
-    """Peer: routing captured with forward hooks on each DeepseekV3TopkRouter of transformers' model."""
-    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+    """Peer: routing captured with forward hooks on each MoE layer's router (`mlp.gate`, whose output holds the
+    expert ids and weights) of transformers' model of the same config (DeepseekV3/V4ForCausalLM)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    hf_dict = config.to_hf_dict()  # type: ignore[attr-defined]
-    hf = DeepseekV3ForCausalLM(DeepseekV3Config(**hf_dict)).eval()
+    hf_dict = dict(config.to_hf_dict())  # type: ignore[attr-defined]
+    hf_config = AutoConfig.for_model(hf_dict.pop("model_type"), **hf_dict)
+    hf = AutoModelForCausalLM.from_config(hf_config).eval()
     captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    gates = [(n, m) for n, m in hf.named_modules() if type(m).__name__ == "DeepseekV3TopkRouter"]
+    gates = [(f"layers.{i}.mlp.gate", layer.mlp.gate) for i, layer in enumerate(hf.model.layers)
+             if hasattr(layer.mlp, "gate")]
 
     def hook(name: str) -> Callable[..., None]:
         def keep(module: torch.nn.Module, args: tuple[object, ...], out: tuple[torch.Tensor, ...]) -> None:
@@ -110,7 +113,7 @@ def bench_transformers_hooks(config: object, ids: torch.Tensor, ours_plain: floa
 
     with torch.inference_mode():
         hf_plain, hf_hooks = interleaved_seconds([lambda: hf(ids), hooked], repeats=2 * REPEATS)
-    print(f"transformers {__import__('transformers').__version__} DeepseekV3ForCausalLM, same config:")
+    print(f"transformers {__import__('transformers').__version__} {type(hf).__name__}, same config:")
     print(f"  plain forward            {hf_plain * 1e3:8.1f} ms  (ours / theirs x{ours_plain / hf_plain:.2f})")
     print(f"  + routing forward hooks  {hf_hooks * 1e3:8.1f} ms  overhead x{hf_hooks / hf_plain:.3f} "
           f"(ours x{ours_routing / ours_plain:.3f}), {len(captured)} gates captured")
