@@ -7,6 +7,7 @@ CDN is broken for an offline user). Screenshots go to artifacts/browser/ (git-ig
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -16,6 +17,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -58,6 +60,27 @@ def wait_for_http(url: str, *, timeout_s: float, proc: subprocess.Popen[bytes] |
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{url} did not answer within {timeout_s:.0f} s") from e
             time.sleep(0.2)
+
+
+@contextlib.contextmanager
+def served_app(log: Path, *args: str) -> Iterator[str]:
+    """`workbench serve ARGS` on a free loopback port, from the repo root, its output in `log`: yields the app's URL
+    once it answers, and stops the server (terminate, then kill) however the block ends."""
+    port = free_port()
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "workbench.cli", "serve", "--port", str(port), *args],
+                                stdout=out, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[2],
+                                env=dict(os.environ), start_new_session=True)
+        try:
+            wait_for_http(f"http://127.0.0.1:{port}/", timeout_s=180, proc=proc, log=log)
+            yield f"http://127.0.0.1:{port}/"
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
 
 
 class LabServer:

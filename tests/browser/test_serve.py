@@ -5,39 +5,20 @@ Screenshots: artifacts/browser/serve-*.png."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.browser.harness import free_port, is_offsite, shot, wait_for_http
+from tests.browser.harness import is_offsite, served_app, shot
 from workbench.loader import load_model
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = free_port()
-    log = tmp_path_factory.mktemp("serve") / "serve.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "workbench.cli", "serve", "--port", str(port), "--prompt",
-                                 "def add(a, b):\n    return a + b\n"], stdout=out,
-                                stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[2],
-                                env=dict(os.environ), start_new_session=True)
-        try:
-            wait_for_http(f"http://127.0.0.1:{port}/", timeout_s=180, proc=proc, log=log)
-            yield f"http://127.0.0.1:{port}/"
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+    with served_app(tmp_path_factory.mktemp("serve") / "serve.log", "--prompt", "def add(a, b):\n    return a + b\n") as url:
+        yield url
 
 
 def _tab(page: Any, title: str) -> None:

@@ -6,16 +6,12 @@ hovered query, a clicked one and another layer. Screenshots: artifacts/browser/s
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.browser.harness import LabServer, free_port, open_notebook, run_all_cells, shot, wait_for_http
+from tests.browser.harness import LabServer, open_notebook, run_all_cells, served_app, shot
 
 # 104 tokens with BOS: tiny-v4's CSA layers see up to 26 entries and keep 16, so late queries are sparse
 PROMPT = "def add(a, b):\n    return a + b\n\nThe indexer keeps sixteen compressed blocks per query, sparse at last."
@@ -167,22 +163,9 @@ def test_dashboard_tab_follows_the_session(lab: LabServer, page: Any) -> None:
 
 @pytest.fixture(scope="module")
 def served_v4(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = free_port()
-    log = tmp_path_factory.mktemp("serve-v4") / "serve.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "workbench.cli", "serve", "--model", "tiny-v4-random", "--port",
-                                 str(port), "--prompt", PROMPT], stdout=out, stderr=subprocess.STDOUT,
-                                cwd=Path(__file__).resolve().parents[2], env=dict(os.environ), start_new_session=True)
-        try:
-            wait_for_http(f"http://127.0.0.1:{port}/", timeout_s=180, proc=proc, log=log)
-            yield f"http://127.0.0.1:{port}/"
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+    with served_app(tmp_path_factory.mktemp("serve-v4") / "serve.log", "--model", "tiny-v4-random", "--prompt",
+                    PROMPT) as url:
+        yield url
 
 
 def test_served_sparse_attention(served_v4: str, page: Any) -> None:

@@ -1,6 +1,6 @@
 """Shared fixtures for the view tests: the `tiny-random` model (fixed shape: MoE layers 1-2, 16 experts, top-4,
-kv_lora_rank 32, byte tokenizer) loaded once, live sessions that run synchronously
-(debounce 0, so a control change has been applied when the setter returns), and small traces."""
+kv_lora_rank 32, byte tokenizer) loaded once, the `tiny-v4-random` model, live sessions that run synchronously
+(background=False, so a control change has been applied when the setter returns), and small traces."""
 
 from __future__ import annotations
 
@@ -18,6 +18,13 @@ PROMPT = "the expert routes a token. def f(x): return x"
 @pytest.fixture(scope="session")
 def loaded() -> LoadedModel:
     return load_model("tiny-random")
+
+
+@pytest.fixture(scope="module")
+def v4() -> LoadedModel:
+    """The `tiny-v4-random` model (layers: 0 window only and hash-routed, 1 CSA, 2 HCA rate 16, 3 CSA; window 32,
+    index_topk 16, 4 mHC streams; byte tokenizer), once per module."""
+    return load_model("tiny-v4-random")
 
 
 @pytest.fixture

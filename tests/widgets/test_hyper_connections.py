@@ -14,18 +14,13 @@ import xarray as xr
 
 from workbench import analysis
 from workbench.controls import AttentionControl, Controls
-from workbench.loader import LoadedModel, load_model
+from workbench.loader import LoadedModel
 from workbench.trace.schema import HC_SITES
 from workbench.widgets.app import mirror
 from workbench.widgets.hyper_connections import STATS, HyperConnections
 from workbench.widgets.live import LiveSession
 
 PROMPT = "The quick brown fox jumps over the lazy dog. " * 2 + "def f(x): return x * 2"
-
-
-@pytest.fixture(scope="module")
-def v4() -> LoadedModel:
-    return load_model("tiny-v4-random")
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import torch
 
 from workbench.config import PRESETS
 from workbench.controls import AttentionControl, Controls
-from workbench.loader import LoadedModel, load_model
+from workbench.loader import LoadedModel
 from workbench.model.transformer import DeepSeekModel
 from workbench.widgets.app import mirror
 from workbench.widgets.kv_compression import KVCompression
@@ -22,11 +22,6 @@ from workbench.widgets.live import LiveSession
 
 PROMPT = "The quick brown fox jumps over the lazy dog. " * 2 + "def f(x): return x * 2"  # 113 tokens with BOS
 CSA_LAYERS = (1, 3)  # tiny-v4: 0 window-only, 1 CSA, 2 HCA, 3 CSA
-
-
-@pytest.fixture(scope="module")
-def v4() -> LoadedModel:
-    return load_model("tiny-v4-random")
 
 
 @pytest.fixture

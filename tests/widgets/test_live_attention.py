@@ -6,15 +6,10 @@ from __future__ import annotations
 import pytest
 
 from workbench.controls import AttentionControl, ControlError, Controls
-from workbench.loader import LoadedModel, load_model
+from workbench.loader import LoadedModel
 from workbench.widgets.live import LiveSession
 
 PROMPT = "The quick brown fox jumps over the lazy dog. " * 2 + "def f(x): return x * 2"  # ~100 byte tokens
-
-
-@pytest.fixture(scope="module")
-def v4() -> LoadedModel:
-    return load_model("tiny-v4-random")
 
 
 def test_attention_entries_compose_into_controls_and_run_as_a_full_run(v4: LoadedModel) -> None:

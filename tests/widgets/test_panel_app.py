@@ -64,7 +64,8 @@ def test_unknown_widgets_are_named() -> None:
 def test_esm_hosts_share_the_drawing_code() -> None:
     sources = {h: esm_source("routing_grid", h) for h in ("anywidget", "panel", "static")}  # type: ignore[arg-type]
     core = (files("workbench.widgets") / "static" / "routing_grid.js").read_text()
-    assert all(core in s for s in sources.values())
+    common = (files("workbench.widgets") / "static" / "common.js").read_text()
+    assert all(core in s and common in s for s in sources.values())
     assert "export default" in sources["anywidget"] and "export function render" in sources["panel"]
     with pytest.raises(ValueError, match="no front-end module static/nope.js"):
         esm_source("nope", "panel")

@@ -12,7 +12,7 @@ import torch
 import xarray as xr
 
 from tests.widgets.conftest import synthetic_routing
-from workbench.loader import LoadedModel, load_model
+from workbench.loader import LoadedModel
 from workbench.trace.recorder import trace as record_trace
 from workbench.widgets.app import mirror
 from workbench.widgets.live import LiveSession
@@ -20,11 +20,6 @@ from workbench.widgets.routing import RoutingExplorer
 from workbench.widgets.routing_page import hash_routed_layers, routing_page
 
 PROMPT = "The quick brown fox jumps over the lazy dog. " * 2 + "def f(x): return x * 2"
-
-
-@pytest.fixture(scope="module")
-def v4() -> LoadedModel:
-    return load_model("tiny-v4-random")
 
 
 @pytest.fixture(scope="module")

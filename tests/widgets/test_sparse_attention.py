@@ -17,7 +17,7 @@ import xarray as xr
 from workbench import analysis
 from workbench.config import PRESETS
 from workbench.controls import AttentionControl, Controls
-from workbench.loader import LoadedModel, load_model
+from workbench.loader import LoadedModel
 from workbench.model.transformer import DeepSeekModel
 from workbench.tokenizer import ByteTokenizer
 from workbench.trace.recorder import trace as record_trace
@@ -30,11 +30,6 @@ from workbench.widgets.live import LiveSession
 PROMPT = "def add(a, b):\n    return a + b\n\nThe indexer keeps sixteen compressed blocks per query, sparse at last."
 S = len(PROMPT) + 1
 WINDOW, TOPK = 32, 16  # tiny-v4's sliding_window and index_topk
-
-
-@pytest.fixture(scope="module")
-def v4() -> LoadedModel:
-    return load_model("tiny-v4-random")
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ from workbench.config.names import (
     CSA,
     CSA_RATIO,
     HCA,
+    KIND_NAMES,
     SLIDING,
     ConfigError,
     ConfigForm,
@@ -21,6 +22,6 @@ from workbench.config.names import (
 )
 
 __all__ = [
-    "ARCHITECTURES", "CSA", "CSA_RATIO", "HCA", "PRESETS", "SLIDING", "ConfigError", "ConfigForm", "ModelConfig",
+    "ARCHITECTURES", "CSA", "CSA_RATIO", "HCA", "KIND_NAMES", "PRESETS", "SLIDING", "ConfigError", "ConfigForm", "ModelConfig",
     "ModelType", "RopeLayout", "ScoringFunc", "TopkMethod", "rope_type", "yarn_mscale",
 ]

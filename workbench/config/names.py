@@ -21,6 +21,7 @@ ARCHITECTURES = {"deepseek_v2": "DeepseekV2ForCausalLM", "deepseek_v3": "Deepsee
                  "deepseek_v32": "DeepseekV32ForCausalLM", "deepseek_v4": "DeepseekV4ForCausalLM"}
 # V4's attention kinds, by transformers' layer_types names; DeepSeek's code tells them apart by compress ratio
 SLIDING, CSA, HCA = "sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"
+KIND_NAMES = {SLIDING: "window", CSA: "CSA", HCA: "HCA"}  # the short names the views and reports print
 CSA_RATIO = 4  # DeepSeek's inference code: ratio 4 = CSA (overlapping windows + indexer), any other > 0 = HCA
 
 

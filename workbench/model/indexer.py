@@ -117,3 +117,12 @@ def rotate_halves(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope_di
     rope, rest = x.float().split([rope_dim, x.shape[-1] - rope_dim], dim=-1)
     x1, x2 = rope.chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], dim=-1).to(x.dtype)
+
+
+def selected_scores(scores: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
+    """The index scores [..., N] at the selected entries [..., k] (-1 = none): float [..., k], NaN at -1 (and
+    everywhere when no entry exists yet, N = 0: a window shorter than one compressed entry)."""
+    selected = selected.long()
+    if scores.shape[-1] == 0:
+        return torch.full(selected.shape, float("nan"), device=scores.device)
+    return scores.float().gather(-1, selected.clamp(min=0)).masked_fill(selected < 0, float("nan"))

@@ -27,6 +27,12 @@ import torch
 from workbench.model.transformer import DeepSeekModel
 
 
+def call_arguments(args: tuple[Any, ...], kwargs: dict[str, Any], names: tuple[str, ...]) -> tuple[Any, ...]:
+    """The leading parameters `names` of a forward call, given positionally or by keyword (a forward pre-hook
+    registered `with_kwargs=True` sees either)."""
+    return (*args, *(kwargs[n] for n in names[len(args):]))[: len(names)]
+
+
 def dense_copy(model: DeepSeekModel, keys: int) -> DeepSeekModel:
     """A V3.2 / V4 model with the same weights whose indexer keeps every one of `keys` causal keys (V3.2: V3's
     MLA; V4: every complete compressed entry, `keys` tokens giving at most keys // 4 of them)."""
@@ -103,10 +109,10 @@ def dense_attention_topk(model: DeepSeekModel, input_ids: torch.Tensor, k: int |
     def capture(layer: int) -> Any:
         def hook(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             if v4:  # forward(x, positions, ...)
-                x, positions = (*args, *(kwargs[n] for n in ("x", "positions")[len(args):]))[:2]
+                x, positions = call_arguments(args, kwargs, ("x", "positions"))
                 found[layer] = v4_attention_probs(module, x, positions)[1].mean(dim=2)  # [B, S, N]
                 return
-            x, cos, sin, rotary = (*args, *(kwargs[n] for n in ("x", "cos", "sin", "rotary")[len(args):]))[:4]
+            x, cos, sin, rotary = call_arguments(args, kwargs, ("x", "cos", "sin", "rotary"))
             found[layer] = attention_probs(module, x, cos, sin, rotary).mean(dim=1)  # [B, S, S]
         return hook
 

@@ -32,6 +32,7 @@ import xarray as xr
 from torch import nn
 
 from workbench.config import ModelConfig
+from workbench.model.indexer import selected_scores
 from workbench.model.transformer import DeepSeekModel
 from workbench.probes import ProbeRegistry
 from workbench.run_lock import model_lock
@@ -326,11 +327,7 @@ class Trace:
         selected = self._pending.get(site.replace(".hook_index_scores", f".{INDEX_SITE}"))
         if selected is None:
             raise ValueError(f"{site} fired without its layer's {INDEX_SITE}: cannot tell which scores were kept")
-        selected = selected.long()
-        if value.shape[-1] == 0:  # a window shorter than one compressed entry: nothing to score, nothing kept
-            picked = torch.full(selected.shape, float("nan"), device=value.device)
-        else:
-            picked = value.float().gather(-1, selected.clamp(min=0)).masked_fill(selected < 0, float("nan"))
+        picked = selected_scores(value, selected)  # [B, S, k'], NaN where nothing was kept
         return F.pad(picked, (0, k - picked.shape[-1]), value=float("nan")) if picked.shape[-1] < k else picked
 
     def vocab(self) -> np.ndarray:

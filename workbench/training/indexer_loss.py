@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from workbench.model.transformer import DeepSeekModel
-from workbench.trace.dense_topk import v4_attention_probs
+from workbench.trace.dense_topk import call_arguments, v4_attention_probs
 
 
 class IndexerTap:
@@ -34,7 +34,7 @@ class IndexerTap:
 
     def _hook(self, layer: int) -> Any:
         def keep(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            x, positions = (*args, *(kwargs[n] for n in ("x", "positions")[len(args):]))[:2]
+            x, positions = call_arguments(args, kwargs, ("x", "positions"))
             self.inputs[layer] = (x, positions)
         return keep
 
@@ -45,15 +45,9 @@ class IndexerTap:
 
 def index_scores(attn: Any, x: torch.Tensor, q_latent: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """The indexer's scores [B, S, N] over every compressed entry of x [B, S, D] (no cache), -inf where an entry is
-    not yet complete: `Indexer.select`'s arithmetic before its top-k, from the layer's query latent [B, S, Q]."""
-    indexer = attn.indexer
-    B, S, _ = x.shape
+    not yet complete: `Indexer.scores`, what `Indexer.select` ranks, from the layer's query latent [B, S, Q]."""
     cos, sin = attn.rotary.cos_sin(positions)
-    keys = indexer.compress(x, 0, None, simulate=False)  # [B, N, d_I]
-    q = indexer.q_b_proj(q_latent).view(B, S, indexer.n_heads, indexer.head_dim)
-    scores = indexer.scorer(indexer.rotary.rotate(q, cos, sin), keys, x)  # [B, S, N]
-    visible = torch.arange(keys.shape[1], device=x.device) < ((positions + 1) // indexer.rate)[:, None]  # [S, N]
-    return scores.masked_fill(~visible, float("-inf"))
+    return attn.indexer.scores(x, q_latent, 0, positions, cos, sin, None)
 
 
 def indexer_kl(attn: Any, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

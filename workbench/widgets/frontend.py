@@ -1,4 +1,5 @@
-"""Front-end modules: one ESM file per dense view in `static/`, joined with the bridge of the host that runs it.
+"""Front-end modules: one ESM file per dense view in `static/`, after the helpers every view shares (`common.js`)
+and before the bridge of the host that runs it.
 
 Each view module defines `draw(el, api)` against a three-method api (get / set / on), so the same drawing code runs
 as an anywidget in a notebook, as a Panel `JSComponent` under `workbench serve`, and inside a static HTML export.
@@ -28,4 +29,4 @@ def esm_source(view: str, host: Host) -> str:
     except FileNotFoundError:
         raise ValueError(f"no front-end module static/{view}.js") from None
     prelude = f"const WB_ESM_NAME = {view!r};\n" if host == "static" else ""
-    return f"{prelude}{body}\n{_static(f'bridge_{host}.js')}"
+    return f"{prelude}{_static('common.js')}\n{body}\n{_static(f'bridge_{host}.js')}"

@@ -114,13 +114,8 @@ class HyperConnections(View):
             if controls is None and self._cache is not None and self._cache[0] == key:
                 return self._cache[1]
             run = controls if controls is not None else live.controls()
-            resolved = run.resolve(cfg, svd_bases=live.session.svd_bases, dtype=next(live.model.parameters()).dtype,
-                                   device=live.input_ids.device, checkpoint=live.model.checkpoint_digest)
-            got: dict[str, torch.Tensor] = {}
             names = [f"blocks.{layer}.{site}.hook_mix" for layer in range(cfg.num_hidden_layers) for site in HC_SITES]
-            with live.model.probes.listen(names, lambda name, v: got.__setitem__(name, v.detach().cpu()),
-                                          own_thread=True):
-                live.model(live.input_ids, controls=resolved)
+            got = live.probe_run(names, run)
             S, n, A = int(live.input_ids.shape[1]), cfg.hc_mult, cfg.num_hidden_layers
             mix = np.empty((S, A, len(HC_SITES), n, n), dtype=np.float64)  # [S, A, 2, n, n]
             for layer in range(A):

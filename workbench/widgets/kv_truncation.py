@@ -22,14 +22,12 @@ import json
 
 import ipywidgets as widgets
 
-from workbench.config import SLIDING, ModelConfig
+from workbench.config import KIND_NAMES, SLIDING, ModelConfig
 from workbench.controls import AttentionControl, ControlError, Controls, LayerKey
 from workbench.controls.attention import has_indexer
 from workbench.session import ApplyResult
 from workbench.widgets.live import LiveSession
 from workbench.widgets.svg_charts import line_chart
-
-KIND_NAMES = {"compressed_sparse_attention": "CSA", "heavily_compressed_attention": "HCA"}
 
 
 def indexer_layers(config: ModelConfig) -> tuple[int, ...]:

@@ -207,17 +207,30 @@ class LiveSession:
             return ds
 
     @torch.no_grad()
+    def probe_run(self, sites: list[str], controls: Controls | None = None, *,
+                  tokens: int | None = None) -> dict[str, torch.Tensor]:
+        """One run of the prompt (its first `tokens` tokens; causal, so they read what they read in the whole
+        prompt) under `controls` (default: the live ones), resolved as the session resolves them, with `sites`
+        heard on this thread only and under the model's lock: site -> value, detached, on the CPU. What the views
+        that draw from the probes (routing, sparse attention, mHC) capture with."""
+        run = self.controls() if controls is None else controls
+        got: dict[str, torch.Tensor] = {}
+        with self.lock:
+            resolved = run.resolve(self.config, svd_bases=self.session.svd_bases,
+                                   dtype=next(self.model.parameters()).dtype, device=self.input_ids.device,
+                                   checkpoint=self.model.checkpoint_digest)
+            with self.model.probes.listen(sites, lambda name, v: got.__setitem__(name, v.detach().cpu()),
+                                          own_thread=True):
+                self.model(self.input_ids[:, :tokens], controls=resolved)
+        return got
+
+    @torch.no_grad()
     def _capture_routing(self, controls: Controls) -> xr.Dataset:
         """Expert ids and weights straight from the probes. Not through the recorder: its layout fixes k to the
         config's top-k, and a top_k control changes k (per layer, even), so slots are padded to the widest layer."""
         cfg = self.config
-        got: dict[str, torch.Tensor] = {}
         names = [f"blocks.{layer}.mlp.hook_expert_{what}" for layer in cfg.moe_layers for what in ("indices", "weights")]
-        resolved = controls.resolve(cfg, svd_bases=self.session.svd_bases, dtype=next(self.model.parameters()).dtype,
-                                    device=self.input_ids.device, checkpoint=self.model.checkpoint_digest)
-        with self.lock, self.model.probes.listen(names, lambda name, v: got.__setitem__(name, v.detach().cpu()),
-                                                 own_thread=True):
-            self.model(self.input_ids, controls=resolved)
+        got = self.probe_run(names, controls)
         S = self.input_ids.shape[1]
         k = max(got[f"blocks.{layer}.mlp.hook_expert_indices"].shape[-1] for layer in cfg.moe_layers)
         ids = np.full((S, len(cfg.moe_layers), k), -1, dtype=np.int16)  # [S, L, k]

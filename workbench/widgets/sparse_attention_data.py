@@ -24,13 +24,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from workbench.config import CSA, HCA, SLIDING, ModelConfig
+from workbench.config import CSA, CSA_RATIO, KIND_NAMES, ModelConfig
 from workbench.controls import Controls
+from workbench.model.indexer import selected_scores
 from workbench.widgets.live import LiveSession
 
 DEFAULT_MAX_TOKENS = 256
 PAYLOAD_NUMBERS = 2_000_000  # selections + scores + mass across all layers, before the token cap bites
-KIND_NAMES = {SLIDING: "window", CSA: "CSA", HCA: "HCA"}
 DENSE_MESSAGE = ("{name} ({model_type}) runs dense MLA: every query attends to every earlier token, there is no "
                  "sliding window, no compressed entry and no indexer selection to show. The sparse-attention view "
                  "needs a DeepSeek-V3.2 or V4 model (e.g. load_model('tiny-v4-random')).")
@@ -47,7 +47,7 @@ def dense_message(name: str, config: ModelConfig) -> str:
 
 def entry_spans(ratio: int, n_entries: int) -> list[list[int]]:
     """[lo, own_lo, hi] tokens of each compressed entry of a rate-`ratio` layer (see the module docstring)."""
-    overlap = ratio == 4
+    overlap = ratio == CSA_RATIO
     return [[max(0, (w - 1) * ratio) if overlap else w * ratio, w * ratio, w * ratio + ratio - 1]
             for w in range(n_entries)]
 
@@ -101,14 +101,8 @@ def attention_reads(live: LiveSession, *, max_tokens: int = DEFAULT_MAX_TOKENS,
                 "text": [], "layers": []}
     controls = live.controls() if controls is None else controls
     n = shown_tokens(cfg, S, max_tokens)
-    got: dict[str, torch.Tensor] = {}
     sites = [s for layer in range(cfg.num_hidden_layers) for s in _layer_sites(cfg, layer)]
-    with live.lock:
-        resolved = controls.resolve(cfg, svd_bases=live.session.svd_bases, dtype=next(live.model.parameters()).dtype,
-                                    device=ids.device, checkpoint=live.model.checkpoint_digest)
-        with live.model.probes.listen(sites, lambda site, v: got.__setitem__(site, v.detach().float().cpu()),
-                                      own_thread=True):
-            live.model(ids[:, :n], controls=resolved)
+    got = {site: v.float() for site, v in live.probe_run(sites, controls, tokens=n).items()}
     text = [live.tokenizer.token_text(int(t)) for t in ids[0, :n].tolist()]
     layers = [_layer(cfg, layer, n, got, controls) for layer in range(cfg.num_hidden_layers)]
     return {**base, "family": "v4" if cfg.is_v4 else "v32", "message": "", "n": n, "capped": n < S, "text": text,
@@ -128,7 +122,7 @@ def _layer(cfg: ModelConfig, layer: int, n: int, got: dict[str, torch.Tensor], c
         N = n // ratio if compressed else 0
         mass = got[prefix + "hook_attn_mass"][0]  # [n, nH, 3]
         out.update(kind=KIND_NAMES[cfg.attention_kind(layer)], ratio=ratio, window=window, n_entries=N,
-                   compressed=compressed, overlap=ratio == 4, spans=entry_spans(ratio, N) if compressed else [],
+                   compressed=compressed, overlap=ratio == CSA_RATIO, spans=entry_spans(ratio, N) if compressed else [],
                    reads_all=compressed and selected is None, mass=_round(mass.reshape(-1).numpy()))
     else:  # V3.2: the indexer picks key tokens of MLA
         out.update(kind="V3.2 sparse", ratio=1, window=0, n_entries=n, compressed=True, overlap=False,
@@ -140,9 +134,8 @@ def _layer(cfg: ModelConfig, layer: int, n: int, got: dict[str, torch.Tensor], c
     if selected is not None:
         scores = got[prefix + "hook_index_scores"][0]  # [n, N]
         sel = selected[0].long()  # [n, k]
-        picked = sel.clamp(min=0)
         chosen = [[int(w) for w in row if w >= 0] for row in sel.tolist()]
-        values = scores.gather(-1, picked).numpy()  # [n, k]
+        values = selected_scores(scores, sel).numpy()  # [n, k], NaN at -1
         out["selected"] = chosen
         out["scores"] = [_significant(values[t, : len(row)]) for t, row in enumerate(chosen)]
     else:

@@ -62,6 +62,21 @@ class Indexer(Compressor):
         """DeepSeek's indexer simulation on the keys: Hadamard rotation + FP4 e2m1 (off in transformers)."""
         return indexer_fp4_fake_quant(entries) if simulate else entries
 
+    def scores(self, x: torch.Tensor, q_latent: torch.Tensor, past: int, positions: torch.Tensor,
+               cos: torch.Tensor, sin: torch.Tensor, state: CompressorState | None, *,
+               simulate: bool = False) -> torch.Tensor:
+        """Index scores [B, S, N] fp32 of every compressed entry, -inf where an entry is not yet complete for the
+        query (what `select` ranks; the indexer's training loss reads them too)."""
+        B, S, _ = x.shape
+        keys = self.compress(x, past, state, simulate=simulate)  # [B, N, d_I]
+        q = self.q_b_proj(q_latent).view(B, S, self.n_heads, self.head_dim)
+        q = self.rotary.rotate(q, cos, sin)  # [B, S, H_I, d_I]
+        if simulate:
+            q = indexer_fp4_fake_quant(q)
+        scores = self.scorer(q, keys, x)  # [B, S, N]
+        visible = torch.arange(keys.shape[1], device=x.device) < ((positions + 1) // self.rate)[:, None]  # [S, N]
+        return scores.masked_fill(~visible, float("-inf"))
+
     def select(self, x: torch.Tensor, q_latent: torch.Tensor, past: int, positions: torch.Tensor,
                cos: torch.Tensor, sin: torch.Tensor, state: CompressorState | None, *,
                simulate: bool = False, topk: int | None = None) -> torch.Tensor:
@@ -69,15 +84,8 @@ class Indexer(Compressor):
         [S, R/2]) -> selected entry indices [B, S, k] int64, best first, -1 where no visible entry is left.
         `topk`: this run's k instead of the config's index_topk (a control)."""
         B, S, _ = x.shape
-        keys = self.compress(x, past, state, simulate=simulate)  # [B, N, d_I]
-        N = keys.shape[1]
-        q = self.q_b_proj(q_latent).view(B, S, self.n_heads, self.head_dim)
-        q = self.rotary.rotate(q, cos, sin)  # [B, S, H_I, d_I]
-        if simulate:
-            q = indexer_fp4_fake_quant(q)
-        scores = self.scorer(q, keys, x)  # [B, S, N]
-        visible = torch.arange(N, device=x.device) < ((positions + 1) // self.rate)[:, None]  # [S, N]
-        scores = self.scores_site(scores.masked_fill(~visible, float("-inf")))
+        scores = self.scores_site(self.scores(x, q_latent, past, positions, cos, sin, state, simulate=simulate))
+        N = scores.shape[-1]
         k = self.topk if topk is None else topk
         order = top_indices(scores, min(k, N))  # [B, S, <=k]
         chosen = torch.where(scores.gather(-1, order) > float("-inf"), order, -1)

@@ -39,21 +39,6 @@ function cellGeometry(n) {
   return { w, h: Math.max(18, Math.min(26, Math.round(w * 0.7))) };
 }
 
-// Token text as drawn: whitespace and control characters made visible, so "\n" and " " are not blank columns.
-const VISIBLE = { " ": "·", "\n": "↵", "\t": "⇥", "\r": "␍" };
-function visibleToken(text) {
-  if (text === "") return "∅";
-  return Array.from(text, (ch) => {
-    if (ch in VISIBLE) return VISIBLE[ch];
-    const code = ch.codePointAt(0);
-    if (code < 32) return String.fromCodePoint(0x2400 + code); // control pictures block
-    if (code === 127) return "␡";
-    if (code >= 0x80 && code < 0xa0) return `\\x${code.toString(16)}`; // C1 controls have no glyph
-    if (code === 0xa0) return "⍽"; // no-break space
-    return ch;
-  }).join("");
-}
-
 function expertRgb(e) {
   if (e < 0) return [221, 221, 221];
   const h = (e * 137.508) % 360; // golden angle: neighbouring ids get distant hues
@@ -72,13 +57,6 @@ function expertColour(e) {
 function inkOn(e) {
   const [r, g, b] = expertRgb(e).map((v) => { const c = v / 255; return c <= 0.03928 ? c / 12.92 : ((c + 0.055) / 1.055) ** 2.4; });
   return 0.2126 * r + 0.7152 * g + 0.0722 * b > 0.22 ? "#111" : "#fff";
-}
-
-function el_(tag, cls, text) {
-  const e = document.createElement(tag);
-  if (cls) e.className = cls;
-  if (text !== undefined) e.textContent = text;
-  return e;
 }
 
 function cellChoices(d, i, l) {

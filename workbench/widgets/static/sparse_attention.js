@@ -22,32 +22,11 @@ const UNCHOSEN = "#c8c8c8", READ_ALL = "#17a2a2", FUTURE = "#f4f4f4", WINDOW = "
 // viridis stops: a perceptual ramp from low (dark violet) to high (yellow) index score
 const RAMP = [[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]];
 
-const VISIBLE = { " ": "·", "\n": "↵", "\t": "⇥", "\r": "␍" };
-function visibleToken(text) {
-  if (text === "") return "∅";
-  return Array.from(text, (ch) => {
-    if (ch in VISIBLE) return VISIBLE[ch];
-    const code = ch.codePointAt(0);
-    if (code < 32) return String.fromCodePoint(0x2400 + code);
-    if (code === 127) return "␡";
-    if (code >= 0x80 && code < 0xa0) return `\\x${code.toString(16)}`;
-    if (code === 0xa0) return "⍽";
-    return ch;
-  }).join("");
-}
-
 function rampColour(f) {
   const x = Math.max(0, Math.min(1, Number.isFinite(f) ? f : 1)) * (RAMP.length - 1);
   const i = Math.min(RAMP.length - 2, Math.floor(x)), t = x - i;
   const c = RAMP[i].map((v, j) => Math.round(v + t * (RAMP[i + 1][j] - v)));
   return `rgb(${c[0]}, ${c[1]}, ${c[2]})`;
-}
-
-function el_(tag, cls, text) {
-  const e = document.createElement(tag);
-  if (cls) e.className = cls;
-  if (text !== undefined) e.textContent = text;
-  return e;
 }
 
 function svg_(tag, attrs) {
