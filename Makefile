@@ -12,7 +12,7 @@ $(BIN)/python:
 # torch first and pinned: on these CPU machines 2.13.0 is the local CPU wheel; elsewhere it is PyPI's CUDA build
 install: $(BIN)/python
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,cluster,s3]'
 
 # the browser tests drive Debian's chromium (never `playwright install`: nothing downloads a browser at run time)
 install-browser:

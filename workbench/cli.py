@@ -10,6 +10,8 @@ import sys
 SUBCOMMANDS = {
     "demo": "workbench.demo",
     "trace": "workbench.trace.command",
+    "trace-status": "workbench.trace.status",
+    "import-routing": "workbench.trace.import_command",
     "train": "workbench.training.command",
     "serve": "workbench.serve",
 }

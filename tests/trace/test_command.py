@@ -22,7 +22,8 @@ from trace_helpers import assert_same_trace, corpus
 
 from workbench.cli import main
 from workbench.trace import command, open_trace
-from workbench.trace.command import iter_windows
+from workbench.trace import corpus as corpus_io
+from workbench.trace.corpus import iter_windows
 
 
 def trace_cli(*args: object) -> int:
@@ -262,7 +263,7 @@ def test_cutting_before_a_space_between_two_words_keeps_the_bundled_bpe_tokens(l
 
 
 def test_a_long_record_is_tokenized_in_pieces_with_the_tokens_of_the_whole_record(tmp_path, loaded, monkeypatch):
-    monkeypatch.setattr(command, "PIECE_CHARS", 256)
+    monkeypatch.setattr(corpus_io, "PIECE_CHARS", 256)
     text = typical_text(40000, seed=5)
     for name, data in (("long.txt", f"short one\n{text}\nshort two\n"),
                        ("long.jsonl", "".join(json.dumps({"text": s}) + "\n" for s in ("short one", text, "two")))):
@@ -278,19 +279,19 @@ def test_a_long_record_is_tokenized_in_pieces_with_the_tokens_of_the_whole_recor
 
 
 def test_a_long_record_at_the_real_piece_size_matches_too(tmp_path, loaded):
-    text = typical_text(5 * command.PIECE_CHARS + 123, seed=6)
+    text = typical_text(5 * corpus_io.PIECE_CHARS + 123, seed=6)
     (tmp_path / "in.txt").write_text(text + "\n")
     spy = SpyTokenizer(loaded.tokenizer)
     assert list(iter_windows(tmp_path / "in.txt", spy, 512, 0)) == whole_windows(tmp_path / "in.txt",
                                                                                  loaded.tokenizer, 512)
-    assert len(spy.calls) >= 5 and max(spy.calls) <= command.PIECE_CHARS
+    assert len(spy.calls) >= 5 and max(spy.calls) <= corpus_io.PIECE_CHARS
 
 
 def test_a_record_without_spaces_is_cut_where_the_piece_is_full_and_keeps_every_character(tmp_path, loaded,
                                                                                           monkeypatch):
     """No space to cut at (CJK, base64): the cut falls where the piece is full; tokens next to it may differ
     from tokenizing the record whole, but the windows still hold the record's text exactly, in order."""
-    monkeypatch.setattr(command, "PIECE_CHARS", 100)
+    monkeypatch.setattr(corpus_io, "PIECE_CHARS", 100)
     text = "".join(random.Random(1).choice("日本語のテキスト、句読点。abcXYZ0123+/=") for _ in range(3000))
     (tmp_path / "in.txt").write_text(text + "\n")
     spy = SpyTokenizer(loaded.tokenizer)
@@ -305,7 +306,7 @@ _MEMORY_CHILD = """
 import inspect, json, resource, sys
 from pathlib import Path
 from workbench.loader import load_model
-from workbench.trace.command import iter_windows
+from workbench.trace.corpus import iter_windows
 tok = load_model("default").tokenizer
 small, big = Path(sys.argv[1]), Path(sys.argv[2])
 list(iter_windows(small, tok, 512, 0))  # warm up: the tokenizer's own buffers are not the record's

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import re
 
 import numpy as np
@@ -28,3 +30,32 @@ def test_vllm_routed_experts_round_trip(loaded):
         to_vllm_routed_experts(partial)
     with pytest.raises(ValueError, match="tokens, moe_layers, top_k"):
         from_vllm_routed_experts(routed[0])
+
+
+def test_from_vllm_routed_experts_reads_every_released_array_form(loaded):
+    ds = in_memory(loaded, TEXTS[:3])
+    cfg = loaded.model.config
+    routed = to_vllm_routed_experts(ds)  # [N, L, k]
+    model = {"moe_layers": cfg.moe_layers, "n_experts": cfg.n_routed_experts, "n_layers": cfg.num_hidden_layers,
+             "token_ids": ds.token_id.values}
+    every = np.zeros((len(routed), cfg.num_hidden_layers, cfg.num_experts_per_tok), dtype=np.int16)  # [N, A, k]
+    every[:, list(cfg.moe_layers)] = routed  # dense layers: all-zero placeholders (vLLM 0.20.x)
+    buf = io.BytesIO()
+    np.save(buf, routed)
+    for form in (every, every.tolist(), base64.b64encode(buf.getvalue()).decode()):
+        back = from_vllm_routed_experts(form, **model)
+        np.testing.assert_array_equal(back.expert_ids.values, ds.expert_ids.values)
+        assert back.sizes["layer_all"] == cfg.num_hidden_layers
+    cached = routed.copy()
+    cached[:2] = -1  # prefix-cached positions (vLLM 0.21)
+    back = from_vllm_routed_experts(cached.tolist(), **model)
+    np.testing.assert_array_equal(to_vllm_routed_experts(back, allow_uncaptured=True), cached)
+    with pytest.raises(ValueError, match="layers \\[1, 2, 3\\] were not captured"):
+        to_vllm_routed_experts(back)
+    preempted = from_vllm_routed_experts(None, **model, top_k=cfg.num_experts_per_tok)
+    assert (preempted.expert_ids.values == -1).all() and preempted.expert_ids.shape == ds.expert_ids.shape
+    with pytest.raises(ValueError, match="pass token_ids, moe_layers and top_k"):
+        from_vllm_routed_experts(None, moe_layers=cfg.moe_layers)
+    every[0, 0, 0] = 3  # a dense layer holding an expert id: not this model's array
+    with pytest.raises(ValueError, match="layer 0 is dense in this model"):
+        from_vllm_routed_experts(every, **model)

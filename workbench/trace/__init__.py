@@ -8,6 +8,16 @@ from typing import Any
 from workbench.trace.dense_topk import dense_attention_topk
 from workbench.trace.reader import migrate_store, open_trace
 from workbench.trace.recorder import Trace, select, trace
+from workbench.trace.routing_import import (
+    RequestRouting,
+    RoutingImportError,
+    decode_routed_experts,
+    decode_sglang_routed_experts,
+    iter_jsonl_routing,
+    normalize_routed_experts,
+    sglang_request_routing,
+    vllm_request_routing,
+)
 from workbench.trace.schema import SCHEMA_VERSION, VARIABLES, Layout, SchemaError
 from workbench.trace.store import TraceStore
 from workbench.trace.vllm import from_vllm_routed_experts, to_vllm_routed_experts
@@ -17,17 +27,25 @@ __all__ = [
     "SCHEMA_VERSION",
     "VARIABLES",
     "Layout",
+    "RequestRouting",
+    "RoutingImportError",
     "SchemaError",
     "Trace",
     "TraceStore",
     "TraceStoreError",
+    "decode_routed_experts",
+    "decode_sglang_routed_experts",
     "dense_attention_topk",
     "from_vllm_routed_experts",
+    "iter_jsonl_routing",
     "migrate_store",
+    "normalize_routed_experts",
     "open_trace",
     "select",
+    "sglang_request_routing",
     "to_vllm_routed_experts",
     "trace",
+    "vllm_request_routing",
 ]
 
 

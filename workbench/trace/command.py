@@ -1,11 +1,13 @@
-"""Trace a corpus into a zarr trace store: `workbench trace --input FILE --out STORE.zarr [--resume]`.
+"""Trace a corpus into a zarr trace store: `workbench trace --input FILE... --out STORE.zarr|s3://... [--resume]`.
 
 Design choices:
-- The input is streamed record by record (.txt: one record per non-empty line; .jsonl: one object with a
-  "text" field per line), cut into windows of at most --max-seq-len tokens, and packed greedily into batches of
-  about --batch-tokens tokens; only one batch is ever in memory, so memory stays flat on any input size. A record
-  is itself read and tokenized PIECE_CHARS characters at a time (see `iter_windows`): tokenizing a 50 MB line
-  whole took 9 GB, as a tokenizer's encoding costs ~190 bytes per character.
+- The input (corpus.py) is streamed record by record, cut into windows of at most --max-seq-len tokens, and
+  packed greedily into batches of about --batch-tokens tokens; only one batch is ever in memory, so memory stays
+  flat on any input size. Several files (or globs) are one corpus, in the order given.
+- `--out` is a folder or an object-store URL (s3://bucket/run.zarr, gs://...; storage.py), with credentials and
+  endpoint from the standard environment plus --storage-options.
+- `--cluster local:N` / `--scheduler ADDR` run the trace as many tasks on dask.distributed (cluster.py); without
+  either nothing imports dask.distributed and the run is this module's single process.
 - Input errors name the file and line (bad UTF-8 included, which the text reader reports as a bare offset), and
   a run that fails before its first commit removes the store it created, so the rerun after the fix needs no
   --resume. A second writer of the same store (region) is refused by the store's writer lock (store.py).
@@ -16,44 +18,50 @@ Design choices:
 - `--shard I/N`: N processes fill one store. Each first tokenizes the whole input (cheap next to the forward)
   to cut the single-writer run's batches into N contiguous runs of about equal tokens, so every process runs
   exactly the batches a single writer would have and the store reads back equal to a single-writer run. Whoever
-  gets there first creates the store (an atomic mkdir decides); the others wait for it and join.
+  gets there first creates the store (an atomic mkdir decides; on object storage a conditional PUT); the others
+  wait for it and join. `--shard auto` takes I/N from torchrun's RANK/WORLD_SIZE or SLURM_PROCID/SLURM_NTASKS.
 """
 
 from __future__ import annotations
 
 import argparse
-import codecs
 import contextlib
+import glob
 import json
+import os
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterator, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import numpy as np
 import torch
 
 from workbench.loader import load_model
+from workbench.trace.corpus import Window, check_input, iter_batches, iter_windows
 from workbench.trace.recorder import Trace
 from workbench.trace.schema import Layout
+from workbench.trace.storage import ClaimedError, LocalStorage, ObjectStorage, storage_for
 from workbench.trace.store import DEFAULT_CHUNK_TOKENS, TraceStore
 from workbench.trace.zarr_io import TraceStoreError
 
-Window = tuple[int, list[int]]  # (input record index, token ids)
-PIECE_CHARS = 1 << 16  # a record is read and tokenized this many characters at a time: ~12 MB of tokenizer memory
-# (a tokenizer's encoding costs ~190 bytes per character), while a tokenizer call costs ~0.1 ms, so the cuts are free
 _OPENED: ContextVar[list[TraceStore] | None] = ContextVar("trace_stores_opened", default=None)  # by this run
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="default", help="'default', a preset name, or a checkpoint directory")
-    p.add_argument("--input", required=True, type=Path, help=".txt (a record per line) or .jsonl ('text' field)")
-    p.add_argument("--out", required=True, type=Path, help="the zarr trace store to create (or continue)")
+    p.add_argument("--input", required=True, nargs="+", metavar="FILE",
+                   help=".txt (a record per line) or .jsonl ('text' field) files or globs, one corpus in this order")
+    p.add_argument("--out", required=True, help="the zarr trace store to create (or continue): a folder or an "
+                                                "object-store URL (s3://bucket/run.zarr, gs://...)")
+    p.add_argument("--storage-options", type=_json_object, default=None, metavar="JSON",
+                   help="object-store options beyond the environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...), "
+                        'e.g. \'{"endpoint_url": "http://127.0.0.1:9000"}\'')
     p.add_argument("--sites", nargs="+", default=None,
                    help="variables (expert_ids, router_scores, kv_latent, index_selected, attn_mass, hc_mix, ...), "
                         "probe sites or globs, or 'all'; default: routing + latent norms (+ FP8 errors when "
@@ -63,158 +71,37 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunk-tokens", type=int, default=DEFAULT_CHUNK_TOKENS, help="zarr chunk length along token")
     p.add_argument("--resume", action="store_true", help="continue an interrupted store instead of refusing it")
     p.add_argument("--shard", type=_shard, default=(0, 1), metavar="I/N",
-                   help="be writer I of N processes filling one store (each runs with the same flags and input)")
+                   help="be writer I of N processes filling one store (each runs with the same flags and input); "
+                        "'auto': from RANK/WORLD_SIZE (torchrun) or SLURM_PROCID/SLURM_NTASKS")
+    p.add_argument("--cluster", default=None, metavar="local:N",
+                   help="run on a dask.distributed LocalCluster of N worker processes on 127.0.0.1")
+    p.add_argument("--scheduler", default=None, metavar="ADDR",
+                   help="run on an existing dask.distributed cluster (tcp://HOST:PORT); inputs must be readable "
+                        "by every worker at the same path")
+    p.add_argument("--task-tokens", type=int, default=1 << 20,
+                   help="--cluster / --scheduler: tokens per task (many more tasks than workers; a retry repeats "
+                        "at most one flush of one task)")
+    p.add_argument("--retries", type=int, default=2, help="--cluster / --scheduler: retries of a task that raised")
+    p.add_argument("--resources", default=None, metavar="NAME=N",
+                   help="--scheduler: worker resources each task needs, e.g. GPU=1")
     p.add_argument("--wait", type=float, default=300.0, help="--shard: seconds to wait for another shard to create "
                                                              "the store")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def iter_windows(path: Path, tokenizer: object, max_len: int, bos: int | None) -> Iterator[Window]:
-    """Stream (record index, window token ids) from a .txt or .jsonl file, in memory that does not grow with the
-    file or with a record.
-
-    A record is read and tokenized PIECE_CHARS characters at a time, and each window is yielded as soon as it is
-    full. Pieces are cut before a space that separates two non-space characters: a byte-level BPE pre-tokenizer
-    (GPT-2, Llama 3, DeepSeek; a word takes at most one leading space, no token ends in one) never merges across
-    such a space, so the tokens equal those of the record tokenized whole. Only a run of more than PIECE_CHARS/2
-    characters without such a space (CJK text, base64) is cut where the piece is full, and only the tokens at that
-    cut may differ. Held whole anyway: a .jsonl line (it has to be parsed; its text is then cut the same way), and
-    the leading whitespace of a .txt line (until its first non-space character shows it is not blank).
-    A leading UTF-8 BOM is not part of the first record; bad UTF-8 is a ValueError naming file, line and byte.
-    """
-    encode: Callable[[str], list[int]] = tokenizer.encode  # type: ignore[attr-defined]
+def _json_object(text: str) -> dict[str, Any]:
     try:
-        with path.open(encoding="utf-8-sig") as f:
-            records = _jsonl_records(f, path) if path.suffix == ".jsonl" else _txt_records(f)
-            for record, chunks in enumerate(records):
-                for ids in _record_windows(_pieces(chunks), encode, max_len, bos):
-                    yield record, ids
-    except UnicodeDecodeError:
-        raise ValueError(_utf8_error(path)) from None
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"--storage-options: not JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("--storage-options: expected a JSON object")
+    return value
 
 
-def _txt_records(f: TextIO) -> Iterator[Iterator[str]]:
-    """Each non-blank line, as an iterator over its text read PIECE_CHARS characters at a time (exhaust it before
-    asking for the next line: both read the same file)."""
-    while head := f.readline(PIECE_CHARS):
-        while not head.strip() and not head.endswith("\n"):  # blank so far: read on to its first non-space
-            more = f.readline(PIECE_CHARS)
-            if not more:
-                break
-            head += more
-        if head.strip():
-            yield _rest_of_line(f, head)
-
-
-def _rest_of_line(f: TextIO, piece: str) -> Iterator[str]:
-    while not piece.endswith("\n"):
-        yield piece
-        piece = f.readline(PIECE_CHARS)
-        if not piece:
-            return
-    yield piece[:-1]
-
-
-def _jsonl_records(f: TextIO, path: Path) -> Iterator[Iterator[str]]:
-    for lineno, line in enumerate(f, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-            text = obj["text"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise ValueError(f"{path}:{lineno}: not a JSON object with a 'text' field") from None
-        if not isinstance(text, str):
-            raise ValueError(f"{path}:{lineno}: 'text' is {type(text).__name__}, expected a string")
-        del line, obj  # only the text stays while it is tokenized
-        yield iter((text,))
-
-
-def _pieces(chunks: Iterable[str]) -> Iterator[str]:
-    """A record's text, read in chunks of any length, re-cut into pieces of at most PIECE_CHARS characters (see
-    `_cut`); always at least one piece, "" for an empty record."""
-    size, rest = PIECE_CHARS, ""
-    for chunk in chunks:
-        text, start = rest + chunk, 0
-        while len(text) - start > size:
-            cut = _cut(text, start, start + size)
-            yield text[start:cut]
-            start = cut
-        rest = text[start:]
-    yield rest
-
-
-def _cut(text: str, lo: int, hi: int) -> int:
-    """Where the piece starting at `lo` ends: before the last space between two non-space characters in the second
-    half of text[lo:hi] (no pre-token of a byte-level BPE spans one), else at `hi`. Needs len(text) > hi."""
-    half = lo + (hi - lo) // 2
-    i = text.rfind(" ", half, hi)
-    while i > half:
-        if not text[i - 1].isspace() and not text[i + 1].isspace():
-            return i
-        i = text.rfind(" ", half, i)
-    return hi
-
-
-def _record_windows(pieces: Iterable[str], encode: Callable[[str], list[int]], max_len: int, bos: int | None
-                    ) -> Iterator[list[int]]:
-    """The record's tokens (BOS first) in windows of `max_len`, each yielded as soon as it is full: the same
-    windows as cutting the whole record's tokens, holding at most one piece's tokens."""
-    ids: list[int] = [bos] if bos is not None else []
-    for piece in pieces:
-        ids += encode(piece)
-        full = len(ids) - len(ids) % max_len
-        for start in range(0, full, max_len):
-            yield ids[start:start + max_len]
-        del ids[:full]
-    if ids:
-        yield ids
-
-
-def _utf8_error(path: Path) -> str:
-    """`FILE:LINE: not valid UTF-8 (byte offset N)` for the first invalid byte of the file (N from the start of
-    the file). The text reader decodes ahead of the line it returns, so its own error tells neither; lines are
-    counted as it splits them (\\n, \\r\\n or \\r)."""
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    line, offset, after_cr = 1, 0, False
-    with path.open("rb") as f:
-        while True:
-            block = f.read(1 << 20)
-            held = len(decoder.getstate()[0])  # bytes of a character the previous block cut
-            try:
-                text = decoder.decode(block, final=not block)
-            except UnicodeDecodeError as e:
-                line += _line_breaks(e.object[:e.start].decode("utf-8"), after_cr)
-                return f"{path}:{line}: not valid UTF-8 (byte offset {offset - held + e.start})"
-            if not block:
-                return f"{path}: not valid UTF-8"  # not found again: the file changed while it was read
-            line += _line_breaks(text, after_cr)
-            after_cr = text.endswith("\r") if text else after_cr
-            offset += len(block)
-
-
-def _line_breaks(text: str, after_cr: bool) -> int:
-    """Line breaks in `text` as universal newlines count them; `after_cr`: the text before ended in \\r (so a
-    leading \\n completes that break)."""
-    n = text.count("\n") + text.count("\r") - text.count("\r\n")
-    return n - int(after_cr and text.startswith("\n"))
-
-
-def iter_batches(windows: Iterator[Window], batch_tokens: int) -> Iterator[list[Window]]:
-    """Greedy packing: add windows while the batch stays within batch_tokens (always at least one)."""
-    batch: list[Window] = []
-    size = 0
-    for w in windows:
-        if batch and size + len(w[1]) > batch_tokens:
-            yield batch
-            batch, size = [], 0
-        batch.append(w)
-        size += len(w[1])
-    if batch:
-        yield batch
-
-
-def _shard(text: str) -> tuple[int, int]:
+def _shard(text: str) -> tuple[int, int] | str:
+    if text == "auto":
+        return "auto"
     try:
         i, n = (int(p) for p in text.split("/"))
     except ValueError:
@@ -222,6 +109,33 @@ def _shard(text: str) -> tuple[int, int]:
     if not (n >= 1 and 0 <= i < n):
         raise argparse.ArgumentTypeError(f"--shard {text!r}: need N >= 1 and 0 <= I < N")
     return i, n
+
+
+def shard_from_env(env: Mapping[str, str]) -> tuple[int, int]:
+    """`--shard auto`: I/N from torchrun (RANK, WORLD_SIZE) or SLURM (SLURM_PROCID, SLURM_NTASKS)."""
+    for rank, size in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")):
+        if rank in env and size in env:
+            text = f"{env[rank]}/{env[size]}"
+            try:
+                value = _shard(text)
+            except argparse.ArgumentTypeError as e:
+                raise ValueError(f"--shard auto: {rank}/{size} = {text}: {e}") from None
+            assert isinstance(value, tuple)
+            return value
+    raise ValueError("--shard auto: neither RANK/WORLD_SIZE (torchrun) nor SLURM_PROCID/SLURM_NTASKS is set")
+
+
+def expand_inputs(patterns: list[str]) -> list[Path]:
+    """Each --input as a file, or a glob's matches in sorted order; every one must be a .txt / .jsonl file."""
+    out: list[Path] = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) and not Path(pattern).exists() else [pattern]
+        if not matches:
+            raise FileNotFoundError(f"--input {pattern}: no file matches")
+        for m in matches:
+            check_input(Path(m))
+            out.append(Path(m))
+    return out
 
 
 @dataclass(frozen=True)
@@ -255,29 +169,33 @@ def plan_shards(windows: Iterator[Window], batch_tokens: int, shards: int, chunk
     return ShardPlan(tuple(runs), tuple(tokens), region)
 
 
-def _open_store(args: argparse.Namespace, attrs: dict[str, Any], layout: Layout, vocab: Any,
-                plan: ShardPlan | None) -> TraceStore:
+def _open_store(args: argparse.Namespace, storage: LocalStorage | ObjectStorage, attrs: dict[str, Any],
+                layout: Layout, vocab: Any, plan: ShardPlan | None) -> TraceStore:
     """The store, created or (--resume, --shard) opened, holding this writer's lock; registered with `run`, which
     releases it (and removes it if this run created it and fails before a commit) however the run ends."""
     writer, writers = args.shard
-    if args.resume and args.out.exists():
-        store = _opened(TraceStore.open_for_append(args.out, attrs, layout, writer=writer))
+    if args.resume and storage.exists():
+        store = _opened(TraceStore.open_for_append(storage, attrs, layout, writer=writer))
         if plan is not None and store.region_tokens != plan.region_tokens:
-            raise TraceStoreError(f"{args.out} was planned for another input or flags (region of "
+            raise TraceStoreError(f"{storage.name} was planned for another input or flags (region of "
                                   f"{store.region_tokens} tokens, this run plans {plan.region_tokens})")
         return store
     if plan is None:
-        return _opened(TraceStore.create(args.out, attrs, layout, chunk_tokens=args.chunk_tokens, vocab=vocab))
+        return _opened(TraceStore.create(storage, attrs, layout, chunk_tokens=args.chunk_tokens, vocab=vocab))
+    if isinstance(storage, LocalStorage):
+        try:
+            storage.path.mkdir(parents=True)  # atomic: exactly one shard creates the store
+        except FileExistsError:
+            return _join(args, storage, attrs, layout, plan)
     try:
-        args.out.mkdir(parents=True)  # atomic: exactly one shard creates the store
-    except FileExistsError:
-        return _join(args, attrs, layout, plan)
-    try:
-        return _opened(TraceStore.create(args.out, attrs, layout, chunk_tokens=args.chunk_tokens, writers=writers,
+        return _opened(TraceStore.create(storage, attrs, layout, chunk_tokens=args.chunk_tokens, writers=writers,
                                          region_tokens=plan.region_tokens, writer=writer, vocab=vocab))
+    except ClaimedError:
+        return _join(args, storage, attrs, layout, plan)  # object storage: another shard's claim came first
     except BaseException:
-        shutil.rmtree(args.out, ignore_errors=True)  # undo the mkdir too (create removed the rest), so a rerun
-        raise  # can create it; shards waiting to join see it gone and stop
+        if isinstance(storage, LocalStorage):
+            shutil.rmtree(storage.path, ignore_errors=True)  # undo the mkdir too (create removed the rest), so a
+        raise  # rerun can create it; shards waiting to join see it gone and stop
 
 
 def _opened(store: TraceStore) -> TraceStore:
@@ -287,64 +205,53 @@ def _opened(store: TraceStore) -> TraceStore:
     return store
 
 
-def _join(args: argparse.Namespace, attrs: dict[str, Any], layout: Layout, plan: ShardPlan) -> TraceStore:
+def _join(args: argparse.Namespace, storage: LocalStorage | ObjectStorage, attrs: dict[str, Any], layout: Layout,
+          plan: ShardPlan) -> TraceStore:
     """Another shard creates the store: wait until its attrs exist (written last), then take our region."""
     writer, writers = args.shard
     deadline = time.monotonic() + args.wait
-    while not (args.out / "zarr.json").exists() or "writers" not in _attrs_or_empty(args.out):
-        if not args.out.exists():
-            raise TraceStoreError(f"{args.out}: the shard creating it failed and removed it (see its error); "
+    while "writers" not in (found := _attrs_or_empty(storage)):
+        if not storage.exists():
+            raise TraceStoreError(f"{storage.name}: the shard creating it failed and removed it (see its error); "
                                   "start the shards again")
         if time.monotonic() > deadline:
-            raise TraceStoreError(f"{args.out} exists but no shard finished creating it within {args.wait:g} s; "
+            raise TraceStoreError(f"{storage.name} exists but no shard finished creating it within {args.wait:g} s; "
                                   "if it is left from a killed start, delete it and start again")
         time.sleep(0.05)
-    found = _attrs_or_empty(args.out)
     if (int(found["writers"]), int(found["region_tokens"])) != (writers, plan.region_tokens):
-        raise TraceStoreError(f"{args.out} was created for {found['writers']} writers with regions of "
+        raise TraceStoreError(f"{storage.name} was created for {found['writers']} writers with regions of "
                               f"{found['region_tokens']} tokens; this run (--shard {writer}/{writers}) plans "
                               f"{writers} of {plan.region_tokens}: another input or other flags")
-    store = _opened(TraceStore.open_for_append(args.out, attrs, layout, writer=writer))
+    store = _opened(TraceStore.open_for_append(storage, attrs, layout, writer=writer))
     if store.tokens:
-        raise TraceStoreError(f"{args.out}: writer {writer} already holds {store.tokens} tokens; pass --resume to "
+        raise TraceStoreError(f"{storage.name}: writer {writer} already holds {store.tokens} tokens; pass --resume to "
                               "continue it")
     return store
 
 
-def _attrs_or_empty(path: Path) -> dict[str, Any]:
+def _attrs_or_empty(storage: LocalStorage | ObjectStorage) -> dict[str, Any]:
     try:
-        return dict(json.loads((path / "zarr.json").read_text()).get("attributes", {}))
+        return dict(json.loads(storage.get("zarr.json") or b"{}").get("attributes", {}))
     except (OSError, ValueError):
         return {}
-
-
-def _check_input(path: Path) -> None:
-    if path.suffix not in (".txt", ".jsonl"):
-        raise ValueError(f"--input {path}: expected a .txt or .jsonl file")
-    try:
-        with path.open("rb") as f:
-            f.read(1)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"--input {path}: no such file") from None
-    except OSError as e:
-        raise ValueError(f"--input {path}: cannot read it ({e.strerror or e})") from None
-
-
-def _check_out(path: Path) -> None:
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"--out {path} is a file, not a trace store folder; choose another path")
 
 
 def run(args: argparse.Namespace) -> int:
     """`workbench trace`, with the store seen to however the run ends: its writer lock is released, and a store
     this run created that holds no committed tokens is removed when the run fails (bad UTF-8 on line 1, Ctrl-C
     before the first commit), so the rerun after the fix needs no --resume and is not refused as existing."""
-    _check_out(args.out)
+    storage = storage_for(args.out, args.storage_options)
+    if isinstance(storage, LocalStorage) and storage.path.exists() and not storage.path.is_dir():
+        raise ValueError(f"--out {args.out} is a file, not a trace store folder; choose another path")
+    if args.shard == "auto":
+        args.shard = shard_from_env(os.environ)
+    if args.cluster is not None or args.scheduler is not None:
+        return _run_cluster(args, storage)
     opened: list[TraceStore] = []
     token = _OPENED.set(opened)
     ok = False
     try:
-        rc = _run(args)
+        rc = _run(args, storage)
         ok = rc == 0
         return rc
     finally:
@@ -356,33 +263,61 @@ def run(args: argparse.Namespace) -> int:
                 store.discard()
 
 
-def _run(args: argparse.Namespace) -> int:
-    _check_input(args.input)
+def _check_flags(args: argparse.Namespace, max_positions: int) -> None:
     if args.batch_tokens < 1 or args.max_seq_len < 1:
         raise ValueError("--batch-tokens and --max-seq-len must be positive")
+    if args.max_seq_len > max_positions:
+        raise ValueError(f"--max-seq-len {args.max_seq_len} exceeds the model's {max_positions} positions")
+
+
+def _run_cluster(args: argparse.Namespace, storage: LocalStorage | ObjectStorage) -> int:
+    """The trace as dask.distributed tasks (cluster.py, imported only here)."""
+    if args.cluster is not None and args.scheduler is not None:
+        raise ValueError("give --cluster or --scheduler, not both")
+    if args.shard != (0, 1):
+        raise ValueError("--shard splits a run across processes you start; --cluster / --scheduler split it "
+                         "themselves: give one or the other")
+    if args.task_tokens < 1 or args.retries < 0:
+        raise ValueError("--task-tokens must be positive and --retries >= 0")
+    inputs = expand_inputs(args.input)
+    from workbench.trace import cluster
+
+    resources = cluster.parse_resources(args.resources)
+    cfg = load_model(args.model).model.config
+    _check_flags(args, cfg.max_position_embeddings)
+    with cluster.connect(args.cluster, args.scheduler) as client:
+        return cluster.run_driver(client, inputs=inputs, out=args.out, storage_options=args.storage_options,
+                                  model=args.model, sites=args.sites, batch_tokens=args.batch_tokens,
+                                  max_seq_len=args.max_seq_len, chunk_tokens=args.chunk_tokens,
+                                  task_tokens=args.task_tokens, resume=args.resume, retries=args.retries,
+                                  resources=resources, torch_threads=1 if args.cluster else None,
+                                  progress=not args.no_progress)
+
+
+def _run(args: argparse.Namespace, storage: LocalStorage | ObjectStorage) -> int:
+    inputs = expand_inputs(args.input)
     loaded = load_model(args.model)
     model, cfg = loaded.model, loaded.model.config
-    if args.max_seq_len > cfg.max_position_embeddings:
-        raise ValueError(f"--max-seq-len {args.max_seq_len} exceeds the model's {cfg.max_position_embeddings} positions")
+    _check_flags(args, cfg.max_position_embeddings)
     t = Trace(model, args.sites, tokenizer=loaded.tokenizer, keep=False, checkpoint=loaded.digest)
     attrs = t.attrs()
     writer, writers = args.shard
 
     def windows_of_input() -> Iterator[Window]:
-        return iter_windows(args.input, loaded.tokenizer, args.max_seq_len, cfg.bos_token_id)
+        return iter_windows(inputs, loaded.tokenizer, args.max_seq_len, cfg.bos_token_id)
 
     plan = None
     first, count = 0, None
     if writers > 1:
         plan = plan_shards(windows_of_input(), args.batch_tokens, writers, args.chunk_tokens)
         first, count = plan.windows[writer]
-    store = _open_store(args, attrs, t.layout, t.vocab(), plan)
+    store = _open_store(args, storage, attrs, t.layout, t.vocab(), plan)
     windows = islice(windows_of_input(), first, None if count is None else first + count)
     if store.seqs:
         done = list(islice(windows, store.seqs - 1))
         last = next(windows, None)
         if len(done) != store.seqs - 1 or last is None or last[1] != store.last_window().tolist():
-            raise ValueError(f"--resume: {args.input} does not start with the {store.seqs} windows already in "
+            raise ValueError(f"--resume: {' '.join(args.input)} does not start with the {store.seqs} windows already in "
                              f"{args.out}; the input or --max-seq-len changed")
         del done
     from tqdm import tqdm

@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import dask.array as da
 import numpy as np
@@ -39,6 +38,7 @@ from workbench.trace.schema import (
     Layout,
     build_dataset,
 )
+from workbench.trace.storage import LocalStorage, ObjectStorage, storage_for
 from workbench.trace.zarr_io import TraceStoreError, array_of, open_store
 
 _AXES = (LAYER, LAYER_ALL, SITE)
@@ -57,18 +57,25 @@ MAX_STREAMS = 64  # mHC residual streams (V4 has 4)
 MAX_VOCAB = 1 << 22  # `vocab_text` is read whole on opening
 MAX_CHUNK_BYTES = 1 << 28  # one decoded chunk: zarr allocates a whole chunk to read any row of it
 MAX_ROW_CHUNKS = 4096  # chunks across the non-token axes of one array
+AUTO_CHUNK_BYTES = 128 << 20  # chunks="auto": dask chunks of about this many bytes (dask's advice: >= 100 MB)
 
 
-def open_trace(path: str | Path) -> xr.Dataset:
+def open_trace(path: str | Path | LocalStorage | ObjectStorage, storage_options: dict[str, Any] | None = None,
+               chunks: Literal["auto"] | int | None = None) -> xr.Dataset:
     """A lazy (dask-backed) Dataset of every committed token of a trace store, any writer, any schema 1.x.
 
-    attrs["complete"] says whether every writer finished; an interrupted run opens with what it committed.
-    Variables of a newer minor version are kept as they are; optional ones a store lacks are simply absent.
+    `path`: a folder, or a URL on object storage (s3://bucket/run.zarr, gs://...; credentials and endpoint from
+    the environment and `storage_options`). `chunks`: None reads as stored (one dask chunk per zarr chunk);
+    "auto" merges whole zarr chunks along `token` into dask chunks of about AUTO_CHUNK_BYTES, which keeps a
+    10^9-token graph at thousands of tasks, not hundreds of thousands; an int gives that many tokens per chunk
+    (rounded up to whole zarr chunks). attrs["complete"] says whether every writer finished; an interrupted or
+    running trace opens with what it committed. Variables of a newer minor version are kept as they are;
+    optional ones a store lacks are simply absent.
     """
-    path = Path(path)
-    if path.is_dir():
-        _check_metadata_files(path)
-    group, attrs = open_store(path, mode="r")
+    storage = storage_for(path, storage_options)
+    path = storage.name
+    _check_metadata_files(storage)
+    group, attrs = open_store(storage, mode="r")
     try:
         layout = Layout.from_json(json.loads(attrs["layout"]))
         writers, region = int(attrs["writers"]), int(attrs["region_tokens"])
@@ -81,11 +88,13 @@ def open_trace(path: str | Path) -> xr.Dataset:
     if missing:
         raise TraceStoreError(f"{path} is a partial store: arrays {missing} are missing")
     token_arrays = _token_arrays(path, members, layout, progress, region)
-    _check_committed_on_disk(path, token_arrays, progress, region)
+    _check_committed_on_disk(storage, token_arrays, progress, region)
     arrays: dict[str, tuple[tuple[str, ...], Any]] = {}
     for name, arr in token_arrays.items():
-        parts = [_committed_rows(arr, w * region, int(progress[w, 0])) for w in range(writers)]
-        arrays[name] = (_dims(arr), parts[0] if writers == 1 else da.concatenate(parts))
+        rows = _dask_rows(arr, chunks)
+        parts = [_committed_rows(arr, w * region, int(progress[w, 0]), rows) for w in range(writers)
+                 if writers == 1 or progress[w, 0] > 0] or [_committed_rows(arr, 0, 0, rows)]
+        arrays[name] = (_dims(arr), parts[0] if len(parts) == 1 else da.concatenate(parts))
     if "text" not in arrays:  # schema >= 1.1: text = vocab_text[token_id]
         arrays["text"] = ((TOKEN,), _derived_text(path, group, arrays[_TOKEN_ID][1]))
     attrs["complete"] = bool(progress[:, 2].all())
@@ -93,34 +102,28 @@ def open_trace(path: str | Path) -> xr.Dataset:
     return build_dataset(arrays, layout, attrs)
 
 
-def _refuse_claim(path: Path, what: str, claimed: int, limit: int) -> TraceStoreError:
+def _refuse_claim(path: object, what: str, claimed: int, limit: int) -> TraceStoreError:
     return TraceStoreError(f"{path}: {what} claims {claimed:,}, more than the {limit:,} a trace store may have; "
                            "the store is corrupt or was edited")
 
 
-def _check_metadata_files(path: Path) -> None:
-    """Each zarr.json zarr will parse is a regular file of at most MAX_METADATA_BYTES, and the store folder has at
-    most MAX_STORE_ENTRIES entries, before zarr reads any of them (it reads every member's metadata)."""
-    metas = [path / "zarr.json"]
-    with os.scandir(path) as entries:
-        for i, entry in enumerate(entries):
-            if i >= MAX_STORE_ENTRIES:
-                raise _refuse_claim(path, "the store folder", i + 1, MAX_STORE_ENTRIES)
-            if entry.is_dir():
-                metas.append(Path(entry.path, "zarr.json"))
-    for meta in metas:
-        try:
-            st = meta.stat()
-        except FileNotFoundError:
-            continue  # not a zarr node: zarr ignores it, and a missing group zarr.json is open_store's to report
-        if not meta.is_file():
-            raise TraceStoreError(f"{meta} is not a regular file")
-        if st.st_size > MAX_METADATA_BYTES:
-            raise TraceStoreError(f"{meta} is {st.st_size:,} bytes, more than the {MAX_METADATA_BYTES:,} read of a "
-                                  "zarr.json; the store is corrupt or was edited")
+def _check_metadata_files(storage: LocalStorage | ObjectStorage) -> None:
+    """Each zarr.json zarr will parse is at most MAX_METADATA_BYTES (a regular file, on disk), and the store has
+    at most MAX_STORE_ENTRIES members, before zarr reads any of them (it reads every member's metadata)."""
+    if storage.local and not storage.exists():
+        return  # open_store's to report
+    try:
+        for key, size in storage.metadata_sizes(MAX_STORE_ENTRIES):
+            if size is not None and size > MAX_METADATA_BYTES:
+                raise TraceStoreError(f"{storage.name}/{key} is {size:,} bytes, more than the {MAX_METADATA_BYTES:,} "
+                                      "read of a zarr.json; the store is corrupt or was edited")
+    except OverflowError as e:
+        raise _refuse_claim(storage.name, "the store folder", int(e.args[0]), MAX_STORE_ENTRIES) from None
+    except NotADirectoryError:
+        return  # a file: open_store's to report
 
 
-def _check_layout(path: Path, layout: Layout) -> None:
+def _check_layout(path: str, layout: Layout) -> None:
     """Every axis the layout sizes is within the limits (coords such as `layer_all` are built from them)."""
     limits = [("layout n_layers", layout.n_layers, MAX_LAYERS), ("layout layers", len(layout.layers), MAX_LAYERS),
               ("layout n_experts", layout.n_experts, MAX_EXPERTS), ("layout top_k", layout.top_k, MAX_EXPERTS),
@@ -134,7 +137,7 @@ def _check_layout(path: Path, layout: Layout) -> None:
             raise TraceStoreError(f"{path}: {what} is {claimed}; the store is corrupt")
 
 
-def _read_progress(path: Path, group: zarr.Group, writers: int, region: int) -> np.ndarray:
+def _read_progress(path: str, group: zarr.Group, writers: int, region: int) -> np.ndarray:
     """The [writers, fields] progress table, once its shape, chunks and values are those of `writers` writers."""
     if writers > MAX_WRITERS:
         raise _refuse_claim(path, "attrs writers", writers, MAX_WRITERS)
@@ -159,7 +162,7 @@ def _dims(arr: zarr.Array) -> tuple[str, ...]:
     return tuple(str(n) for n in getattr(arr.metadata, "dimension_names", None) or ())
 
 
-def _members(path: Path, group: zarr.Group) -> dict[str, Any]:
+def _members(path: str, group: zarr.Group) -> dict[str, Any]:
     """The group's arrays and groups by name; metadata zarr cannot parse makes the store corrupt, not a crash."""
     try:
         return dict(group.members())
@@ -167,7 +170,7 @@ def _members(path: Path, group: zarr.Group) -> dict[str, Any]:
         raise TraceStoreError(f"{path} has unreadable array metadata ({type(e).__name__}: {e})"[:500]) from None
 
 
-def _token_arrays(path: Path, members: dict[str, Any], layout: Layout, progress: np.ndarray, region: int
+def _token_arrays(path: str, members: dict[str, Any], layout: Layout, progress: np.ndarray, region: int
                   ) -> dict[str, zarr.Array]:
     """Every array along `token` (axes and progress aside), each checked: axes the layout sizes have its sizes,
     chunks are within the limits, and each writer's committed rows fit the array."""
@@ -197,7 +200,7 @@ def _chunk_shape(arr: zarr.Array) -> tuple[int, ...]:
     return tuple(getattr(arr.metadata.chunk_grid, "chunk_shape", arr.chunks))
 
 
-def _check_chunk(path: Path, name: str, arr: zarr.Array) -> None:
+def _check_chunk(path: str, name: str, arr: zarr.Array) -> None:
     """One chunk decodes to at most MAX_CHUNK_BYTES, and the non-token axes are cut into at most MAX_ROW_CHUNKS."""
     chunks = _chunk_shape(arr)
     try:
@@ -224,27 +227,18 @@ def _committed_chunks(arr: zarr.Array, progress: np.ndarray, region: int) -> int
     return count
 
 
-def _chunk_files(folder: Path, arr: zarr.Array, enough: int) -> int:
-    """Token chunks of `arr` present on disk in its folder, counted up to `enough` (the scan stops there)."""
+def _chunk_files(storage: LocalStorage | ObjectStorage, name: str, arr: zarr.Array, enough: int) -> int:
+    """Token chunks of `arr` present in storage under its name, counted up to `enough` (the scan stops there)."""
     first = arr.metadata.encode_chunk_key((0,) * arr.ndim)
     second = arr.metadata.encode_chunk_key((1,) + (0,) * (arr.ndim - 1))
     same = next((i for i, (a, b) in enumerate(zip(first, second, strict=False)) if a != b), len(first))
     prefix = first[:same]  # "c/" for the default keys, "c." for dotted ones
     sub, _, stem = prefix.rpartition("/")
-    found = 0
-    try:
-        with os.scandir(folder / sub) as entries:
-            for entry in entries:
-                if entry.name.startswith(stem) and entry.name != "zarr.json" and not entry.name.endswith(".partial"):
-                    found += 1
-                    if found >= enough:
-                        break
-    except (FileNotFoundError, NotADirectoryError):
-        return 0
-    return found
+    return storage.count_entries(f"{name}/{sub}" if sub else name, stem, enough)
 
 
-def _check_committed_on_disk(path: Path, arrays: dict[str, zarr.Array], progress: np.ndarray, region: int) -> None:
+def _check_committed_on_disk(storage: LocalStorage | ObjectStorage, arrays: dict[str, zarr.Array],
+                             progress: np.ndarray, region: int) -> None:
     """The committed token count is backed by `token_id` chunk files on disk, and so is any array cut into more
     token chunks than `token_id` (the writer never makes one): a Dataset is then built from at most as many
     chunks as there are files, whatever the progress table claims."""
@@ -253,9 +247,9 @@ def _check_committed_on_disk(path: Path, arrays: dict[str, zarr.Array], progress
         chunks = _committed_chunks(arr, progress, region)
         if name != _TOKEN_ID and chunks <= need:
             continue
-        found = _chunk_files(path / name, arr, chunks)
+        found = _chunk_files(storage, name, arr, chunks)
         if found < chunks:
-            raise TraceStoreError(f"{path}: progress claims {int(progress[:, 0].sum()):,} committed tokens, "
+            raise TraceStoreError(f"{storage.name}: progress claims {int(progress[:, 0].sum()):,} committed tokens, "
                                   f"{chunks:,} chunks of {name}, but {found:,} are on disk; the store is corrupt")
 
 
@@ -280,15 +274,33 @@ def _read_rows(rows: _Rows, key: tuple[slice, ...]) -> np.ndarray:
     return rows.read(key)
 
 
-def _committed_rows(arr: zarr.Array, start: int, n: int) -> da.Array:
-    """A dask array over rows [start, start + n) of `arr`, chunked as stored. Its getter is our own, so dask never
-    fuses a later index (an int, a list) into the read: every read is a chunk's slices."""
+def _dask_rows(arr: zarr.Array, chunks: Literal["auto"] | int | None) -> int:
+    """Tokens per dask chunk: whole zarr chunks, as stored (None), about AUTO_CHUNK_BYTES ("auto") or at least
+    `chunks` tokens."""
+    stored = _chunk_shape(arr)
+    if chunks is None:
+        return stored[0]
+    if chunks == "auto":
+        row_bytes = max(1, math.prod(arr.shape[1:]) * max(np.dtype(arr.dtype).itemsize if arr.dtype != object else 16, 1))
+        want = max(1, AUTO_CHUNK_BYTES // row_bytes)
+    elif isinstance(chunks, int) and chunks >= 1:
+        want = chunks
+    else:
+        raise ValueError(f"chunks must be None, 'auto' or a positive int, got {chunks!r}")
+    return max(1, -(-want // stored[0])) * stored[0]
+
+
+def _committed_rows(arr: zarr.Array, start: int, n: int, rows_per_chunk: int) -> da.Array:
+    """A dask array over rows [start, start + n) of `arr`, `rows_per_chunk` tokens per dask chunk (a multiple of
+    the stored chunk) and the stored chunks across the other axes. Its getter is our own, so dask never fuses a
+    later index (an int, a list) into the read: every read is a chunk's slices."""
     rows = _Rows(arr, start, n)
     meta = np.empty((0,) * arr.ndim, dtype=arr.dtype)
-    return da.from_array(rows, chunks=_chunk_shape(arr), name=False, meta=meta, getitem=_read_rows)
+    return da.from_array(rows, chunks=(rows_per_chunk, *_chunk_shape(arr)[1:]), name=False, meta=meta,
+                         getitem=_read_rows)
 
 
-def _derived_text(path: Path, group: zarr.Group, token_id: da.Array) -> da.Array:
+def _derived_text(path: str, group: zarr.Group, token_id: da.Array) -> da.Array:
     """The `text` coordinate of a 1.1 store, lazily: vocab_text[token_id] ("" for ids outside it or no table).
     The table is read whole, so its claimed size is checked first."""
     vocab = np.empty(0, object)
@@ -311,8 +323,8 @@ def migrate_store(path: str | Path, vocab: Sequence[str] | None = None) -> str:
     version it now has. `vocab` (e.g. `Trace.vocab()`) gives the text of ids the store never saw, which tokens
     appended later need; without it they read "". Safe to interrupt: the table is written first, the version
     bumped next, the per-token array removed last, and a 1.1 store that still holds `text` reads the same."""
-    path = Path(path)
-    group, attrs = open_store(path, mode="r+")
+    storage = storage_for(path)
+    group, attrs = open_store(storage, mode="r+")
     version = str(attrs["schema_version"])
     if version not in STORED_TEXT_VERSIONS:
         return version

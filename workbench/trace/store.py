@@ -31,9 +31,6 @@ Shape legend: N tokens, L MoE layers, k top-k, V vocabulary.
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
-import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
@@ -57,16 +54,11 @@ from workbench.trace.schema import (
     Layout,
     SchemaError,
 )
+from workbench.trace.storage import LocalStorage, ObjectStorage, new_run_id, storage_for
 from workbench.trace.writer_lock import WriterLock, os_error_reason
-from workbench.trace.zarr_io import (
-    TraceStoreError,
-    array_of,
-    chunk_blocks,
-    open_store,
-    remove_partials,
-    run_async,
-    zstd_codec,
-)
+from workbench.trace.zarr_io import TraceStoreError, array_of, chunk_blocks, open_store, run_async, zstd_codec
+
+StoreLocation = str | Path | LocalStorage | ObjectStorage  # a folder, a URL (s3://bucket/run.zarr) or a storage
 
 DEFAULT_CHUNK_TOKENS = 4096
 INITIAL_CHUNKS = 64  # a new single-writer store's row capacity, in chunks: capacity is metadata only (unwritten
@@ -74,15 +66,22 @@ INITIAL_CHUNKS = 64  # a new single-writer store's row capacity, in chunks: capa
 GROWTH = 8  # capacity multiplier when a single writer outgrows it
 CHUNK_BYTES = 8 << 20  # per-layer arrays keep whole layers in one chunk up to this size (uncompressed)
 _IDENTITY_ATTRS = ("model_config", "checkpoint", "layout")  # what must match for batches to share a store
+
+
+class AlreadyFinishedError(TraceStoreError):
+    """The writer's region is marked done: there is nothing left to append (a repeated task is a no-op)."""
+
+
 class TraceStore:
     """One writer's handle on a trace store; see the module docstring. Use `create` or `open_for_append`.
 
     `tokens` / `seqs` count what is committed on disk; `pending_tokens` what is buffered for the next flush.
     """
 
-    def __init__(self, path: Path, group: zarr.Group, layout: Layout, writer: int, flush_tokens: int | None = None,
-                 lock: WriterLock | None = None) -> None:
-        self.path, self.group, self.layout, self.writer = path, group, layout, writer
+    def __init__(self, storage: LocalStorage | ObjectStorage, group: zarr.Group, layout: Layout, writer: int,
+                 flush_tokens: int | None = None, lock: WriterLock | None = None) -> None:
+        self.storage, self.group, self.layout, self.writer = storage, group, layout, writer
+        self.path: Path | str = storage.path if isinstance(storage, LocalStorage) else storage.url  # for messages
         self.lock = lock  # held until close() or release()
         self.created = self._made_dir = False  # `create` made the store (and its folder): `discard` may remove them
         attrs: dict[str, Any] = dict(group.attrs)
@@ -92,23 +91,36 @@ class TraceStore:
         self.flush_tokens = max(1, flush_tokens if flush_tokens is not None else self.chunk_tokens)
         self.arrays = {n: array_of(group, n) for n in layout.stored_names()}
         self.progress = array_of(group, PROGRESS)
-        row = np.asarray(self.progress[writer])
-        self.tokens, self.seqs = int(row[0]), int(row[1])
+        self._row_key = f"{PROGRESS}/{self.progress.metadata.encode_chunk_key((writer, 0))}"
+        self._row_version: str | None = None  # the ETag our next commit must replace (object storage)
         self._pending: list[dict[str, np.ndarray]] = []
         self.pending_tokens = self.pending_seqs = 0
         self._tail: dict[str, np.ndarray] = {}  # committed rows of the last, partly filled chunk
         self._capacity = min(a.shape[0] for a in self.arrays.values()) if self.arrays else 0
         self._sync_writes = False  # True: write array by array (the reference path for tests)
         self._pool: ThreadPoolExecutor | None = None  # chunk encoders/writers, kept for the store's life
-        self._made_dirs: set[Path] = set()
         # the direct path's codec per array (None: written through zarr); fixed when the store was created
         self._codecs: dict[str, Any] = {n: zstd_codec(a) for n, a in (*self.arrays.items(), (PROGRESS, self.progress))}
+        row = self._read_row()
+        self.tokens, self.seqs, self.finished = int(row[0]), int(row[1]), bool(row[2])
+
+    def _read_row(self) -> np.ndarray:
+        """This writer's progress row; on object storage with its ETag, read in the same GET, so the first commit
+        is fenced against any attempt that committed after this read."""
+        codec = self._codecs[PROGRESS]
+        if self.storage.local or codec is None:
+            return np.asarray(self.progress[self.writer])
+        payload, self._row_version = self.storage.get_versioned(self._row_key)
+        if payload is None:
+            return np.zeros(len(PROGRESS_FIELDS), dtype=np.int64)
+        return np.frombuffer(codec.decode(payload), dtype="<i8")[: len(PROGRESS_FIELDS)].astype(np.int64)
 
     # ------------------------------------------------------------------ opening
     @classmethod
-    def create(cls, path: str | Path, attrs: dict[str, Any], layout: Layout, *, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
-               writers: int = 1, region_tokens: int = 0, writer: int = 0, vocab: Sequence[str] | None = None,
-               flush_tokens: int | None = None) -> TraceStore:
+    def create(cls, path: StoreLocation, attrs: dict[str, Any], layout: Layout, *,
+               chunk_tokens: int = DEFAULT_CHUNK_TOKENS, writers: int = 1, region_tokens: int = 0, writer: int = 0,
+               vocab: Sequence[str] | np.ndarray | None = None, flush_tokens: int | None = None,
+               storage_options: dict[str, Any] | None = None, run_id: str | None = None) -> TraceStore:
         """A new, empty store, holding writer `writer`'s lock; refuses a path that holds anything (so nothing is
         ever overwritten) or that another writer is creating.
 
@@ -116,37 +128,49 @@ class TraceStore:
         `flush_tokens`: buffer this many tokens before writing (default one chunk; 1 writes every batch at once).
         A create that fails part way (a full disk, an interrupt) removes what it wrote, the folder too when it made
         it, and raises TraceStoreError for an OSError: a rerun then starts from a clean path.
+        On object storage (`path` an s3:// ... URL) the creator first claims the prefix with a conditional PUT
+        (`run_id` names it in the loser's error), so of two creators exactly one wins.
         """
-        path = Path(path)
+        storage = storage_for(path, storage_options)
         if chunk_tokens < 1:
             raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
         if writers > 1 and (region_tokens < chunk_tokens or region_tokens % chunk_tokens):
             raise ValueError(f"with {writers} writers, region_tokens ({region_tokens}) must be a positive multiple "
                              f"of chunk_tokens ({chunk_tokens}) so no two writers share a chunk")
-        if path.exists() and not path.is_dir():
-            raise TraceStoreError(f"{path} is a file, not a trace store folder; choose a new path")
-        made = not path.exists()
-        lock = WriterLock(path, writer)  # before looking inside: a writer creating this path right now refuses us
-        if _holds_data(path):
-            lock.release()
-            raise TraceStoreError(f"{path} already exists; pass --resume to continue it or choose a new path")
+        storage.check_folder()
+        made = not storage.exists()
+        lock = storage.lock(writer)  # before looking inside: a writer creating this path right now refuses us
         try:
-            store = cls._build(path, attrs, layout, chunk_tokens, writers, region_tokens, writer, vocab, flush_tokens)
+            storage.claim(run_id or new_run_id())
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
+        if storage.holds_data():
+            if lock is not None:
+                lock.release()
+            raise TraceStoreError(f"{storage.name} already exists; pass --resume to continue it or choose a new path")
+        try:
+            store = cls._build(storage, attrs, layout, chunk_tokens, writers, region_tokens, writer, vocab,
+                               flush_tokens)
         except BaseException as e:
-            _remove_created(path, made)
-            lock.release()
+            storage.remove_created(made)
+            if lock is not None:
+                lock.release()
             if isinstance(e, OSError):
-                raise TraceStoreError(f"creating {path} failed ({os_error_reason(e)}); removed what was written, rerun once "
-                                      "fixed") from e
+                raise TraceStoreError(f"creating {storage.name} failed ({os_error_reason(e)}); removed what was "
+                                      "written, rerun once fixed") from e
             raise
         store.lock, store.created, store._made_dir = lock, True, made
         return store
 
     @classmethod
-    def _build(cls, path: Path, attrs: dict[str, Any], layout: Layout, chunk_tokens: int, writers: int,
-               region_tokens: int, writer: int, vocab: Sequence[str] | None, flush_tokens: int | None) -> TraceStore:
+    def _build(cls, storage: LocalStorage | ObjectStorage, attrs: dict[str, Any], layout: Layout, chunk_tokens: int,
+               writers: int, region_tokens: int, writer: int, vocab: Sequence[str] | np.ndarray | None,
+               flush_tokens: int | None
+               ) -> TraceStore:
         """The arrays, `progress` and the group attrs (last: a store without them is recognisably partial)."""
-        group = zarr.open_group(path, mode="a", zarr_format=3)  # "a": the folder holds our lock; create checked it
+        group = zarr.open_group(storage.zarr_store, mode="a", zarr_format=3)  # "a": the folder holds our lock; create checked it
         capacity = writers * region_tokens if writers > 1 else INITIAL_CHUNKS * chunk_tokens
         coord_names = " ".join(n for n in COORDS if n not in DERIVED)
         specs: list[tuple[str, dict[str, Any], Any]] = []  # (name, create_array kwargs, values or None)
@@ -165,7 +189,7 @@ class TraceStore:
                                        "attributes": {"doc": "decoded text of each token id; "
                                                              "`text` = vocab_text[token_id]"}},
                           np.asarray(list(vocab), dtype=object)))
-        run_async(_create_arrays(path, specs))
+        run_async(_create_arrays(storage.zarr_store, specs))
         progress = group.create_array(PROGRESS, shape=(writers, len(PROGRESS_FIELDS)), chunks=(1, len(PROGRESS_FIELDS)),
                                       dtype="int64", fill_value=0, dimension_names=[WRITER, "progress_field"],
                                       attributes={"fields": list(PROGRESS_FIELDS)})
@@ -173,14 +197,15 @@ class TraceStore:
         # group attrs last: a store without them is recognisably partial
         group.attrs.update({**attrs, "schema_version": layout.schema_version(), "complete": False, "writers": writers,
                             "region_tokens": region_tokens, "chunk_tokens": chunk_tokens})
-        return cls(path, group, layout, writer, flush_tokens)
+        return cls(storage, group, layout, writer, flush_tokens)
 
     @classmethod
-    def open_for_append(cls, path: str | Path, attrs: dict[str, Any], layout: Layout, *, writer: int = 0,
-                        flush_tokens: int | None = None) -> TraceStore:
+    def open_for_append(cls, path: StoreLocation, attrs: dict[str, Any], layout: Layout, *, writer: int = 0,
+                        flush_tokens: int | None = None, storage_options: dict[str, Any] | None = None) -> TraceStore:
         """Reopen a store to continue it; refuses one written for another model, checkpoint, schema or layout."""
-        path = Path(path)
-        group, found = open_store(path, mode="r+")
+        storage = storage_for(path, storage_options)
+        path = storage.name
+        group, found = open_store(storage, mode="r+")
         version = str(found["schema_version"])
         if version in STORED_TEXT_VERSIONS:
             raise TraceStoreError(f"{path} is a schema {version} store (per-token text); run "
@@ -196,16 +221,17 @@ class TraceStore:
         missing = [n for n in (*layout.stored_names(), PROGRESS) if n not in group]
         if missing:
             raise TraceStoreError(f"{path} is a partial store: arrays {missing} are missing")
-        lock = WriterLock(path, writer)  # before reading progress or touching a file: the region is ours from here
+        lock = storage.lock(writer)  # before reading progress or touching a file: the region is ours from here
         try:
-            store = cls(path, group, layout, writer, flush_tokens, lock)
-            if bool(np.asarray(store.progress[writer])[2]):
-                raise TraceStoreError(f"{path}: writer {writer} already finished this store ({store.tokens} tokens)")
-            remove_partials(path, None if store.writers == 1 else store._owns_chunk)  # ours only: others may be
+            store = cls(storage, group, layout, writer, flush_tokens, lock)
+            if store.finished:
+                raise AlreadyFinishedError(f"{path}: writer {writer} already finished this store ({store.tokens} tokens)")
+            storage.remove_partials(None if store.writers == 1 else store._owns_chunk)  # ours only: others may be
             # writing their regions right now
             store._load_tail()
         except BaseException:
-            lock.release()
+            if lock is not None:
+                lock.release()
             raise
         return store
 
@@ -286,18 +312,8 @@ class TraceStore:
         self._put(key, codec.encode(block))
 
     def _put(self, key: str, payload: bytes) -> None:
-        """One chunk file, written to a temporary name and renamed (as zarr's LocalStore does): never torn."""
-        path = self.path / key
-        if path.parent not in self._made_dirs:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._made_dirs.add(path.parent)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.partial")
-        try:
-            tmp.write_bytes(payload)
-            tmp.replace(path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        """One whole chunk: a renamed temporary file on disk, one PUT on object storage; never torn."""
+        self.storage.put(key, payload)
 
     async def _write_async(self, name: str, start: int, end: int, data: np.ndarray) -> None:
         await self.arrays[name].async_array.setitem(slice(start, end), data)
@@ -308,14 +324,18 @@ class TraceStore:
 
     def _commit(self, tokens: int, seqs: int, done: bool) -> None:
         """This writer's progress row, which is one whole chunk of `progress`: written directly (one small file,
-        atomically renamed) when the store has the default codecs, else through zarr."""
+        atomically renamed; on object storage one PUT if the row is still the one this handle last read or
+        wrote, else `SupersededError`) when the store has the default codecs, else through zarr."""
         row = np.array([[tokens, seqs, int(done)]], dtype=np.int64)
         codec = self._codecs[PROGRESS]
         if self._sync_writes or codec is None:
             self.progress[self.writer] = row[0]
             return
         [(key, _, block)] = chunk_blocks(self.progress, PROGRESS, codec, self.writer, row)
-        self._put(key, codec.encode(block))
+        if self.storage.local:
+            self._put(key, codec.encode(block))
+        else:
+            self._row_version = self.storage.put_versioned(key, codec.encode(block), self._row_version)
 
     def _ensure_capacity(self, end: int) -> None:
         """Room for `end` rows of this writer's region."""
@@ -342,12 +362,7 @@ class TraceStore:
         shrinking = {n for n in direct if self.arrays[n].shape[0] > rows}
         run_async(resize_all())
         for name in shrinking:
-            keep = -(-rows // self.arrays[name].chunks[0])  # token-chunk indices 0..keep-1 stay
-            folder = self.path / name / "c"
-            for entry in os.listdir(folder) if folder.is_dir() else []:
-                if entry.isdigit() and int(entry) >= keep:
-                    target = folder / entry
-                    shutil.rmtree(target) if target.is_dir() else target.unlink()
+            self.storage.drop_token_chunks(name, -(-rows // self.arrays[name].chunks[0]))  # 0..keep-1 stay
         if any(a.shape[0] != rows for a in self.arrays.values()):  # zarr 3.1.6 resizes the handles in place; else reopen
             self.arrays = {n: array_of(self.group, n) for n in self.arrays}
         self._capacity = rows
@@ -367,10 +382,11 @@ class TraceStore:
             self._tail = {name: np.asarray(a[base + self.tokens - keep: base + self.tokens])
                           for name, a in self.arrays.items()}
 
-    def close(self, complete: bool = True) -> None:
+    def close(self, complete: bool = True, finalize: bool = True) -> None:
         """Flush, then mark this writer done; a single writer also trims the arrays so plain readers see exactly
-        the trace. `complete=False` only flushes (the run stopped early and may be resumed). Either way the writer
-        lock is released last, also when closing fails."""
+        the trace. `complete=False` only flushes (the run stopped early and may be resumed). `finalize=False`
+        leaves the root metadata (attrs["complete"]) to the driver of a cluster run. Either way the writer lock is
+        released last, also when closing fails."""
         try:
             try:
                 self.flush()
@@ -381,8 +397,8 @@ class TraceStore:
             if self.writers == 1:
                 self._resize_all(self.tokens)
             self._commit(self.tokens, self.seqs, done=True)
-            rows = np.asarray(self.progress[:])
-            if rows[:, 2].all():
+            self.finished = True
+            if finalize and np.asarray(self.progress[:])[:, 2].all():
                 self.group.attrs["complete"] = True
         finally:
             self.release()
@@ -393,6 +409,7 @@ class TraceStore:
         self._stop_pool()
         if self.lock is not None:
             self.lock.release()
+            self.lock = None
 
     def discard(self) -> bool:
         """Remove a store this handle created that has no committed tokens (a run that failed before its first
@@ -401,7 +418,7 @@ class TraceStore:
         empty = self.created and self.writers == 1 and self.tokens == 0
         self._stop_pool()
         if empty:
-            _remove_created(self.path, self._made_dir)
+            self.storage.remove_created(self._made_dir)
         self.release()
         return empty
 
@@ -421,30 +438,8 @@ class TraceStore:
         return ids[seq == seq[-1]]
 
 
-def _contents(path: Path) -> list[Path]:
-    """What the folder holds besides writer lock files (which an empty folder gets when a writer takes it)."""
-    entries = [e for e in path.iterdir() if e.name != PROGRESS]
-    if (path / PROGRESS).is_dir():
-        entries += [e for e in (path / PROGRESS).iterdir() if not (e.name.startswith("writer-") and e.suffix == ".lock")]
-    return entries
-
-
-def _holds_data(path: Path) -> bool:
-    return bool(_contents(path))
-
-
-def _remove_created(path: Path, made_dir: bool) -> None:
-    """Undo a create: the whole folder when the create made it, else everything in it but the lock files (the
-    folder was empty before, as `create` checked)."""
-    if made_dir:
-        shutil.rmtree(path, ignore_errors=True)
-        return
-    for entry in _contents(path):
-        shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
-
-
-async def _create_arrays(path: Path, specs: list[tuple[str, dict[str, Any], Any]]) -> None:
-    group = await zarr.api.asynchronous.open_group(store=path, mode="r+", zarr_format=3)
+async def _create_arrays(store: Any, specs: list[tuple[str, dict[str, Any], Any]]) -> None:
+    group = await zarr.api.asynchronous.open_group(store=store, mode="r+", zarr_format=3)
 
     async def one(name: str, kwargs: dict[str, Any], values: Any) -> None:
         arr = await group.create_array(name, **kwargs)

@@ -28,15 +28,22 @@ def array_of(group: zarr.Group, name: str) -> zarr.Array:
     return arr
 
 
-def open_store(path: Path, mode: str) -> tuple[zarr.Group, dict[str, Any]]:
-    """A trace store's group and attrs, once it is known to be a readable, fully created store of a schema this
-    version reads; every reader and writer opens stores through here, so each refusal reads the same."""
-    if not path.exists():
-        raise FileNotFoundError(f"no trace store at {path}")
-    if not path.is_dir():
-        raise TraceStoreError(f"{path} is a file, not a trace store (a zarr folder)")
+def open_store(storage: Any, mode: str) -> tuple[zarr.Group, dict[str, Any]]:
+    """A trace store's group and attrs (`storage`: a storage.LocalStorage or ObjectStorage), once it is known to
+    be a readable, fully created store of a schema this version reads; every reader and writer opens stores
+    through here, so each refusal reads the same. Consolidated metadata is never read: a store being written
+    has none, and a consolidated copy may lag the progress rows."""
+    path = storage.name
+    if storage.local:
+        if not storage.path.exists():
+            raise FileNotFoundError(f"no trace store at {path}")
+        if not storage.path.is_dir():
+            raise TraceStoreError(f"{path} is a file, not a trace store (a zarr folder)")
+    elif storage.get("zarr.json") is None:
+        raise FileNotFoundError(f"no trace store at {path} (no zarr.json under that prefix)")
     try:
-        group = zarr.open_group(path, mode=mode, zarr_format=3)  # type: ignore[arg-type]
+        group = zarr.open_group(storage.zarr_store, mode=mode, zarr_format=3,  # type: ignore[arg-type]
+                                use_consolidated=False)
     except Exception as e:  # zarr raises a zoo of types for a missing or garbled zarr.json
         raise TraceStoreError(f"{path} is not a readable zarr v3 trace store ({type(e).__name__}: {e})") from None
     attrs: dict[str, Any] = dict(group.attrs)
