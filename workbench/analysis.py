@@ -1,25 +1,30 @@
 """Analyses of a trace: pure functions from an xarray Dataset (in memory or lazy from `open_trace`) to small results.
 
 Design choices:
-- Nothing ever holds the whole token axis. Dense results (expert loads, co-activation, transitions, the latent
-  Gram matrix) are sums of per-chunk partials: on a dask-backed trace they come back lazy (call `.compute()`),
-  on a numpy trace they are numpy. Sparse results (token x expert pairs) are streamed chunk by chunk and
-  returned computed, since their size depends on the data.
+- Nothing ever holds the whole token axis. Every analysis is one blockwise task per token chunk plus a tree
+  reduction, so a dask-backed trace runs where dask runs it (a `distributed.Client`'s cluster once one exists)
+  with O(chunks) tasks, and a numpy trace runs the same per-chunk function once, on the whole array. Two
+  exceptions read per-token arrays on the client: `indexer_recall` (its `dense_topk` argument is in memory
+  already) and the shuffled baseline of `routing_specialisation` (numpy draws the permutation).
+- Dense results (expert loads, co-activation, transitions, histograms, the latent Gram matrix) are sums of
+  per-chunk partials (`_sum_blocks`): on a dask-backed trace they come back lazy (call `.compute()`), on a numpy
+  trace they are numpy.
+- Sparse results (token x expert pairs, first occurrences) are sorted (key, value) frames per chunk, merged in a
+  tree by key (`_merge_blocks`) and returned computed: their size is the number of distinct keys, not tokens.
 - Expert ids of -1 (a layer not captured) are ignored; every count is of (token, slot) choices.
 - V3.2 / V4 (schema 1.2): distances of the indexer's selections, its recall against dense attention, V4's
   attention-mass split, mHC stream-mixing statistics, and hash-routed vs learned layers' specialisation.
-Shape legend: N tokens, L MoE layers, A all layers, k top-k, E routed experts, C latent width, P token-expert pairs,
-I indexer layers.
+Shape legend: N tokens, n tokens of one chunk, L MoE layers, A all layers, k top-k, E routed experts, C latent
+width, P token-expert pairs, I indexer layers, B chunks.
 """
 
 from __future__ import annotations
 
-import itertools
+import functools
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Sequence
 from typing import Any
 
-import dask
 import dask.array as da
 import numpy as np
 import xarray as xr
@@ -27,43 +32,123 @@ import xarray as xr
 from workbench.config.names import CSA_RATIO
 
 TOKEN = "token"
+PAIR_BASE = 2**31  # (layer*E + expert, token id) pairs are coded (layer*E + expert) * PAIR_BASE + token id
 
 __all__ = ["coactivation", "expert_load", "fp8_error_summary", "indexer_recall", "latent_spectrum", "load_balance",
            "mass_split", "n_experts", "routing_specialisation", "routing_transitions", "selected_distance",
            "selection_distance_summary", "stream_mixing", "token_expert_lift", "token_texts", "top_tokens_per_expert"]
 
+Frame = tuple[np.ndarray, np.ndarray]  # (keys, values) int64 [m]; a merged frame's keys are sorted and unique
 
-# ---------------------------------------------------------------------- chunked reductions
+
+# ---------------------------------------------------------------------- blockwise + tree reductions
 def _is_lazy(*arrays: xr.DataArray) -> bool:
     return any(isinstance(a.data, da.Array) for a in arrays)
 
 
-def _sum_over_chunks(fn: Callable[..., np.ndarray], arrays: list[xr.DataArray], shape: tuple[int, ...],
-                     dtype: Any) -> Any:
-    """sum_b fn(block_b of each array) over token chunks: lazy (dask) when any input is lazy, else numpy."""
-    if not _is_lazy(*arrays):
-        return fn(*(np.asarray(a.data) for a in arrays))
+def _token_blocks(arrays: Sequence[xr.DataArray]) -> list[da.Array]:
+    """The arrays as dask arrays with token first, cut along token like the first lazy one and whole along the
+    rest, so block b of each holds the same tokens."""
     first = next(a for a in arrays if isinstance(a.data, da.Array))
     token_chunks = first.data.chunks[first.dims.index(TOKEN)]
-    blocks = []
+    out = []
     for a in arrays:
-        data = a.data if isinstance(a.data, da.Array) else da.from_array(np.asarray(a.data))
-        chunks = tuple(token_chunks if d == TOKEN else -1 for d in a.dims)
-        blocks.append(data.rechunk(chunks).to_delayed().reshape(len(token_chunks)))
-    parts = [da.from_delayed(dask.delayed(fn)(*(b[i] for b in blocks)), shape=shape, dtype=dtype)
-             for i in range(len(token_chunks))]
-    return da.stack(parts).sum(axis=0)
+        a = a.transpose(TOKEN, ...)
+        whole = (token_chunks, *a.shape[1:])
+        out.append(a.data.rechunk(whole) if isinstance(a.data, da.Array) else da.from_array(np.asarray(a.data), whole))
+    return out
 
 
-def _iter_chunks(*arrays: xr.DataArray) -> Iterator[list[np.ndarray]]:
-    """Numpy blocks of the arrays, aligned along token, one chunk at a time."""
-    first = arrays[0]
-    if isinstance(first.data, da.Array):
-        bounds = np.cumsum((0, *first.data.chunks[first.dims.index(TOKEN)]))
-    else:
-        bounds = np.array([0, first.sizes[TOKEN]])
-    for lo, hi in itertools.pairwise(bounds):
-        yield [np.asarray(a.isel({TOKEN: slice(int(lo), int(hi))}).values) for a in arrays]
+def _blockwise(fn: Callable[..., Any], blocks: list[da.Array], shape: tuple[int, ...], dtype: Any) -> da.Array:
+    """One task per token chunk: fn(block_b of each array) as block b, with a leading axis of length 1, of a
+    [B, *shape] array (object [B] of frame tuples when fn returns frames)."""
+    out_ind = ("t", *(f"out{i}" for i in range(len(shape))))
+    args: list[Any] = []
+    for j, b in enumerate(blocks):
+        args += [b, ("t", *(f"in{j}.{ax}" for ax in range(1, b.ndim)))]
+    return da.blockwise(functools.partial(_with_leading_axis, fn), out_ind, *args,
+                        new_axes={f"out{i}": s for i, s in enumerate(shape)}, adjust_chunks={"t": 1},
+                        concatenate=True, dtype=dtype, meta=np.empty((0,) * (len(shape) + 1), dtype=dtype))
+
+
+def _with_leading_axis(fn: Callable[..., Any], *args: Any) -> np.ndarray:
+    """fn's result as one block of a chunk-indexed array: an array gets a leading axis of 1, a tuple of frames
+    is boxed in an object [1]."""
+    out = fn(*args)
+    if isinstance(out, tuple):  # frames: one object per block
+        box = np.empty(1, dtype=object)
+        box[0] = out
+        return box
+    return np.asarray(out)[None]
+
+
+def _sum_blocks(fn: Callable[..., np.ndarray], arrays: list[xr.DataArray], shape: tuple[int, ...],
+                dtype: Any) -> Any:
+    """sum_b fn(block_b of each array) over token chunks: lazy (one task per chunk, then dask's tree sum) when any
+    input is lazy, else numpy (fn once on the whole arrays)."""
+    if not _is_lazy(*arrays):
+        return fn(*(np.asarray(a.transpose(TOKEN, ...).data) for a in arrays))
+    return _blockwise(fn, _token_blocks(arrays), shape, dtype).sum(axis=0, dtype=dtype)
+
+
+def _reduce_by_key(keys: np.ndarray, values: np.ndarray, op: np.ufunc) -> Frame:
+    """Sorted unique keys, and op (np.add, np.minimum) over the values of each."""
+    order = np.argsort(keys, kind="stable")
+    keys, values = keys[order], values[order]
+    if len(keys) == 0:
+        return keys.astype(np.int64), values.astype(np.int64)
+    start = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
+    return keys[start].astype(np.int64), op.reduceat(values, start).astype(np.int64)
+
+
+def _merge_frames(parts: Sequence[tuple[Frame, ...]], ops: tuple[np.ufunc, ...]) -> tuple[Frame, ...]:
+    """Merge per-chunk tuples of frames into one tuple, frame i reduced by key with ops[i]."""
+    return tuple(_reduce_by_key(np.concatenate([p[i][0] for p in parts]), np.concatenate([p[i][1] for p in parts]),
+                                op) for i, op in enumerate(ops))
+
+
+def _combine_boxes(ops: tuple[np.ufunc, ...], boxes: np.ndarray, axis: Any, keepdims: bool) -> np.ndarray:
+    """da.reduction's combine / aggregate: object [m] of frame tuples -> object [1] of their merge."""
+    return _with_leading_axis(_merge_frames, boxes.tolist(), ops)
+
+
+def _identity(x: np.ndarray, axis: Any, keepdims: bool) -> np.ndarray:
+    return x
+
+
+def _merge_graph(fn: Callable[..., tuple[Frame, ...]], arrays: list[xr.DataArray],
+                 ops: tuple[np.ufunc, ...]) -> da.Array:
+    """Lazy object [1] holding the merge of fn(block_b of each array) over token chunks: one task per chunk, then
+    a tree merge (dask's `reduction` at its default fan-in), so only merged frames travel."""
+    boxes = _blockwise(fn, _token_blocks(arrays), (), object)  # [B] object: one tuple of frames per chunk
+    combine = functools.partial(_combine_boxes, ops)
+    return da.reduction(boxes, _identity, combine, combine=combine, axis=0, keepdims=True, dtype=object,
+                        concatenate=True, meta=np.empty(0, dtype=object))
+
+
+def _merge_blocks(fn: Callable[..., tuple[Frame, ...]], arrays: list[xr.DataArray],
+                  ops: tuple[np.ufunc, ...]) -> tuple[Frame, ...]:
+    """fn(block_b of each array) -> frames, merged by key over token chunks with `ops` (frame i with ops[i]),
+    computed: on the cluster for lazy inputs (the client receives only the merged frames), fn once on the whole
+    arrays for numpy ones."""
+    if not _is_lazy(*arrays):
+        return _merge_frames([fn(*(np.asarray(a.transpose(TOKEN, ...).data) for a in arrays))], ops)
+    return _merge_graph(fn, arrays, ops).compute()[0]
+
+
+def _concat(frames: Sequence[Frame]) -> Frame:
+    """Frames with disjoint or repeated keys side by side (merged later by key)."""
+    if not frames:
+        return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
+    return np.concatenate([f[0] for f in frames]), np.concatenate([f[1] for f in frames])
+
+
+def _positions(a: xr.DataArray) -> xr.DataArray:
+    """0 .. N-1 along token, chunked like `a` (a chunk's task knows its tokens' global positions from it)."""
+    n = a.sizes[TOKEN]
+    if isinstance(a.data, da.Array):
+        return xr.DataArray(da.arange(n, chunks=(a.data.chunks[a.dims.index(TOKEN)],), dtype=np.int64), dims=TOKEN)
+    return xr.DataArray(np.arange(n, dtype=np.int64), dims=TOKEN)
 
 
 def n_experts(ds: xr.Dataset) -> int:
@@ -82,26 +167,29 @@ def _ids(ds: xr.Dataset) -> xr.DataArray:
     return ds["expert_ids"].transpose(TOKEN, "layer", "slot")
 
 
-def _one_hot(ids: np.ndarray, E: int) -> np.ndarray:
-    """ids [n, L, k] -> [n, L, E] float32, 1 where the expert was chosen (k choices are distinct)."""
-    n, L, _ = ids.shape
-    out = np.zeros((n, L, E + 1), dtype=np.float32)  # column E absorbs the -1 of uncaptured layers
-    np.put_along_axis(out, np.where(ids < 0, E, ids).astype(np.int64), 1.0, axis=2)
-    return out[:, :, :E]
+def _pair_counts(a: np.ndarray, b: np.ndarray, E: int) -> np.ndarray:
+    """a, b [n, k] expert ids -> [E, E] count of (token, slot i, slot j) with a[:, i] = e and b[:, j] = f; one
+    layer at a time keeps the codes at n*k*k, not n*L*k*k."""
+    a, b = a.astype(np.int64), b.astype(np.int64)
+    codes = a[:, :, None] * E + b[:, None, :]  # [n, k, k]
+    valid = (a[:, :, None] >= 0) & (b[:, None, :] >= 0)
+    return np.bincount(codes[valid], minlength=E * E).reshape(E, E)
 
 
 # ---------------------------------------------------------------------- load and balance
 def expert_load(ds: xr.Dataset) -> xr.DataArray:
-    """Token-slot choices per expert and MoE layer: [layer, expert] int64."""
+    """Token-slot choices per expert and MoE layer: [layer, expert] int64 (lazy on a dask-backed trace)."""
     ids, E = _ids(ds), n_experts(ds)
     L = ids.sizes["layer"]
 
     def count(block: np.ndarray) -> np.ndarray:  # [n, L, k] -> [L, E]
-        valid = block >= 0
-        codes = (np.arange(L)[None, :, None] * E + block.astype(np.int64))[valid]
-        return np.bincount(codes, minlength=L * E).reshape(L, E)
+        out = np.zeros((L, E), dtype=np.int64)
+        for layer in range(L):
+            b = block[:, layer]  # [n, k]
+            out[layer] = np.bincount(b[b >= 0].astype(np.int64), minlength=E)
+        return out
 
-    data = _sum_over_chunks(count, [ids], (L, E), np.int64)
+    data = _sum_blocks(count, [ids], (L, E), np.int64)
     return xr.DataArray(data, dims=("layer", "expert"), coords={"layer": ds["layer"].values}, name="load")
 
 
@@ -117,41 +205,43 @@ def load_balance(ds: xr.Dataset) -> xr.Dataset:
 
 
 # ---------------------------------------------------------------------- specialisation
+def _lift_frames(L: int, E: int) -> Callable[[np.ndarray, np.ndarray], tuple[Frame, Frame, Frame]]:
+    """Per chunk: counts of (layer*E + expert, token id) pair codes, of token ids, and of layer*E + expert."""
+
+    def frames(tok: np.ndarray, block: np.ndarray) -> tuple[Frame, Frame, Frame]:  # [n], [n, L, k]
+        tok = tok.astype(np.int64)
+        pairs, loads = [], []
+        for layer in range(L):  # one layer at a time: n*k codes, not n*L*k
+            b = block[:, layer].astype(np.int64)  # [n, k]
+            valid = b >= 0
+            le = layer * E + b[valid]  # layer*E + expert of each valid (token, slot)
+            pairs.append(np.unique(le * PAIR_BASE + np.broadcast_to(tok[:, None], b.shape)[valid], return_counts=True))
+            loads.append(np.unique(le, return_counts=True))
+        return _concat(pairs), np.unique(tok, return_counts=True), _concat(loads)
+
+    return frames
+
+
 def token_expert_lift(ds: xr.Dataset, min_count: int = 1) -> xr.Dataset:
     """How much more often a token id goes to an expert than tokens do on average, per (layer, expert, token id).
 
     lift = P(expert | token id) / P(expert), with P(expert | token id) the share of that id's occurrences routed
     to the expert and P(expert) the share of all tokens routed to it. Pairs seen fewer than `min_count` times are
     dropped. Returns dims [pair] with coords layer, expert, token_id and variables count, token_count, lift.
+    Computed in one pass: per-chunk sparse counts, merged by key (client memory ~ distinct pairs, not tokens).
     """
     ids, E = _ids(ds), n_experts(ds)
     L = ids.sizes["layer"]
-    pair_codes, pair_counts = [], []
-    token_counts: dict[int, int] = {}
-    load = np.zeros((L, E), dtype=np.int64)
-    n_tokens = 0
-    for tok, block in _iter_chunks(ds["token_id"], ids):  # [n], [n, L, k]
-        n_tokens += len(tok)
-        u, c = np.unique(tok, return_counts=True)
-        for t, n in zip(u.tolist(), c.tolist(), strict=True):
-            token_counts[t] = token_counts.get(t, 0) + n
-        valid = block >= 0
-        le = np.arange(L)[None, :, None] * E + block.astype(np.int64)  # [n, L, k] layer*E + expert
-        codes = (le * (2**31) + tok.astype(np.int64)[:, None, None])[valid]
-        u, c = np.unique(codes, return_counts=True)
-        pair_codes.append(u)
-        pair_counts.append(c)
-        load += np.bincount(le[valid], minlength=L * E).reshape(L, E)
-    codes = np.concatenate(pair_codes) if pair_codes else np.empty(0, dtype=np.int64)
-    counts = np.concatenate(pair_counts) if pair_counts else np.empty(0, dtype=np.int64)
-    codes, inverse = np.unique(codes, return_inverse=True)
-    counts = np.bincount(inverse, weights=counts, minlength=len(codes)).astype(np.int64)  # [P]
+    (codes, counts), (tok_ids, tok_counts), (le_keys, le_counts) = _merge_blocks(
+        _lift_frames(L, E), [ds["token_id"], ids], (np.add, np.add, np.add))  # [P], [V], [<= L*E]
+    load = np.zeros(L * E, dtype=np.int64)
+    load[le_keys] = le_counts
     keep = counts >= min_count
     codes, counts = codes[keep], counts[keep]
-    le, tok = codes // (2**31), codes % (2**31)
+    le, tok = codes // PAIR_BASE, codes % PAIR_BASE
     layer_i, expert = le // E, le % E
-    tcount = np.array([token_counts[t] for t in tok.tolist()], dtype=np.int64)
-    base = load[layer_i, expert] / max(n_tokens, 1)  # P(expert) at that layer
+    tcount = tok_counts[np.searchsorted(tok_ids, tok)]  # occurrences of each pair's token id
+    base = load[le] / max(ds.sizes[TOKEN], 1)  # P(expert) at that layer
     lift = (counts / tcount) / np.where(base > 0, base, np.nan)
     layers = np.asarray(ds["layer"].values)
     return xr.Dataset({"count": ("pair", counts), "token_count": ("pair", tcount), "lift": ("pair", lift)},
@@ -186,40 +276,39 @@ def top_tokens_per_expert(ds: xr.Dataset, n: int = 10, min_count: int = 5) -> xr
 
 
 def token_texts(ds: xr.Dataset, token_ids: np.ndarray) -> dict[int, str]:
-    """The recorded `text` of each id in `token_ids` that occurs in the trace, from its first occurrence: one scan
-    of `token_id` a chunk at a time, then one read of `text` at those positions ({} when the trace has no text)."""
+    """The recorded `text` of each id in `token_ids` that occurs in the trace, from its first occurrence (dict in
+    order of first occurrence): per chunk the first position of each wanted id, merged by min, then one read of
+    `text` at those positions ({} when the trace has no text)."""
     if "text" not in ds.variables or len(token_ids) == 0:
         return {}
-    wanted = set(np.asarray(token_ids).tolist())
-    first: dict[int, int] = {}
-    offset = 0
-    for (tok,) in _iter_chunks(ds["token_id"]):  # [n]
-        u, at = np.unique(tok, return_index=True)
-        for t, i in zip(u.tolist(), at.tolist(), strict=True):
-            if t in wanted and t not in first:
-                first[t] = offset + i
-        offset += len(tok)
-        if len(first) == len(wanted):
-            break
-    ids = sorted(first, key=first.__getitem__)
-    if not ids:
+    wanted = np.unique(np.asarray(token_ids, dtype=np.int64))
+
+    def first(tok: np.ndarray, pos: np.ndarray) -> tuple[Frame]:  # [n], [n] -> (id, its first position)
+        u, at = np.unique(tok.astype(np.int64), return_index=True)
+        seen = np.isin(u, wanted)
+        return ((u[seen], pos[at[seen]]),)
+
+    tok = ds["token_id"]
+    ((ids, where),) = _merge_blocks(first, [tok, _positions(tok)], (np.minimum,))
+    if len(ids) == 0:
         return {}
-    texts = np.asarray(ds["text"].isel({TOKEN: [first[t] for t in ids]}).values)  # [len(ids)]
-    return {t: str(x) for t, x in zip(ids, texts.tolist(), strict=True)}
+    order = np.argsort(where, kind="stable")
+    ids, where = ids[order], where[order]
+    texts = np.asarray(ds["text"].isel({TOKEN: where}).values)  # [len(ids)]
+    return {int(t): str(x) for t, x in zip(ids.tolist(), texts.tolist(), strict=True)}
 
 
 # ---------------------------------------------------------------------- co-activation and transitions
 def coactivation(ds: xr.Dataset) -> xr.Dataset:
     """Tokens that chose both experts i and j in the same layer: count [layer, expert, expert_b] (diagonal = load)
-    and lift = count * N / (load_i * load_j), 1 when choices are independent."""
+    and lift = count * N / (load_i * load_j), 1 when choices are independent (lazy on a dask-backed trace)."""
     ids, E = _ids(ds), n_experts(ds)
     L = ids.sizes["layer"]
 
     def pairs(block: np.ndarray) -> np.ndarray:  # [n, L, k] -> [L, E, E]
-        h = _one_hot(block, E)  # [n, L, E]
-        return np.einsum("nle,nlf->lef", h, h).astype(np.int64)
+        return np.stack([_pair_counts(block[:, layer], block[:, layer], E) for layer in range(L)])
 
-    count = xr.DataArray(_sum_over_chunks(pairs, [ids], (L, E, E), np.int64), dims=("layer", "expert", "expert_b"),
+    count = xr.DataArray(_sum_blocks(pairs, [ids], (L, E, E), np.int64), dims=("layer", "expert", "expert_b"),
                          coords={"layer": ds["layer"].values})
     diag = xr.DataArray(np.diagonal(count.data, axis1=1, axis2=2), dims=("layer", "expert"),
                         coords={"layer": ds["layer"].values})
@@ -230,18 +319,18 @@ def coactivation(ds: xr.Dataset) -> xr.Dataset:
 
 def routing_transitions(ds: xr.Dataset) -> xr.Dataset:
     """How routing at one MoE layer predicts the next: count [layer, expert_from, expert_to] of (token, slot pair)
-    choices, `layer` being the source layer and `next_layer` the one after it, and prob = P(to | from)."""
+    choices, `layer` being the source layer and `next_layer` the one after it, and prob = P(to | from) (lazy on a
+    dask-backed trace)."""
     ids, E = _ids(ds), n_experts(ds)
     L = ids.sizes["layer"]
     if L < 2:
         raise ValueError("routing transitions need at least two MoE layers")
 
     def trans(block: np.ndarray) -> np.ndarray:  # [n, L, k] -> [L-1, E, E]
-        h = _one_hot(block, E)  # [n, L, E]
-        return np.einsum("nle,nlf->lef", h[:, :-1], h[:, 1:]).astype(np.int64)
+        return np.stack([_pair_counts(block[:, layer], block[:, layer + 1], E) for layer in range(L - 1)])
 
     layers = np.asarray(ds["layer"].values)
-    count = xr.DataArray(_sum_over_chunks(trans, [ids], (L - 1, E, E), np.int64),
+    count = xr.DataArray(_sum_blocks(trans, [ids], (L - 1, E, E), np.int64),
                          dims=("layer", "expert_from", "expert_to"),
                          coords={"layer": layers[:-1], "next_layer": ("layer", layers[1:])})
     total = count.sum("expert_to")
@@ -249,19 +338,27 @@ def routing_transitions(ds: xr.Dataset) -> xr.Dataset:
 
 
 # ---------------------------------------------------------------------- KV latent spectrum
+def _gram(block: np.ndarray) -> np.ndarray:
+    """[n, a, C] -> [a, C+1, C]: each layer's Gram rows, then its column sums."""
+    b = block.astype(np.float64)
+    return np.concatenate([np.einsum("nac,nad->acd", b, b), b.sum(axis=0)[:, None, :]], axis=1)
+
+
 def latent_spectrum(ds: xr.Dataset, center: bool = False) -> xr.Dataset:
     """Singular values of the [N, C] KV-latent matrix of each layer (via its C x C Gram matrix, so any N fits),
-    the share of energy per component, and the effective rank exp(H(s / sum s)) (Roy & Vetterli)."""
+    the share of energy per component, and the effective rank exp(H(s / sum s)) (Roy & Vetterli). A dask-backed
+    trace is reduced one layer chunk at a time, one graph each, so no graph spans every layer's chunks."""
     if "kv_latent" not in ds:
         raise ValueError("the trace has no kv_latent (record it with sites=['kv_latent'])")
     x = ds["kv_latent"].transpose(TOKEN, "layer_all", "latent")
     A, C = x.sizes["layer_all"], x.sizes["latent"]
-
-    def gram(block: np.ndarray) -> np.ndarray:  # [n, A, C] -> [A, C+1, C] (Gram rows, then the column sums)
-        b = block.astype(np.float64)
-        return np.concatenate([np.einsum("nac,nad->acd", b, b), b.sum(axis=0)[:, None, :]], axis=1)
-
-    g = np.asarray(dask.compute(_sum_over_chunks(gram, [x], (A, C + 1, C), np.float64))[0])
+    split = x.data.chunks[1] if isinstance(x.data, da.Array) else (A,)  # the layer chunks of the store
+    bounds = np.cumsum((0, *split))
+    parts = []
+    for lo, hi in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
+        part = _sum_blocks(_gram, [x.isel(layer_all=slice(lo, hi))], (hi - lo, C + 1, C), np.float64)
+        parts.append(np.asarray(part.compute() if isinstance(part, da.Array) else part))
+    g = np.concatenate(parts)  # [A, C+1, C]
     G, s1 = g[:, :C], g[:, C]  # [A, C, C], [A, C]
     if center:
         n = x.sizes[TOKEN]
@@ -330,7 +427,7 @@ def selection_distance_summary(ds: xr.Dataset, bins: np.ndarray | None = None) -
     def hist(block: np.ndarray) -> np.ndarray:  # [n, I, k] -> [I, bins]
         return np.stack([np.histogram(block[:, i][~np.isnan(block[:, i])], bins=edges)[0] for i in range(n_layers)])
 
-    counts = _sum_over_chunks(hist, [near], (n_layers, len(edges) - 1), np.int64)
+    counts = _sum_blocks(hist, [near], (n_layers, len(edges) - 1), np.int64)
     return xr.Dataset({"count": d["near"].notnull().sum((TOKEN, "index_k")),
                        "mean_near": d["near"].mean((TOKEN, "index_k")), "mean_far": d["far"].mean((TOKEN, "index_k")),
                        "hist": (("index_layer", "bin"), counts)},
@@ -410,8 +507,10 @@ def routing_specialisation(ds: xr.Dataset, shuffle_seed: int | None = 0) -> xr.D
     On few tokens per id I(T; E) is biased upwards (an id seen once looks fully specialised), hence the baseline
     `specialisation_shuffled`: the same statistic with the token ids permuted over the tokens
     (`numpy.random.default_rng(shuffle_seed).permutation`), which keeps every count but breaks the link between id
-    and expert; compare a layer against it, not against 0. `shuffle_seed=None` skips it."""
-    balance = load_balance(ds)
+    and expert; compare a layer against it, not against 0. `shuffle_seed=None` skips it: on a dask-backed trace
+    the permutation is drawn on the client (numpy's generator is sequential), which reads `token_id` whole and
+    ships the permuted ids with the graph, 12 bytes per token."""
+    balance = load_balance(ds).compute()  # one pass; its entropy is needed here, the rest is returned
     layers = np.asarray(ds["layer"].values)
     k = int(ds.sizes["slot"])
     room = balance["entropy"].values - np.log(k)

@@ -20,7 +20,7 @@ from trace_helpers import assert_same_trace, corpus
 
 from workbench.cli import main
 from workbench.trace import open_trace
-from workbench.trace.cluster import FAULT_ENV, parse_cluster, parse_resources, run_driver
+from workbench.trace.cluster import FAULT_ENV, connect, parse_cluster, parse_resources, run_driver
 from workbench.trace.command import shard_from_env
 from workbench.trace.corpus import iter_batches, iter_windows
 from workbench.trace.plan import build_plan, scan_file
@@ -35,8 +35,7 @@ TASK_TOKENS = 100  # about 7 tasks of 1-2 batches each for the corpus below: man
 
 @pytest.fixture(scope="module")
 def client():
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
-                                  dashboard_address=None) as cluster, distributed.Client(cluster) as c:
+    with connect("local:2", None) as c:  # what `--cluster local:2` starts (its environment put back after)
         yield c
 
 
@@ -106,7 +105,9 @@ def test_a_cluster_run_with_a_worker_killed_mid_task_equals_the_single_process_r
         assert _drive(client, corpus_files, str(tmp_path / "dist.zarr")) == 0
     finally:
         _set_fault(client, None)
-    assert marker.exists()  # the worker really died (os._exit, no flush) and its task was re-run elsewhere
+    assert marker.exists()  # the worker really died (os._exit, no flush) and its task was re-run elsewhere ...
+    starts = [e["start"] for _, e in client.get_events("workbench-trace") if e["task"] == 0 and "start" in e]
+    assert len(starts) >= 2 and starts[0] == 0 and starts[-1] > 0  # ... resuming after the first attempt's commit
     got = open_trace(tmp_path / "dist.zarr")
     assert got.attrs["complete"] and got.attrs["writers"] >= 5
     assert_same_trace(got.compute(), open_trace(reference).compute())
@@ -171,7 +172,10 @@ def test_a_killed_driver_is_resumed_without_rerunning_finished_tasks(corpus_file
     finished = [i for i in range(len(rows)) if rows[i, 2]]
     assert finished  # killed mid-run: some regions done ...
     status = store_status(out)
-    assert not status.complete and status.done == len(finished)
+    assert not status.complete and status.done == len(finished) and not status.stalled
+    later = store_status(out, stalled_after=60, now=time.time() + 3600)  # an hour on, the started regions stall
+    assert [r for r, _, _ in later.stalled] == [i for i in range(len(rows)) if rows[i, 0] and not rows[i, 2]]
+    assert main(["trace-status", str(out)]) == 0
     assert status.done < status.regions, "the run finished before it was killed"
     stamps = {i: _region_stamps(out, i) for i in finished}
     assert main(["trace", "--model", "default-v3", "--input", *map(str, corpus_files), "--out", str(out), *FLAGS,
@@ -229,3 +233,20 @@ def test_shard_auto_processes_fill_one_store_equal_to_explicit_shards(tmp_path, 
     assert [p.wait(timeout=300) for p in procs] == [0, 0, 0, 0]
     assert open_trace(auto).attrs["writers"] == 2
     assert_same_trace(open_trace(auto).compute(), open_trace(explicit).compute())
+
+
+def test_a_local_cluster_leaves_the_drivers_environment_as_it_was():
+    before = dict(os.environ)
+    with connect("local:1", None) as c:
+        assert c.run(lambda: os.environ.get("MALLOC_TRIM_THRESHOLD_")) == dict.fromkeys(c.scheduler_info()["workers"])
+    assert dict(os.environ) == before  # the Nanny's OMP_NUM_THREADS=1 does not leak into the driver's subprocesses
+
+
+def test_without_cluster_flags_nothing_imports_dask_distributed(tmp_path):
+    src = tmp_path / "in.txt"
+    src.write_text("a token routes to an expert\n")
+    script = ("import sys; from workbench.cli import main; "
+              f"rc = main(['trace', '--model', 'default-v3', '--input', {str(src)!r}, '--out', {str(tmp_path / 't.zarr')!r}, "
+              "'--no-progress']); print(rc, 'distributed' in sys.modules, 'obstore' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=True)
+    assert out.stdout.split()[-3:] == ["0", "False", "False"]

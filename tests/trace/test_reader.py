@@ -171,7 +171,7 @@ CLAIMS = {  # what an edited store claims -> the refusal; before the limits, 10^
     "1e9 experts": (lambda p: _claim_layout(p, n_experts=10**9), r"layout n_experts claims"),
     "1e12 vocab": (lambda p: _edit_meta(p / "vocab_text" / "zarr.json", lambda d: d["shape"].__setitem__(0, 10**12)),
                    r"vocab_text claims 1,000,000,000,000, more than the 4,194,304"),
-    "1e9 writers": (lambda p: _claim_writers(p, 10**9), r"attrs writers claims 1,000,000,000, more than the 1,024"),
+    "1e9 writers": (lambda p: _claim_writers(p, 10**9), r"attrs writers claims 1,000,000,000, more than the 65,536"),
     "progress rows for other writers": (lambda p: _edit_meta(p / "progress" / "zarr.json",
                                                              lambda d: d["shape"].__setitem__(0, 10**9)),
                                         r"progress has shape \(1000000000, 3\) for 1 writers"),

@@ -359,3 +359,16 @@ def test_cli_with_a_config_json_alone_and_a_chosen_completion(native, layout, lo
     assert main(["import-routing", "--from", "vllm", "--input", str(src), "--out", str(tmp_path / "t.zarr"),
                  "--config", str(config), "--choice", "2", "--no-progress"]) == 2
     assert "outputs: has no completion 2 (--choice)" in capsys.readouterr().err
+
+
+def test_an_import_into_s3_reads_back_as_the_same_import_on_disk(native, layout, tmp_path, s3):
+    records, mask = vllm_split(requests_of(native), layout)
+    src = write_jsonl(tmp_path / "requests.jsonl", records)
+    url = s3.url("import")
+    flags = ["import-routing", "--from", "vllm", "--input", str(src), "--model", "default-v3", "--no-progress",
+             "--chunk-tokens", "16"]
+    assert main([*flags, "--out", str(tmp_path / "disk.zarr")]) == 0
+    assert main([*flags, "--out", url, "--storage-options", json.dumps(s3.options)]) == 0
+    remote = open_trace(url, storage_options=s3.options)
+    np.testing.assert_array_equal(remote.expert_ids.values, open_trace(tmp_path / "disk.zarr").expert_ids.values)
+    assert remote.attrs["uncaptured"] == int(mask.sum())

@@ -43,11 +43,12 @@ import numpy as np
 import torch
 
 from workbench.loader import load_model
+from workbench.trace import cluster  # imports dask.distributed only inside its functions
 from workbench.trace.corpus import Window, check_input, iter_batches, iter_windows
 from workbench.trace.recorder import Trace
 from workbench.trace.schema import Layout
 from workbench.trace.storage import ClaimedError, LocalStorage, ObjectStorage, storage_for
-from workbench.trace.store import DEFAULT_CHUNK_TOKENS, TraceStore
+from workbench.trace.store import DEFAULT_CHUNK_TOKENS, REMOTE_CHUNK_TOKENS, TraceStore
 from workbench.trace.zarr_io import TraceStoreError
 
 _OPENED: ContextVar[list[TraceStore] | None] = ContextVar("trace_stores_opened", default=None)  # by this run
@@ -68,7 +69,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "simulated, + the indexer's selections on V3.2 / V4, + the attention-mass split on V4)")
     p.add_argument("--batch-tokens", type=int, default=4096, help="tokens per forward batch and per commit")
     p.add_argument("--max-seq-len", type=int, default=512, help="longer records are cut into windows of this many")
-    p.add_argument("--chunk-tokens", type=int, default=DEFAULT_CHUNK_TOKENS, help="zarr chunk length along token")
+    p.add_argument("--chunk-tokens", type=int, default=None,
+                   help=f"zarr chunk length along token (default {DEFAULT_CHUNK_TOKENS} on disk, {REMOTE_CHUNK_TOKENS} "
+                        "on object storage: 256 KiB objects for the per-token arrays, fewer requests)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted store instead of refusing it")
     p.add_argument("--shard", type=_shard, default=(0, 1), metavar="I/N",
                    help="be writer I of N processes filling one store (each runs with the same flags and input); "
@@ -245,6 +248,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--out {args.out} is a file, not a trace store folder; choose another path")
     if args.shard == "auto":
         args.shard = shard_from_env(os.environ)
+    if args.chunk_tokens is None:
+        args.chunk_tokens = DEFAULT_CHUNK_TOKENS if isinstance(storage, LocalStorage) else REMOTE_CHUNK_TOKENS
+    if args.chunk_tokens < 1:
+        raise ValueError(f"--chunk-tokens must be positive, got {args.chunk_tokens}")
     if args.cluster is not None or args.scheduler is not None:
         return _run_cluster(args, storage)
     opened: list[TraceStore] = []
@@ -280,8 +287,6 @@ def _run_cluster(args: argparse.Namespace, storage: LocalStorage | ObjectStorage
     if args.task_tokens < 1 or args.retries < 0:
         raise ValueError("--task-tokens must be positive and --retries >= 0")
     inputs = expand_inputs(args.input)
-    from workbench.trace import cluster
-
     resources = cluster.parse_resources(args.resources)
     cfg = load_model(args.model).model.config
     _check_flags(args, cfg.max_position_embeddings)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import shutil
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ import numpy as np
 
 from workbench.trace.routing_import import IMPORTERS, REASONS, RequestRouting, iter_jsonl_routing
 from workbench.trace.schema import Layout
+from workbench.trace.storage import storage_for
 from workbench.trace.store import DEFAULT_CHUNK_TOKENS, TraceStore
 
 DEFAULT_MAX_UNCAPTURED = 0.5
@@ -39,7 +39,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--from", dest="source", required=True, choices=sorted(IMPORTERS),
                    help="the engine that wrote the input (fields per engine: docs/routing-import.md)")
     p.add_argument("--input", required=True, type=Path, help=".jsonl: one captured request (JSON object) per line")
-    p.add_argument("--out", required=True, type=Path, help="the zarr trace store to create")
+    p.add_argument("--out", required=True, help="the zarr trace store to create: a folder or an object-store URL "
+                                                "(s3://bucket/run.zarr, ...)")
+    p.add_argument("--storage-options", type=json.loads, default=None, metavar="JSON",
+                   help="object-store options beyond the environment, as for `workbench trace`")
     model = p.add_mutually_exclusive_group(required=True)
     model.add_argument("--model", help="the served model: 'default', 'default-v3', a preset such as 'tiny-random', "
                                        "or a checkpoint directory")
@@ -134,12 +137,13 @@ class Tally:
 def run(args: argparse.Namespace) -> int:
     """`workbench import-routing`: a store this run created is removed again if the import fails."""
     _check_args(args)
-    made = not args.out.exists()
+    storage = storage_for(args.out, args.storage_options)
+    made = not storage.exists()
     target = import_target(args.model, args.config, args.revision)
     attrs = {**target.attrs, "source": args.source}
     if args.source_version is not None:
         attrs["source_version"] = str(args.source_version)
-    store = TraceStore.create(args.out, attrs, target.layout, chunk_tokens=args.chunk_tokens, vocab=target.vocab)
+    store = TraceStore.create(storage, attrs, target.layout, chunk_tokens=args.chunk_tokens, vocab=target.vocab)
     ok = False
     try:
         tally = _import(args, store, target)
@@ -147,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if not ok:
             store.release()
-            _remove(args.out, made)
+            storage.remove_created(made)
     print(f"imported {tally.tokens} tokens of {tally.requests} requests from {args.input} ({args.source}) to "
           f"{args.out}; {tally.uncaptured} positions ({tally.fraction:.1%}) not captured ({tally.reasons()})")
     return 0
@@ -188,14 +192,7 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--choice {args.choice}: expected a completion index >= 0")
     if args.chunk_tokens < 1:
         raise ValueError(f"--chunk-tokens {args.chunk_tokens}: expected a positive chunk length")
-    if args.out.exists() and not args.out.is_dir():
+    if "://" not in args.out and Path(args.out).exists() and not Path(args.out).is_dir():
         raise ValueError(f"--out {args.out} is a file, not a trace store folder; choose another path")
 
 
-def _remove(path: Path, made: bool) -> None:
-    """Undo a create: the folder if this run made it, else what it put into the (empty) folder."""
-    if made:
-        shutil.rmtree(path, ignore_errors=True)
-        return
-    for entry in path.iterdir() if path.is_dir() else []:
-        shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)

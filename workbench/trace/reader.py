@@ -48,7 +48,7 @@ _TOKEN_ID = "token_id"  # the coordinate every committed token writes (ids are n
 # What a store may claim (a real V3 store: 61 layers, 256 experts, 129k vocabulary, 1 writer per process)
 MAX_METADATA_BYTES = 4 << 20  # each zarr.json, the group's and every array's
 MAX_STORE_ENTRIES = 1024  # files and folders directly in a store folder (a store has about 15 arrays)
-MAX_WRITERS = 1024
+MAX_WRITERS = 1 << 16  # regions: a writer each (--shard), or a task each (a cluster run: 10^10 tokens at 2^20 a task)
 MAX_LAYERS = 1024  # transformer layers, hence MoE layers too
 MAX_EXPERTS = 1 << 16  # routed experts; top-k and router scores follow it
 MAX_LATENT = 1 << 16
@@ -100,6 +100,20 @@ def open_trace(path: str | Path | LocalStorage | ObjectStorage, storage_options:
     attrs["complete"] = bool(progress[:, 2].all())
     attrs["committed_tokens"] = int(progress[:, 0].sum())
     return build_dataset(arrays, layout, attrs)
+
+
+def read_progress(path: str | Path | LocalStorage | ObjectStorage, storage_options: dict[str, Any] | None = None
+                  ) -> tuple[dict[str, Any], np.ndarray]:
+    """A store's attrs and [regions, (tokens, seqs, done)] progress table, read under the same bounds as
+    `open_trace` (metadata sizes, region count, row values), for the status command and a resuming driver."""
+    storage = storage_for(path, storage_options)
+    _check_metadata_files(storage)
+    group, attrs = open_store(storage, mode="r")
+    try:
+        writers, region = int(attrs["writers"]), int(attrs["region_tokens"])
+    except (KeyError, ValueError, TypeError) as e:
+        raise TraceStoreError(f"{storage.name} is a corrupt trace store ({type(e).__name__}: {e})"[:500]) from None
+    return attrs, _read_progress(storage.name, group, writers, region)
 
 
 def _refuse_claim(path: object, what: str, claimed: int, limit: int) -> TraceStoreError:

@@ -61,6 +61,7 @@ from workbench.trace.zarr_io import TraceStoreError, array_of, chunk_blocks, ope
 StoreLocation = str | Path | LocalStorage | ObjectStorage  # a folder, a URL (s3://bucket/run.zarr) or a storage
 
 DEFAULT_CHUNK_TOKENS = 4096
+REMOTE_CHUNK_TOKENS = 65536  # on object storage: per-request cost dominates, so fewer, larger objects
 INITIAL_CHUNKS = 64  # a new single-writer store's row capacity, in chunks: capacity is metadata only (unwritten
 # chunks take no disk) and readers trim to the committed rows, while each resize rewrites every array's metadata
 GROWTH = 8  # capacity multiplier when a single writer outgrows it
