@@ -41,6 +41,28 @@ def test_baseline_result(session):
     assert r.loss_delta.shape == (session.input_ids.shape[1] - 1,) and not r.loss_delta.any()
 
 
+def test_a_report_first_apply_then_its_continuation_equals_a_whole_apply(loaded):
+    controls = Controls(routing={"all": RoutingControl(top_k=1)})
+    whole = Session(loaded.model, PROMPT, loaded.tokenizer, continuation=4)
+    split = Session(loaded.model, PROMPT, loaded.tokenizer, continuation=4)
+    want = whole.apply(controls)
+    report = split.apply(controls, continuation=False)
+    assert report.continuation_pending and report.continuation_after == () and report.continuation_text_after == ""
+    assert torch.equal(report.logits, want.logits) and report.kl == want.kl and report.expert_change == want.expert_change
+    assert report.continuation_before == want.continuation_before  # the baseline's is always there
+    done = split.finish_continuation(report.generation)
+    assert not done.continuation_pending and done.continuation_after == want.continuation_after
+    assert done.continuation_text_after == want.continuation_text_after and split.result == done
+    assert split.finish_continuation(report.generation) == done  # finished already: the same result
+    other = Controls(routing={"all": RoutingControl(top_k=2)})
+    stale = split.apply(other, continuation=False)
+    assert split.finish_continuation(report.generation) is None  # superseded by `stale`'s generation
+    # an apply after an undecoded one decodes its own continuation, as a fresh whole apply does
+    again = split.apply(Controls(routing={"all": RoutingControl(top_k=2)}, latent={}))
+    assert stale.continuation_pending and not again.continuation_pending
+    assert again.continuation_after == whole.apply(other).continuation_after
+
+
 def test_ablated_expert_is_never_chosen(session, loaded):
     seen: list[torch.Tensor] = []
     with loaded.model.probes.listen(["blocks.*.mlp.hook_expert_indices"], lambda _, v: seen.append(v)):

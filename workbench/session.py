@@ -71,6 +71,8 @@ class ApplyResult:
     # indexed layer (V3.2: all; V4: CSA) -> fraction of the keys / compressed entries each query reads that differ
     # from the baseline's (dense attention reads every visible one, a dropped compressed branch none)
     selection_change: Mapping[int, float] = dataclasses.field(default_factory=dict)
+    # apply(..., continuation=False): the report came first; continuation_after is () until `finish_continuation`
+    continuation_pending: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +84,7 @@ class _State:
     selections: Mapping[int, torch.Tensor]  # indexed layer -> [S, N] bool, the keys / entries each query reads
     logits: torch.Tensor  # [S, V]
     cache: ModelCache | None  # after the prompt; cloned before any decode
-    continuation: tuple[int, ...]
+    continuation: tuple[int, ...] | None  # None: not decoded yet (a report-first apply)
     result: ApplyResult | None
 
 
@@ -148,9 +150,11 @@ class Session:
         """Number of the latest accepted request (the one the session will end up showing)."""
         return self._requested
 
-    def apply(self, controls: Controls | Mapping[str, Any] | str) -> ApplyResult | None:
+    def apply(self, controls: Controls | Mapping[str, Any] | str, *, continuation: bool = True) -> ApplyResult | None:
         """Validate and run `controls`; None when a newer request arrived before this one could start.
 
+        `continuation=False` reports without decoding the continuation (most of an apply's time on a short prompt:
+        it decodes token by token): the result has `continuation_pending` set, and `finish_continuation` adds it.
         Raises ControlError (a ValueError) for impossible settings, before anything changes.
         """
         controls = _as_controls(controls)
@@ -167,9 +171,28 @@ class Session:
             if start == self.config.num_hidden_layers:  # same effect as now (e.g. a key moved to "all")
                 new = dataclasses.replace(state, controls=controls, resolved=resolved)
             else:
-                new = self._run(state, controls, resolved, start)
+                new = self._run(state, controls, resolved, start, decode=continuation)
+            if continuation and new.continuation is None:  # an earlier report-first apply left it undecoded
+                new = dataclasses.replace(new, continuation=self._continue(new.logits[-1], new.cache, resolved))
             result = self._compare(new, generation, start, (time.perf_counter() - t0) * 1e3)
             self._state = dataclasses.replace(new, result=result)
+            return result
+
+    def finish_continuation(self, generation: int) -> ApplyResult | None:
+        """Decode the continuation a report-first `apply` (generation `generation`) left out; the completed result,
+        or None when a newer apply has replaced that one (its own continuation is then the one to finish)."""
+        with self._run_lock:
+            state = self._state
+            if state.result is None or state.result.generation != generation:
+                return None
+            if state.continuation is not None:
+                return state.result
+            t0 = time.perf_counter()
+            tokens = self._continue(state.logits[-1], state.cache, state.resolved)
+            result = dataclasses.replace(state.result, continuation_after=tokens,
+                                         continuation_text_after=self._decode(tokens), continuation_pending=False,
+                                         elapsed_ms=state.result.elapsed_ms + (time.perf_counter() - t0) * 1e3)
+            self._state = dataclasses.replace(state, continuation=tokens, result=result)
             return result
 
     def reset(self) -> ApplyResult | None:
@@ -205,8 +228,9 @@ class Session:
 
     @torch.no_grad()
     def _run(self, prev: _State | None, controls: Controls, resolved: Mapping[int, LayerControls], start: int,
-             latents: dict[int, torch.Tensor] | None = None) -> _State:
-        """Layers start.. under `controls` on `prev`'s residuals (from the embedding when prev is None)."""
+             latents: dict[int, torch.Tensor] | None = None, decode: bool = True) -> _State:
+        """Layers start.. under `controls` on `prev`'s residuals (from the embedding when prev is None); the
+        continuation too unless `decode` is False."""
         model = self.model
         S = self.input_ids.shape[1]
         kept_residuals: tuple[torch.Tensor, ...] = ()
@@ -237,7 +261,7 @@ class Session:
         for layer in self._indexed:
             if layer >= start:
                 selected[layer] = self._selection_mask(layer, picks.get(layer), resolved.get(layer))
-        continuation = self._continue(logits[0, -1], cache, resolved)
+        continuation = self._continue(logits[0, -1], cache, resolved) if decode else None
         return _State(controls, resolved, kept_residuals + tuple(residuals), expert_ids, selected, logits[0], cache,
                       continuation, None)
 
@@ -288,9 +312,11 @@ class Session:
         change = {layer: _changed_fraction(base.expert_ids[layer], state.expert_ids[layer], self.config.n_routed_experts)
                   for layer in self.config.moe_layers}
         picks = {layer: _changed_selection(base.selections[layer], state.selections[layer]) for layer in self._indexed}
+        after = state.continuation if state.continuation is not None else ()
         return ApplyResult(generation, state.controls, start, kl, top_base, top_now, loss_now - loss_base, change,
-                           base.continuation, state.continuation, self._decode(base.continuation),
-                           self._decode(state.continuation), state.logits, elapsed_ms, picks)
+                           base.continuation or (), after, self._decode(base.continuation or ()),
+                           self._decode(after), state.logits, elapsed_ms, picks,
+                           continuation_pending=state.continuation is None and self.n_continue > 0)
 
     def _stats(self, state: _State) -> tuple[torch.Tensor, torch.Tensor, tuple[TokenProb, ...]]:
         """Per-token loss [S-1], next-token log-probs [V] and top tokens of one run."""

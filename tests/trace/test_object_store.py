@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import threading
 
+import fsspec.implementations.memory
 import numcodecs
 import numpy as np
 import pytest
@@ -227,3 +228,26 @@ def test_open_trace_auto_chunks_merge_whole_stored_chunks(tmp_path, loaded):
     assert_same_trace(auto.compute(), stored.compute())
     with pytest.raises(ValueError, match="chunks must be None, 'auto' or a positive int"):
         open_trace(tmp_path / "t.zarr", chunks=0)
+
+
+class _Memory(fsspec.implementations.memory.MemoryFileSystem):
+    """fsspec's in-memory filesystem under a protocol obstore does not know: the fsspec path of any URL."""
+
+    protocol = ("wbmem",)
+
+
+def test_any_other_fsspec_url_holds_the_same_trace(tmp_path, loaded):
+    fsspec.register_implementation("wbmem", _Memory, clobber=True)
+    url = f"wbmem://traces/{tmp_path.name}.zarr"
+    src = tmp_path / "in.txt"
+    src.write_text("\n".join(TEXTS) + "\n")
+    flags = ["trace", "--model", "default-v3", "--input", str(src), "--batch-tokens", "64", "--chunk-tokens", "32",
+             "--no-progress"]
+    assert main([*flags, "--out", str(tmp_path / "disk.zarr")]) == 0
+    assert main([*flags, "--out", url]) == 0
+    assert type(storage_for(url)).__name__ == "FsspecStorage"
+    got = open_trace(url, chunks="auto")
+    assert got.attrs["complete"]
+    assert_same_trace(got.compute(), open_trace(tmp_path / "disk.zarr").compute())
+    assert main([*flags, "--out", url]) == 2  # exists: refused, not overwritten
+    assert main(["trace-status", url]) == 0

@@ -120,3 +120,24 @@ def test_hidden_tabs_catch_up_when_selected_and_in_the_export(loaded: LoadedMode
     page = dash.save_html(tmp_path / "d.html").read_text()
     assert dash.routing.grid.data["top_k"] == 3 and '"top_k": 3' in page.replace('"top_k":3', '"top_k": 3')
     assert not dash.routing._shown and dash.tuner._shown  # the export leaves the tabs as they were
+
+
+def test_tabs_are_built_when_first_shown_and_all_for_the_export(loaded: LoadedModel, tmp_path: Path) -> None:
+    """The first picture waits for the routing grid and the tuner only; every other tab is built when selected
+    (from the live state of that moment, equal to a view built up front), and the export builds the rest."""
+    dash = Workbench(loaded, prompt="hello experts", background=False)
+    assert set(dash._built) == {"Routing", "Live tuner"}
+    pending = [c for c in dash.tabs.children if not isinstance(c, (RoutingExplorer, LiveTuner))]
+    assert len(pending) == len(dash._factories) - 2 and all("building" in c.value for c in pending)
+    titles = list(dash._factories)
+    dash.tuner.top_k.value = 2
+    dash.tabs.selected_index = titles.index("KV compression")
+    kv = dash.tabs.children[titles.index("KV compression")]
+    assert isinstance(kv, KVCompression) and dash.kv is kv and kv._shown
+    assert dash.tabs.selected_index == titles.index("KV compression")  # swapping the child kept the selection
+    upfront = KVCompression(live=dash.live)  # the same view built now, eagerly: the same picture
+    assert kv.error.value == upfront.error.value
+    assert "FP8 error" not in dash._built
+    dash.save_html(tmp_path / "all.html")
+    assert set(dash._built) == set(titles) and not any("building" in getattr(c, "value", "") for c in dash.tabs.children)
+    assert dash.tabs.selected_index == titles.index("KV compression") and not dash.fp8._shown

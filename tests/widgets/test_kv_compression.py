@@ -52,7 +52,7 @@ def test_rank_slider_applies_a_latent_control(live: LiveSession, monkeypatch: py
     view = KVCompression(live=live)
     calls: list[Controls] = []
     real = live.session.apply
-    monkeypatch.setattr(live.session, "apply", lambda c: calls.append(c) or real(c))
+    monkeypatch.setattr(live.session, "apply", lambda c, **kw: calls.append(c) or real(c, **kw))
     view.rank.value = 5
     assert calls[-1] == Controls(latent={"all": LatentControl(5, "svd")})
     view.basis.value = "raw"

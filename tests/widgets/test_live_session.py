@@ -37,11 +37,11 @@ def test_a_burst_runs_at_once_then_once_more_with_the_last_value(loaded: LoadedM
     real_apply = live.session.apply
     applied: list[Controls] = []
 
-    def slow_apply(controls: Controls) -> ApplyResult | None:
+    def slow_apply(controls: Controls, **kwargs: bool) -> ApplyResult | None:
         applied.append(controls)
         started.set()
         release.wait(30)  # hold the first run until the burst is in
-        return real_apply(controls)
+        return real_apply(controls, **kwargs)
 
     live.session.apply = slow_apply  # type: ignore[method-assign]
     live.on_result(seen.append)
@@ -53,6 +53,32 @@ def test_a_burst_runs_at_once_then_once_more_with_the_last_value(loaded: LoadedM
     live.scheduler.flush()
     assert [c.routing["all"].top_k for c in applied] == [1, 2]  # one run for the whole burst, with its last value
     assert [r.controls for r in seen] == [Controls(routing={"all": RoutingControl(top_k=2)})]  # the stale one unheard
+
+
+def test_the_report_comes_before_the_continuation_and_a_stale_one_is_never_decoded(loaded: LoadedModel) -> None:
+    live = LiveSession(loaded, "a short prompt for the tuner", continuation=4)
+    heard: list[tuple[str, ApplyResult]] = []
+    live.on_result(lambda r: heard.append(("report", r)))
+    live.on_continuation(lambda r: heard.append(("continuation", r)))
+    live.update(routing={"all": RoutingControl(top_k=1)})
+    (first, report), (second, done) = heard
+    assert (first, second) == ("report", "continuation") and report.generation == done.generation
+    assert report.continuation_pending and report.continuation_after == ()
+    assert not done.continuation_pending and len(done.continuation_after) == 4
+    want = live.session.full_run(Controls(routing={"all": RoutingControl(top_k=1)}))
+    assert done.continuation_after == want.continuation_after and torch.equal(report.logits, want.logits)
+    assert live.result == done  # what a late view (an export, a tab selected later) reads is the whole result
+    # a change waiting when the report is out: that run's continuation is skipped, the newer run decodes its own
+    background = LiveSession(loaded, "a short prompt for the tuner", continuation=4, background=True)
+    decoded: list[int] = []
+    real = background.session.finish_continuation
+    background.session.finish_continuation = lambda g: decoded.append(g) or real(g)  # type: ignore[method-assign]
+    background.on_result(lambda r: r.controls.routing["all"].top_k == 1 and background.update(
+        routing={"all": RoutingControl(top_k=2)}))
+    background.update(routing={"all": RoutingControl(top_k=1)})
+    background.scheduler.flush()
+    assert len(decoded) == 1 and background.result.controls.routing["all"].top_k == 2
+    assert not background.result.continuation_pending
 
 
 def test_latest_wins_in_the_foreground_and_after_a_failing_run() -> None:

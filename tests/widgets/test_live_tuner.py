@@ -18,7 +18,7 @@ def tuner_calls(live: LiveSession, monkeypatch: pytest.MonkeyPatch) -> tuple[Liv
     tuner = LiveTuner(live=live)
     calls: list[Controls] = []
     real = live.session.apply
-    monkeypatch.setattr(live.session, "apply", lambda c: calls.append(c) or real(c))
+    monkeypatch.setattr(live.session, "apply", lambda c, **kw: calls.append(c) or real(c, **kw))
     return tuner, calls
 
 

@@ -47,7 +47,7 @@ from workbench.trace import cluster  # imports dask.distributed only inside its 
 from workbench.trace.corpus import Window, check_input, iter_batches, iter_windows
 from workbench.trace.recorder import Trace
 from workbench.trace.schema import Layout
-from workbench.trace.storage import ClaimedError, LocalStorage, ObjectStorage, storage_for
+from workbench.trace.storage import ClaimedError, LocalStorage, Storage, storage_for
 from workbench.trace.store import DEFAULT_CHUNK_TOKENS, REMOTE_CHUNK_TOKENS, TraceStore
 from workbench.trace.zarr_io import TraceStoreError
 
@@ -172,7 +172,7 @@ def plan_shards(windows: Iterator[Window], batch_tokens: int, shards: int, chunk
     return ShardPlan(tuple(runs), tuple(tokens), region)
 
 
-def _open_store(args: argparse.Namespace, storage: LocalStorage | ObjectStorage, attrs: dict[str, Any],
+def _open_store(args: argparse.Namespace, storage: Storage, attrs: dict[str, Any],
                 layout: Layout, vocab: Any, plan: ShardPlan | None) -> TraceStore:
     """The store, created or (--resume, --shard) opened, holding this writer's lock; registered with `run`, which
     releases it (and removes it if this run created it and fails before a commit) however the run ends."""
@@ -208,7 +208,7 @@ def _opened(store: TraceStore) -> TraceStore:
     return store
 
 
-def _join(args: argparse.Namespace, storage: LocalStorage | ObjectStorage, attrs: dict[str, Any], layout: Layout,
+def _join(args: argparse.Namespace, storage: Storage, attrs: dict[str, Any], layout: Layout,
           plan: ShardPlan) -> TraceStore:
     """Another shard creates the store: wait until its attrs exist (written last), then take our region."""
     writer, writers = args.shard
@@ -232,7 +232,7 @@ def _join(args: argparse.Namespace, storage: LocalStorage | ObjectStorage, attrs
     return store
 
 
-def _attrs_or_empty(storage: LocalStorage | ObjectStorage) -> dict[str, Any]:
+def _attrs_or_empty(storage: Storage) -> dict[str, Any]:
     try:
         return dict(json.loads(storage.get("zarr.json") or b"{}").get("attributes", {}))
     except (OSError, ValueError):
@@ -277,7 +277,7 @@ def _check_flags(args: argparse.Namespace, max_positions: int) -> None:
         raise ValueError(f"--max-seq-len {args.max_seq_len} exceeds the model's {max_positions} positions")
 
 
-def _run_cluster(args: argparse.Namespace, storage: LocalStorage | ObjectStorage) -> int:
+def _run_cluster(args: argparse.Namespace, storage: Storage) -> int:
     """The trace as dask.distributed tasks (cluster.py, imported only here)."""
     if args.cluster is not None and args.scheduler is not None:
         raise ValueError("give --cluster or --scheduler, not both")
@@ -299,7 +299,7 @@ def _run_cluster(args: argparse.Namespace, storage: LocalStorage | ObjectStorage
                                   progress=not args.no_progress)
 
 
-def _run(args: argparse.Namespace, storage: LocalStorage | ObjectStorage) -> int:
+def _run(args: argparse.Namespace, storage: Storage) -> int:
     inputs = expand_inputs(args.input)
     loaded = load_model(args.model)
     model, cfg = loaded.model, loaded.model.config

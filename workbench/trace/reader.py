@@ -38,7 +38,7 @@ from workbench.trace.schema import (
     Layout,
     build_dataset,
 )
-from workbench.trace.storage import LocalStorage, ObjectStorage, storage_for
+from workbench.trace.storage import Storage, storage_for
 from workbench.trace.zarr_io import TraceStoreError, array_of, open_store
 
 _AXES = (LAYER, LAYER_ALL, SITE)
@@ -60,7 +60,7 @@ MAX_ROW_CHUNKS = 4096  # chunks across the non-token axes of one array
 AUTO_CHUNK_BYTES = 128 << 20  # chunks="auto": dask chunks of about this many bytes (dask's advice: >= 100 MB)
 
 
-def open_trace(path: str | Path | LocalStorage | ObjectStorage, storage_options: dict[str, Any] | None = None,
+def open_trace(path: str | Path | Storage, storage_options: dict[str, Any] | None = None,
                chunks: Literal["auto"] | int | None = None) -> xr.Dataset:
     """A lazy (dask-backed) Dataset of every committed token of a trace store, any writer, any schema 1.x.
 
@@ -102,7 +102,7 @@ def open_trace(path: str | Path | LocalStorage | ObjectStorage, storage_options:
     return build_dataset(arrays, layout, attrs)
 
 
-def read_progress(path: str | Path | LocalStorage | ObjectStorage, storage_options: dict[str, Any] | None = None
+def read_progress(path: str | Path | Storage, storage_options: dict[str, Any] | None = None
                   ) -> tuple[dict[str, Any], np.ndarray]:
     """A store's attrs and [regions, (tokens, seqs, done)] progress table, read under the same bounds as
     `open_trace` (metadata sizes, region count, row values), for the status command and a resuming driver."""
@@ -121,7 +121,7 @@ def _refuse_claim(path: object, what: str, claimed: int, limit: int) -> TraceSto
                            "the store is corrupt or was edited")
 
 
-def _check_metadata_files(storage: LocalStorage | ObjectStorage) -> None:
+def _check_metadata_files(storage: Storage) -> None:
     """Each zarr.json zarr will parse is at most MAX_METADATA_BYTES (a regular file, on disk), and the store has
     at most MAX_STORE_ENTRIES members, before zarr reads any of them (it reads every member's metadata)."""
     if storage.local and not storage.exists():
@@ -241,7 +241,7 @@ def _committed_chunks(arr: zarr.Array, progress: np.ndarray, region: int) -> int
     return count
 
 
-def _chunk_files(storage: LocalStorage | ObjectStorage, name: str, arr: zarr.Array, enough: int) -> int:
+def _chunk_files(storage: Storage, name: str, arr: zarr.Array, enough: int) -> int:
     """Token chunks of `arr` present in storage under its name, counted up to `enough` (the scan stops there)."""
     first = arr.metadata.encode_chunk_key((0,) * arr.ndim)
     second = arr.metadata.encode_chunk_key((1,) + (0,) * (arr.ndim - 1))
@@ -251,7 +251,7 @@ def _chunk_files(storage: LocalStorage | ObjectStorage, name: str, arr: zarr.Arr
     return storage.count_entries(f"{name}/{sub}" if sub else name, stem, enough)
 
 
-def _check_committed_on_disk(storage: LocalStorage | ObjectStorage, arrays: dict[str, zarr.Array],
+def _check_committed_on_disk(storage: Storage, arrays: dict[str, zarr.Array],
                              progress: np.ndarray, region: int) -> None:
     """The committed token count is backed by `token_id` chunk files on disk, and so is any array cut into more
     token chunks than `token_id` (the writer never makes one): a Dataset is then built from at most as many

@@ -9,8 +9,12 @@ so each keeps its own crash-safety mechanism:
   lock either: a writer's progress row is committed with a compare-and-swap on its ETag (`If-Match`), so a
   duplicate attempt of a task (which dask allows after a missed heartbeat) can never overwrite a newer commit:
   its commit fails with `SupersededError`. A new store is claimed with one conditional create (`If-None-Match: *`).
+- `FsspecStorage`: any other fsspec URL (hdfs://, sftp://, webdav, ...), through zarr's `FsspecStore`. One write
+  per chunk as on object storage, but fsspec offers no conditional write: the claim is checked by reading it back
+  and a duplicate attempt is not fenced, so run one writer per region (a single process, or `--shard`).
 Credentials and endpoint come from the standard environment (AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, ...; obstore
-reads them) plus `storage_options` (obstore config keys; the common fsspec names are accepted too).
+reads them) plus `storage_options` (obstore config keys; the common fsspec names are accepted too; fsspec URLs
+take their filesystem's own options).
 """
 
 from __future__ import annotations
@@ -46,13 +50,15 @@ def is_url(location: object) -> bool:
     return isinstance(location, str) and "://" in location and not location.startswith("file://")
 
 
-def storage_for(location: str | Path | LocalStorage | ObjectStorage,
-                storage_options: dict[str, Any] | None = None) -> LocalStorage | ObjectStorage:
-    """The storage behind a path, a `file://` / object-store URL, or an existing storage (returned as is)."""
-    if isinstance(location, LocalStorage | ObjectStorage):
+def storage_for(location: str | Path | Storage, storage_options: dict[str, Any] | None = None) -> Storage:
+    """The storage behind a path, a `file://` / object-store / fsspec URL, or an existing storage (returned as is)."""
+    if isinstance(location, LocalStorage | ObjectStorage | FsspecStorage):
         return location
     if is_url(location):
-        return ObjectStorage(str(location), storage_options)
+        scheme = str(location).split("://", 1)[0].lower()
+        if scheme in OBJECT_SCHEMES:
+            return ObjectStorage(str(location), storage_options)
+        return FsspecStorage(str(location), storage_options)
     if storage_options:
         raise ValueError("storage_options apply to object-store URLs (s3://...), not to a local path")
     text = str(location)
@@ -344,6 +350,122 @@ class ObjectStorage:
                 yield key, int(obstore.head(self.store, key)["size"])
             except FileNotFoundError:
                 yield key, None
+
+
+class FsspecStorage:
+    """A store under any other fsspec URL (no conditional writes: see the module docstring)."""
+
+    local = False
+
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
+        import fsspec
+
+        self.url = self.name = url.rstrip("/")
+        self.options = dict(storage_options or {})
+        try:
+            self.fs, self.root = fsspec.core.url_to_fs(self.url, **self.options)
+        except (ImportError, ValueError) as e:  # an unknown protocol, or its package is not installed
+            raise ValueError(f"cannot open {self.url} ({type(e).__name__}: {e})") from None
+        self.root = str(self.root).rstrip("/")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (FsspecStorage, (self.url, self.options))
+
+    @property
+    def zarr_store(self) -> Any:
+        import zarr.storage
+
+        return zarr.storage.FsspecStore.from_url(self.url, storage_options=self.options)
+
+    def _path(self, key: str) -> str:
+        return f"{self.root}/{key}"
+
+    def exists(self) -> bool:
+        return bool(self.fs.exists(self.root)) and bool(self.fs.find(self.root, maxdepth=None, withdirs=False))
+
+    def check_folder(self) -> None:
+        """A file at the URL is refused when zarr opens it."""
+
+    def lock(self, writer: int) -> None:
+        return None  # no lock and no fencing: one writer per region is the user's to keep
+
+    def claim(self, run_id: str) -> None:
+        """Best effort without a conditional write: write the claim unless there is one, then read it back."""
+        holder = (self.get(CLAIM) or b"").decode(errors="replace")
+        if not holder:
+            self.put(CLAIM, run_id.encode())
+            holder = (self.get(CLAIM) or b"").decode(errors="replace")
+        if holder != run_id:
+            raise ClaimedError(f"{self.url} is claimed by another run ({holder or 'unknown'}): it exists or is being "
+                               "created right now; pass --resume to continue it or choose a new URL")
+
+    def holds_data(self) -> bool:
+        found = self.fs.find(self.root, withdirs=False) if self.fs.exists(self.root) else []
+        return any(not str(p).endswith(CLAIM) for p in found)
+
+    def remove_created(self, made_dir: bool) -> None:
+        if self.fs.exists(self.root):
+            self.fs.rm(self.root, recursive=True)
+
+    def put(self, key: str, payload: bytes) -> None:
+        self.fs.pipe_file(self._path(key), payload)
+
+    def get(self, key: str) -> bytes | None:
+        try:
+            return bytes(self.fs.cat_file(self._path(key)))
+        except FileNotFoundError:
+            return None
+
+    def get_versioned(self, key: str) -> tuple[bytes | None, str | None]:
+        return self.get(key), None
+
+    def put_versioned(self, key: str, payload: bytes, version: str | None) -> str | None:
+        self.put(key, payload)
+        return None
+
+    def modified(self, key: str) -> float | None:
+        try:
+            info = self.fs.info(self._path(key))
+        except FileNotFoundError:
+            return None
+        stamp = info.get("mtime") or info.get("LastModified") or info.get("created")
+        return float(stamp.timestamp()) if hasattr(stamp, "timestamp") else (float(stamp) if stamp else None)
+
+    def drop_token_chunks(self, name: str, keep: int) -> None:
+        folder = self._path(f"{name}/c")
+        for entry in self.fs.ls(folder, detail=False) if self.fs.exists(folder) else []:
+            if _token_index(str(entry).rstrip("/").rsplit("/", 1)[-1], "") >= keep:
+                self.fs.rm(entry, recursive=True)
+
+    def remove_partials(self, owned: Callable[[str, int], bool] | None) -> None:
+        """Nothing to remove: chunks are written whole, under their own names."""
+
+    def count_entries(self, prefix: str, stem: str, enough: int) -> int:
+        folder = self._path(prefix) if prefix else self.root
+        try:
+            names = [str(p).rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(folder, detail=False)]
+        except FileNotFoundError:
+            return 0
+        return min(enough, sum(1 for n in names if n.startswith(stem) and n != "zarr.json"))
+
+    def metadata_sizes(self, limit: int) -> Iterator[tuple[str, int | None]]:
+        entries = self.fs.ls(self.root, detail=True)
+        if len(entries) > limit:
+            raise OverflowError(len(entries))
+        yield "zarr.json", self._size("zarr.json")
+        for entry in entries:
+            if entry.get("type") == "directory":
+                name = str(entry["name"]).rstrip("/").rsplit("/", 1)[-1]
+                yield f"{name}/zarr.json", self._size(f"{name}/zarr.json")
+
+    def _size(self, key: str) -> int | None:
+        try:
+            return int(self.fs.info(self._path(key))["size"])
+        except FileNotFoundError:
+            return None
+
+
+Storage = LocalStorage | ObjectStorage | FsspecStorage
 
 
 def _token_index(path: str, prefix: str) -> int:

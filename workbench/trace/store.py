@@ -54,11 +54,11 @@ from workbench.trace.schema import (
     Layout,
     SchemaError,
 )
-from workbench.trace.storage import LocalStorage, ObjectStorage, new_run_id, storage_for
+from workbench.trace.storage import LocalStorage, Storage, new_run_id, storage_for
 from workbench.trace.writer_lock import WriterLock, os_error_reason
 from workbench.trace.zarr_io import TraceStoreError, array_of, chunk_blocks, open_store, run_async, zstd_codec
 
-StoreLocation = str | Path | LocalStorage | ObjectStorage  # a folder, a URL (s3://bucket/run.zarr) or a storage
+StoreLocation = str | Path | Storage  # a folder, a URL (s3://bucket/run.zarr) or a storage
 
 DEFAULT_CHUNK_TOKENS = 4096
 REMOTE_CHUNK_TOKENS = 65536  # on object storage: per-request cost dominates, so fewer, larger objects
@@ -79,7 +79,7 @@ class TraceStore:
     `tokens` / `seqs` count what is committed on disk; `pending_tokens` what is buffered for the next flush.
     """
 
-    def __init__(self, storage: LocalStorage | ObjectStorage, group: zarr.Group, layout: Layout, writer: int,
+    def __init__(self, storage: Storage, group: zarr.Group, layout: Layout, writer: int,
                  flush_tokens: int | None = None, lock: WriterLock | None = None) -> None:
         self.storage, self.group, self.layout, self.writer = storage, group, layout, writer
         self.path: Path | str = storage.path if isinstance(storage, LocalStorage) else storage.url  # for messages
@@ -166,7 +166,7 @@ class TraceStore:
         return store
 
     @classmethod
-    def _build(cls, storage: LocalStorage | ObjectStorage, attrs: dict[str, Any], layout: Layout, chunk_tokens: int,
+    def _build(cls, storage: Storage, attrs: dict[str, Any], layout: Layout, chunk_tokens: int,
                writers: int, region_tokens: int, writer: int, vocab: Sequence[str] | np.ndarray | None,
                flush_tokens: int | None
                ) -> TraceStore:

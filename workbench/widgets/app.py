@@ -154,6 +154,7 @@ def build_app(model: ModelArg = "default", trace: str | Path | xr.Dataset | None
               prompt: str | None = None) -> tuple[Workbench, Any]:
     """The dashboard and its Panel mirror."""
     wb = Workbench(model, trace=trace, prompt=prompt)
+    wb.build_all()  # the mirror is a static copy of the widget tree, taken once: every tab must exist now
     return wb, pn.Column(mirror(wb), sizing_mode="stretch_width")
 
 

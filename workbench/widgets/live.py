@@ -9,6 +9,9 @@ Design choices:
   starts at once (no fixed debounce delay), changes that arrive during a run become one run after it, and a run
   whose result a newer change has made stale does not report. With `background=False` everything runs
   synchronously, which is what tests and scripts want.
+- Report first: a run applies the controls without decoding the greedy continuation (token-by-token decoding was
+  most of an apply on a short prompt) and tells `on_result` listeners at once; then, unless a newer change is
+  waiting, it decodes the continuation and tells `on_continuation` listeners (the tuner) the completed result.
 - Whoever changes the model's modules (the FP8 view swaps linears) holds `lock`, so no session run sees a half
   swapped model.
 Shape legend: S prompt tokens, L MoE layers, k top-k.
@@ -103,6 +106,7 @@ class LiveSession:
         self.attention: dict[LayerKey, AttentionControl] = {}
         self.mhc_identity: dict[LayerKey, bool] = {}  # V4: True runs the layer's mHC mixing as the identity
         self._result_listeners: list[ResultListener] = []
+        self._continuation_listeners: list[ResultListener] = []
         self._prompt_listeners: list[Callable[[], None]] = []
         self._error_listeners: list[Callable[[str], None]] = []
         self._routing_cache: tuple[tuple[int, int], xr.Dataset] | None = None
@@ -138,6 +142,11 @@ class LiveSession:
     def on_result(self, fn: ResultListener) -> None:
         self._result_listeners.append(fn)
 
+    def on_continuation(self, fn: ResultListener) -> None:
+        """`fn(result)` once the continuation of the result last reported is decoded (`continuation_pending`
+        False); not called for a result a newer change made stale."""
+        self._continuation_listeners.append(fn)
+
     def on_prompt(self, fn: Callable[[], None]) -> None:
         self._prompt_listeners.append(fn)
 
@@ -171,7 +180,7 @@ class LiveSession:
     def _run(self) -> None:
         try:
             with self.lock:
-                result = self.session.apply(self.controls())
+                result = self.session.apply(self.controls(), continuation=False)
         except ValueError as e:  # a control the session refused at run time (e.g. no SVD basis)
             for on_error in self._error_listeners:
                 on_error(str(e))
@@ -180,6 +189,14 @@ class LiveSession:
             return
         for on_result in self._result_listeners:
             on_result(result)
+        if not result.continuation_pending or self.scheduler.superseded():
+            return  # a newer change is waiting: its run decodes its own continuation
+        with self.lock:
+            full = self.session.finish_continuation(result.generation)
+        if full is None or self.scheduler.superseded():
+            return
+        for on_continuation in self._continuation_listeners:
+            on_continuation(full)
 
     def set_prompt(self, prompt: str) -> None:
         """A new prompt: a fresh session (new baseline), the current controls re-applied, every view refreshed."""
@@ -189,7 +206,7 @@ class LiveSession:
             self.session = session
             self._routing_cache = None
             if self.controls() != Controls():
-                session.apply(self.controls())
+                session.apply(self.controls())  # with its continuation: the views below show it whole
         for fn in self._prompt_listeners:
             fn()
         for listener in self._result_listeners:

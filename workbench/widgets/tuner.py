@@ -93,6 +93,7 @@ class LiveTuner(View):
         self.scope.observe(lambda _: self._load_scope(), names="value")
         self.reset_button.on_click(lambda _: self.reset())
         self.live.on_result(self._show_result)
+        self.live.on_continuation(self._show_result)  # the same report, its continuation filled in
         self.live.on_error(self._show_error)
         self._show_result(self.live.result)
 
@@ -204,8 +205,10 @@ class LiveTuner(View):
             f"<b>loss change per token</b><br>"
             + bars(dloss, labels=[f"{i + 1} {t!r}" for i, t in enumerate(text)], cls="wb-tuner-dloss",
                    width=max(360, 5 * len(dloss)))
-            + f'<p class="wb-tuner-continuation">continuation before: <code>{esc(repr(result.continuation_text_before))}'
-            f"</code><br>continuation now: <code>{esc(repr(result.continuation_text_after))}</code></p></div>")
+            + f'<p class="wb-tuner-continuation" data-pending="{int(result.continuation_pending)}">continuation before: '
+            f"<code>{esc(repr(result.continuation_text_before))}</code><br>continuation now: "
+            + ("<i>decoding…</i>" if result.continuation_pending else f"<code>{esc(repr(result.continuation_text_after))}</code>")
+            + "</p></div>")
 
     def save_html(self, path: str | Path) -> Path:
         self.live.scheduler.flush()
