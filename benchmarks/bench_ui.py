@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 import tempfile
@@ -72,8 +73,11 @@ def bench_browser(moves: int) -> None:
     from playwright.sync_api import sync_playwright
 
     from tests.browser.harness import CHROMIUM, CHROMIUM_ARGS, LabServer, is_offsite, open_notebook, run_all_cells
-    cells = ["import time; _t0 = time.perf_counter()\nfrom workbench.widgets import Workbench\n"
-             f"wb = Workbench(prompt={PROMPT!r})\nprint(f'build {{time.perf_counter() - _t0:.2f}} s')\nwb"]
+    cells = ["import time; _t0 = time.perf_counter()\nfrom workbench.loader import load_model\n"
+             "from workbench.widgets import Workbench\n_t1 = time.perf_counter()\nloaded = load_model('default')\n"
+             f"_t2 = time.perf_counter()\nwb = Workbench(loaded, prompt={PROMPT!r})\n"
+             "print(f'build {time.perf_counter() - _t0:.2f} s (imports {_t1 - _t0:.2f} s, model load {_t2 - _t1:.2f} s,'"
+             " f' dashboard {time.perf_counter() - _t2:.2f} s)')\nwb"]
     with tempfile.TemporaryDirectory() as tmp:
         root, home = Path(tmp, "root"), Path(tmp, "home")
         root.mkdir()
@@ -128,6 +132,8 @@ def bench_browser(moves: int) -> None:
             lab.stop()
     offsite = [u for u in requested if is_offsite(u)]
     print(f"\n[first render] JupyterLab run-all -> routing grid drawn: {first_render:.2f} s (kernel: {build_line})")
+    loaded_at = sum(float(x) for x in re.findall(r"(?:imports|model load) ([0-9.]+) s", build_line))
+    print(f"  after the model has loaded (run-all minus imports and load, goal < 2 s): {first_render - loaded_at:.2f} s")
     med, base = statistics.median(latencies), statistics.median(floor)
     print(f"[latency] top-k slider move -> tuner report updated, median of {moves} moves: {med:.0f} ms "
           f"(min {min(latencies):.0f}, max {max(latencies):.0f}); goal < 60 ms: {'met' if med < 60 else 'NOT met'}")
