@@ -250,3 +250,20 @@ def test_without_cluster_flags_nothing_imports_dask_distributed(tmp_path):
               "'--no-progress']); print(rc, 'distributed' in sys.modules, 'obstore' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=True)
     assert out.stdout.split()[-3:] == ["0", "False", "False"]
+
+
+def test_scheduler_flag_runs_on_an_existing_cluster(corpus_files, reference, tmp_path):
+    """`--scheduler ADDR`: the same run on a cluster somebody else started (here a LocalCluster's scheduler)."""
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1",
+                                  dashboard_address=None) as cluster:
+        environ = dict(os.environ)
+        try:
+            assert main(["trace", "--model", "default-v3", "--input", *map(str, corpus_files), "--out",
+                         str(tmp_path / "s.zarr"), *FLAGS, "--task-tokens", str(TASK_TOKENS), "--scheduler",
+                         cluster.scheduler_address, "--no-progress"]) == 0
+        finally:
+            os.environ.clear()
+            os.environ.update(environ)
+    got = open_trace(tmp_path / "s.zarr")
+    assert got.attrs["complete"] and got.attrs["writers"] >= 5
+    np.testing.assert_array_equal(got.expert_ids.values, open_trace(reference).expert_ids.values)
