@@ -42,7 +42,6 @@ def timed(fn) -> float:
 
 def main() -> None:
     import dask
-    import numpy as np
     from distributed import Client, LocalCluster
 
     from workbench.cli import main as cli
@@ -95,20 +94,14 @@ def main() -> None:
             c.close()
         for c in clusters.values():
             c.close()
-    base = float(np.median(results["single process"]))
-    print("\n| run | median s | tokens/s | vs single process |\n|---|---:|---:|---:|")
-    for name, times in results.items():
-        med = float(np.median(times))
-        print(f"| {name} | {med:.2f} | {tokens / med:,.0f} | x{base / med:.2f} |")
-
-    s3_row(root, src, single, fresh, tokens)
+    print_table("run", results, "single process", tokens)
+    s3_row(single, fresh, tokens)
     graph_rows()
     shutil.rmtree(root, ignore_errors=True)
 
 
-def s3_row(root, src, single, fresh, tokens) -> None:
+def s3_row(single, fresh, tokens) -> None:
     import boto3
-    import numpy as np
     from moto.server import ThreadedMotoServer
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
@@ -128,11 +121,18 @@ def s3_row(root, src, single, fresh, tokens) -> None:
                     f"s3://bench/run-{next(n)}.zarr", "--storage-options", options)))
     finally:
         server.stop()
-    disk = float(np.median(times["local disk"]))
-    print("\n| store (single process, 65,536-token chunks) | median s | tokens/s | vs local disk |\n|---|---:|---:|---:|")
+    print_table("store (single process, 65,536-token chunks)", times, "local disk", tokens)
+
+
+def print_table(what: str, times: dict[str, list[float]], peer: str, tokens: int) -> None:
+    """One markdown row per variant: median seconds, tokens/s, and the ratio against `peer` of the same run."""
+    import numpy as np
+
+    base = float(np.median(times[peer]))
+    print(f"\n| {what} | median s | tokens/s | vs {peer} |\n|---|---:|---:|---:|")
     for name, t in times.items():
         med = float(np.median(t))
-        print(f"| {name} | {med:.2f} | {tokens / med:,.0f} | x{disk / med:.2f} |")
+        print(f"| {name} | {med:.2f} | {tokens / med:,.0f} | x{base / med:.2f} |")
 
 
 def graph_rows() -> None:

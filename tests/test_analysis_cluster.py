@@ -24,7 +24,7 @@ import xarray as xr
 
 import workbench as wb
 from tests.trace.trace_helpers import corpus, in_memory
-from workbench import analysis
+from workbench import analysis, chunked
 from workbench.loader import load_model
 from workbench.trace import Trace
 
@@ -223,7 +223,7 @@ def test_sparse_merge_graph_is_o_chunks_and_fast(chunk):
     L, E = ds.sizes["layer"], analysis.n_experts(ds)
     ids = ds.expert_ids.transpose("token", "layer", "slot")
     tasks, seconds = _tasks_and_seconds(
-        lambda: analysis._merge_graph(analysis._lift_frames(L, E), [ds.token_id, ids], (np.add,) * 3))
+        lambda: chunked.merge_graph(analysis._lift_frames(L, E), [ds.token_id, ids], (np.add,) * 3))
     assert tasks <= TASKS_PER_CHUNK * chunks + TASKS_CONST + chunks, tasks  # + token_id's own input tasks
     assert seconds < 2.0
 
@@ -237,8 +237,8 @@ def test_merge_graph_computes_what_numpy_does():
                     coords={"layer": [1, 2, 3], "token_id": ("token", tok)}, attrs={"layout": '{"n_experts": 8}'})
     lazy = ds.chunk({"token": 99})
     frames = analysis._lift_frames(3, 8)
-    want = analysis._merge_blocks(frames, [ds.token_id, ds.expert_ids], (np.add,) * 3)
-    got = analysis._merge_graph(frames, [lazy.token_id, lazy.expert_ids], (np.add,) * 3).compute()[0]
+    want = chunked.merge_blocks(frames, [ds.token_id, ds.expert_ids], (np.add,) * 3)
+    got = chunked.merge_graph(frames, [lazy.token_id, lazy.expert_ids], (np.add,) * 3).compute()[0]
     for (gk, gv), (wk, wv) in zip(got, want, strict=True):
         np.testing.assert_array_equal(gk, wk)
         np.testing.assert_array_equal(gv, wv)

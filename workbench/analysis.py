@@ -7,10 +7,10 @@ Design choices:
   exceptions read per-token arrays on the client: `indexer_recall` (its `dense_topk` argument is in memory
   already) and the shuffled baseline of `routing_specialisation` (numpy draws the permutation).
 - Dense results (expert loads, co-activation, transitions, histograms, the latent Gram matrix) are sums of
-  per-chunk partials (`_sum_blocks`): on a dask-backed trace they come back lazy (call `.compute()`), on a numpy
+  per-chunk partials (`sum_blocks`): on a dask-backed trace they come back lazy (call `.compute()`), on a numpy
   trace they are numpy.
 - Sparse results (token x expert pairs, first occurrences) are sorted (key, value) frames per chunk, merged in a
-  tree by key (`_merge_blocks`) and returned computed: their size is the number of distinct keys, not tokens.
+  tree by key (`merge_blocks`) and returned computed: their size is the number of distinct keys, not tokens.
 - Expert ids of -1 (a layer not captured) are ignored; every count is of (token, slot) choices.
 - V3.2 / V4 (schema 1.2): distances of the indexer's selections, its recall against dense attention, V4's
   attention-mass split, mHC stream-mixing statistics, and hash-routed vs learned layers' specialisation.
@@ -20,15 +20,14 @@ width, P token-expert pairs, I indexer layers, B chunks.
 
 from __future__ import annotations
 
-import functools
 import json
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable
 
 import dask.array as da
 import numpy as np
 import xarray as xr
 
+from workbench.chunked import Frame, concat_frames, merge_blocks, sum_blocks, token_positions
 from workbench.config.names import CSA_RATIO
 
 TOKEN = "token"
@@ -37,119 +36,6 @@ PAIR_BASE = 2**31  # (layer*E + expert, token id) pairs are coded (layer*E + exp
 __all__ = ["coactivation", "expert_load", "fp8_error_summary", "indexer_recall", "latent_spectrum", "load_balance",
            "mass_split", "n_experts", "routing_specialisation", "routing_transitions", "selected_distance",
            "selection_distance_summary", "stream_mixing", "token_expert_lift", "token_texts", "top_tokens_per_expert"]
-
-Frame = tuple[np.ndarray, np.ndarray]  # (keys, values) int64 [m]; a merged frame's keys are sorted and unique
-
-
-# ---------------------------------------------------------------------- blockwise + tree reductions
-def _is_lazy(*arrays: xr.DataArray) -> bool:
-    return any(isinstance(a.data, da.Array) for a in arrays)
-
-
-def _token_blocks(arrays: Sequence[xr.DataArray]) -> list[da.Array]:
-    """The arrays as dask arrays with token first, cut along token like the first lazy one and whole along the
-    rest, so block b of each holds the same tokens."""
-    first = next(a for a in arrays if isinstance(a.data, da.Array))
-    token_chunks = first.data.chunks[first.dims.index(TOKEN)]
-    out = []
-    for a in arrays:
-        a = a.transpose(TOKEN, ...)
-        whole = (token_chunks, *a.shape[1:])
-        out.append(a.data.rechunk(whole) if isinstance(a.data, da.Array) else da.from_array(np.asarray(a.data), whole))
-    return out
-
-
-def _blockwise(fn: Callable[..., Any], blocks: list[da.Array], shape: tuple[int, ...], dtype: Any) -> da.Array:
-    """One task per token chunk: fn(block_b of each array) as block b, with a leading axis of length 1, of a
-    [B, *shape] array (object [B] of frame tuples when fn returns frames)."""
-    out_ind = ("t", *(f"out{i}" for i in range(len(shape))))
-    args: list[Any] = []
-    for j, b in enumerate(blocks):
-        args += [b, ("t", *(f"in{j}.{ax}" for ax in range(1, b.ndim)))]
-    return da.blockwise(functools.partial(_with_leading_axis, fn), out_ind, *args,
-                        new_axes={f"out{i}": s for i, s in enumerate(shape)}, adjust_chunks={"t": 1},
-                        concatenate=True, dtype=dtype, meta=np.empty((0,) * (len(shape) + 1), dtype=dtype))
-
-
-def _with_leading_axis(fn: Callable[..., Any], *args: Any) -> np.ndarray:
-    """fn's result as one block of a chunk-indexed array: an array gets a leading axis of 1, a tuple of frames
-    is boxed in an object [1]."""
-    out = fn(*args)
-    if isinstance(out, tuple):  # frames: one object per block
-        box = np.empty(1, dtype=object)
-        box[0] = out
-        return box
-    return np.asarray(out)[None]
-
-
-def _sum_blocks(fn: Callable[..., np.ndarray], arrays: list[xr.DataArray], shape: tuple[int, ...],
-                dtype: Any) -> Any:
-    """sum_b fn(block_b of each array) over token chunks: lazy (one task per chunk, then dask's tree sum) when any
-    input is lazy, else numpy (fn once on the whole arrays)."""
-    if not _is_lazy(*arrays):
-        return fn(*(np.asarray(a.transpose(TOKEN, ...).data) for a in arrays))
-    return _blockwise(fn, _token_blocks(arrays), shape, dtype).sum(axis=0, dtype=dtype)
-
-
-def _reduce_by_key(keys: np.ndarray, values: np.ndarray, op: np.ufunc) -> Frame:
-    """Sorted unique keys, and op (np.add, np.minimum) over the values of each."""
-    order = np.argsort(keys, kind="stable")
-    keys, values = keys[order], values[order]
-    if len(keys) == 0:
-        return keys.astype(np.int64), values.astype(np.int64)
-    start = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
-    return keys[start].astype(np.int64), op.reduceat(values, start).astype(np.int64)
-
-
-def _merge_frames(parts: Sequence[tuple[Frame, ...]], ops: tuple[np.ufunc, ...]) -> tuple[Frame, ...]:
-    """Merge per-chunk tuples of frames into one tuple, frame i reduced by key with ops[i]."""
-    return tuple(_reduce_by_key(np.concatenate([p[i][0] for p in parts]), np.concatenate([p[i][1] for p in parts]),
-                                op) for i, op in enumerate(ops))
-
-
-def _combine_boxes(ops: tuple[np.ufunc, ...], boxes: np.ndarray, axis: Any, keepdims: bool) -> np.ndarray:
-    """da.reduction's combine / aggregate: object [m] of frame tuples -> object [1] of their merge."""
-    return _with_leading_axis(_merge_frames, boxes.tolist(), ops)
-
-
-def _identity(x: np.ndarray, axis: Any, keepdims: bool) -> np.ndarray:
-    return x
-
-
-def _merge_graph(fn: Callable[..., tuple[Frame, ...]], arrays: list[xr.DataArray],
-                 ops: tuple[np.ufunc, ...]) -> da.Array:
-    """Lazy object [1] holding the merge of fn(block_b of each array) over token chunks: one task per chunk, then
-    a tree merge (dask's `reduction` at its default fan-in), so only merged frames travel."""
-    boxes = _blockwise(fn, _token_blocks(arrays), (), object)  # [B] object: one tuple of frames per chunk
-    combine = functools.partial(_combine_boxes, ops)
-    return da.reduction(boxes, _identity, combine, combine=combine, axis=0, keepdims=True, dtype=object,
-                        concatenate=True, meta=np.empty(0, dtype=object))
-
-
-def _merge_blocks(fn: Callable[..., tuple[Frame, ...]], arrays: list[xr.DataArray],
-                  ops: tuple[np.ufunc, ...]) -> tuple[Frame, ...]:
-    """fn(block_b of each array) -> frames, merged by key over token chunks with `ops` (frame i with ops[i]),
-    computed: on the cluster for lazy inputs (the client receives only the merged frames), fn once on the whole
-    arrays for numpy ones."""
-    if not _is_lazy(*arrays):
-        return _merge_frames([fn(*(np.asarray(a.transpose(TOKEN, ...).data) for a in arrays))], ops)
-    return _merge_graph(fn, arrays, ops).compute()[0]
-
-
-def _concat(frames: Sequence[Frame]) -> Frame:
-    """Frames with disjoint or repeated keys side by side (merged later by key)."""
-    if not frames:
-        return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
-    return np.concatenate([f[0] for f in frames]), np.concatenate([f[1] for f in frames])
-
-
-def _positions(a: xr.DataArray) -> xr.DataArray:
-    """0 .. N-1 along token, chunked like `a` (a chunk's task knows its tokens' global positions from it)."""
-    n = a.sizes[TOKEN]
-    if isinstance(a.data, da.Array):
-        return xr.DataArray(da.arange(n, chunks=(a.data.chunks[a.dims.index(TOKEN)],), dtype=np.int64), dims=TOKEN)
-    return xr.DataArray(np.arange(n, dtype=np.int64), dims=TOKEN)
-
 
 def n_experts(ds: xr.Dataset) -> int:
     """Routed experts of the model that wrote `ds`: its `expert` axis, else the layout attrs, else the ids seen."""
@@ -189,7 +75,7 @@ def expert_load(ds: xr.Dataset) -> xr.DataArray:
             out[layer] = np.bincount(b[b >= 0].astype(np.int64), minlength=E)
         return out
 
-    data = _sum_blocks(count, [ids], (L, E), np.int64)
+    data = sum_blocks(count, [ids], (L, E), np.int64)
     return xr.DataArray(data, dims=("layer", "expert"), coords={"layer": ds["layer"].values}, name="load")
 
 
@@ -217,7 +103,7 @@ def _lift_frames(L: int, E: int) -> Callable[[np.ndarray, np.ndarray], tuple[Fra
             le = layer * E + b[valid]  # layer*E + expert of each valid (token, slot)
             pairs.append(np.unique(le * PAIR_BASE + np.broadcast_to(tok[:, None], b.shape)[valid], return_counts=True))
             loads.append(np.unique(le, return_counts=True))
-        return _concat(pairs), np.unique(tok, return_counts=True), _concat(loads)
+        return concat_frames(pairs), np.unique(tok, return_counts=True), concat_frames(loads)
 
     return frames
 
@@ -232,7 +118,7 @@ def token_expert_lift(ds: xr.Dataset, min_count: int = 1) -> xr.Dataset:
     """
     ids, E = _ids(ds), n_experts(ds)
     L = ids.sizes["layer"]
-    (codes, counts), (tok_ids, tok_counts), (le_keys, le_counts) = _merge_blocks(
+    (codes, counts), (tok_ids, tok_counts), (le_keys, le_counts) = merge_blocks(
         _lift_frames(L, E), [ds["token_id"], ids], (np.add, np.add, np.add))  # [P], [V], [<= L*E]
     load = np.zeros(L * E, dtype=np.int64)
     load[le_keys] = le_counts
@@ -289,7 +175,7 @@ def token_texts(ds: xr.Dataset, token_ids: np.ndarray) -> dict[int, str]:
         return ((u[seen], pos[at[seen]]),)
 
     tok = ds["token_id"]
-    ((ids, where),) = _merge_blocks(first, [tok, _positions(tok)], (np.minimum,))
+    ((ids, where),) = merge_blocks(first, [tok, token_positions(tok)], (np.minimum,))
     if len(ids) == 0:
         return {}
     order = np.argsort(where, kind="stable")
@@ -308,7 +194,7 @@ def coactivation(ds: xr.Dataset) -> xr.Dataset:
     def pairs(block: np.ndarray) -> np.ndarray:  # [n, L, k] -> [L, E, E]
         return np.stack([_pair_counts(block[:, layer], block[:, layer], E) for layer in range(L)])
 
-    count = xr.DataArray(_sum_blocks(pairs, [ids], (L, E, E), np.int64), dims=("layer", "expert", "expert_b"),
+    count = xr.DataArray(sum_blocks(pairs, [ids], (L, E, E), np.int64), dims=("layer", "expert", "expert_b"),
                          coords={"layer": ds["layer"].values})
     diag = xr.DataArray(np.diagonal(count.data, axis1=1, axis2=2), dims=("layer", "expert"),
                         coords={"layer": ds["layer"].values})
@@ -330,7 +216,7 @@ def routing_transitions(ds: xr.Dataset) -> xr.Dataset:
         return np.stack([_pair_counts(block[:, layer], block[:, layer + 1], E) for layer in range(L - 1)])
 
     layers = np.asarray(ds["layer"].values)
-    count = xr.DataArray(_sum_blocks(trans, [ids], (L - 1, E, E), np.int64),
+    count = xr.DataArray(sum_blocks(trans, [ids], (L - 1, E, E), np.int64),
                          dims=("layer", "expert_from", "expert_to"),
                          coords={"layer": layers[:-1], "next_layer": ("layer", layers[1:])})
     total = count.sum("expert_to")
@@ -356,7 +242,7 @@ def latent_spectrum(ds: xr.Dataset, center: bool = False) -> xr.Dataset:
     bounds = np.cumsum((0, *split))
     parts = []
     for lo, hi in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
-        part = _sum_blocks(_gram, [x.isel(layer_all=slice(lo, hi))], (hi - lo, C + 1, C), np.float64)
+        part = sum_blocks(_gram, [x.isel(layer_all=slice(lo, hi))], (hi - lo, C + 1, C), np.float64)
         parts.append(np.asarray(part.compute() if isinstance(part, da.Array) else part))
     g = np.concatenate(parts)  # [A, C+1, C]
     G, s1 = g[:, :C], g[:, C]  # [A, C, C], [A, C]
@@ -427,7 +313,7 @@ def selection_distance_summary(ds: xr.Dataset, bins: np.ndarray | None = None) -
     def hist(block: np.ndarray) -> np.ndarray:  # [n, I, k] -> [I, bins]
         return np.stack([np.histogram(block[:, i][~np.isnan(block[:, i])], bins=edges)[0] for i in range(n_layers)])
 
-    counts = _sum_blocks(hist, [near], (n_layers, len(edges) - 1), np.int64)
+    counts = sum_blocks(hist, [near], (n_layers, len(edges) - 1), np.int64)
     return xr.Dataset({"count": d["near"].notnull().sum((TOKEN, "index_k")),
                        "mean_near": d["near"].mean((TOKEN, "index_k")), "mean_far": d["far"].mean((TOKEN, "index_k")),
                        "hist": (("index_layer", "bin"), counts)},

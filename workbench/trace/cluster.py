@@ -194,32 +194,27 @@ def parse_resources(text: str | None) -> dict[str, float] | None:
 
 
 @contextlib.contextmanager
-def connect(cluster: str | None, scheduler: str | None) -> Any:
+def connect(cluster: str | None, scheduler: str | None) -> Iterator[Any]:
     """A Client on a new LocalCluster on 127.0.0.1 (`local:N`) or on an existing scheduler."""
     import dask
     from distributed import Client, LocalCluster
 
     environ = dict(os.environ)  # the Nanny sets OMP_NUM_THREADS=1 ... in this process's environment to spawn
     try:  # workers, and leaves it: put it back, or every later subprocess of the driver runs on one thread
-        yield from _clients(cluster, scheduler, dask, Client, LocalCluster)
-    finally:
-        os.environ.clear()
-        os.environ.update(environ)
-
-
-def _clients(cluster: str | None, scheduler: str | None, dask: Any, Client: Any, LocalCluster: Any) -> Iterator[Any]:
-    if cluster is not None:
-        n = parse_cluster(cluster)
+        if cluster is None:
+            with Client(scheduler) as client:
+                yield client
+            return
         dashboard = "127.0.0.1:0" if _has_bokeh() else None
         # the Nanny's default MALLOC_TRIM_THRESHOLD_=65536 also fixes glibc's mmap threshold, so every tensor
         # over 128 KiB is mapped and unmapped afresh: torch's CPU forward ran 2.1x slower in a worker with it
         with dask.config.set({TRIM_SETTING: None}), LocalCluster(
-                n_workers=n, threads_per_worker=1, processes=True, host="127.0.0.1",
+                n_workers=parse_cluster(cluster), threads_per_worker=1, processes=True, host="127.0.0.1",
                 dashboard_address=dashboard) as local, Client(local) as client:
             yield client
-    else:
-        with Client(scheduler) as client:
-            yield client
+    finally:
+        os.environ.clear()
+        os.environ.update(environ)
 
 
 def _has_bokeh() -> bool:
@@ -233,16 +228,18 @@ def _has_bokeh() -> bool:
 def run_driver(client: Any, *, inputs: list[Path], out: str, storage_options: dict[str, Any] | None, model: str,
                sites: list[str] | None, batch_tokens: int, max_seq_len: int, chunk_tokens: int, task_tokens: int,
                resume: bool, retries: int, resources: dict[str, float] | None, torch_threads: int | None,
-               progress: bool = True) -> int:
-    """Plan (or read the plan back), create the store, run every task not yet done, finalize; the exit code."""
+               progress: bool = True, loaded: LoadedModel | None = None) -> int:
+    """Plan (or read the plan back), create the store, run every task not yet done, finalize; the exit code.
+    `loaded`: the driver's copy of `model` when the caller has it already (the workers load their own)."""
     from distributed import as_completed
     from tqdm import tqdm
 
-    loaded = load_model(model)
+    loaded = loaded or load_model(model)
     t = Trace(loaded.model, sites, tokenizer=loaded.tokenizer, keep=False, checkpoint=loaded.digest)
     storage = storage_for(out, storage_options)
     if resume and storage.exists():
-        plan = _stored_plan(storage)
+        attrs, rows = read_progress(storage)  # [tasks, (tokens, seqs, done)]
+        plan = _stored_plan(storage, attrs)
         plan.check_inputs()
     else:
         scans = client.gather(client.map(scan_task, [str(p.resolve()) for p in inputs], model=model,
@@ -254,7 +251,7 @@ def run_driver(client: Any, *, inputs: list[Path], out: str, storage_options: di
         store = TraceStore.create(storage, {**t.attrs(), PLAN_ATTR: plan.to_json()}, t.layout, chunk_tokens=chunk_tokens,
                                   writers=len(plan.tasks), region_tokens=plan.region_tokens, vocab=t.vocab())
         store.release()  # the driver writes no region: tasks open their own
-    rows = _progress_rows(storage)
+        rows = np.zeros((len(plan.tasks), 3), dtype=np.int64)  # a new store: nothing committed
     pending = [i for i in range(len(plan.tasks)) if not rows[i, 2]]
     job = ClusterJob(plan, out, storage_options, model, tuple(sites) if sites else None, torch_threads)
     bar = tqdm(total=plan.total_tokens, initial=int(rows[:, 0].sum()), unit="tok", unit_scale=True, desc="trace",
@@ -283,7 +280,7 @@ def run_driver(client: Any, *, inputs: list[Path], out: str, storage_options: di
         with contextlib.suppress(Exception):
             client.unsubscribe_topic(TOPIC)
     bar.close()
-    rows = _progress_rows(storage)
+    rows = read_progress(storage)[1]
     unfinished = [i for i in range(len(plan.tasks)) if not rows[i, 2]]
     if unfinished:
         for i in unfinished[:10]:
@@ -298,16 +295,11 @@ def run_driver(client: Any, *, inputs: list[Path], out: str, storage_options: di
     return 0
 
 
-def _stored_plan(storage: Any) -> TracePlan:
-    attrs, _ = read_progress(storage)
+def _stored_plan(storage: Any, attrs: dict[str, Any]) -> TracePlan:
     if PLAN_ATTR not in attrs:
         raise TraceStoreError(f"{storage.name} was not made by a cluster run (no {PLAN_ATTR} in its attrs); resume it "
                               "the way it was started")
     return TracePlan.from_json(str(attrs[PLAN_ATTR]))
-
-
-def _progress_rows(storage: Any) -> np.ndarray:
-    return read_progress(storage)[1]  # [tasks, (tokens, seqs, done)]
 
 
 def finalize(storage: Any) -> None:

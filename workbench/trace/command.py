@@ -288,15 +288,15 @@ def _run_cluster(args: argparse.Namespace, storage: Storage) -> int:
         raise ValueError("--task-tokens must be positive and --retries >= 0")
     inputs = expand_inputs(args.input)
     resources = cluster.parse_resources(args.resources)
-    cfg = load_model(args.model).model.config
-    _check_flags(args, cfg.max_position_embeddings)
+    loaded = load_model(args.model)
+    _check_flags(args, loaded.model.config.max_position_embeddings)
     with cluster.connect(args.cluster, args.scheduler) as client:
         return cluster.run_driver(client, inputs=inputs, out=args.out, storage_options=args.storage_options,
                                   model=args.model, sites=args.sites, batch_tokens=args.batch_tokens,
                                   max_seq_len=args.max_seq_len, chunk_tokens=args.chunk_tokens,
                                   task_tokens=args.task_tokens, resume=args.resume, retries=args.retries,
                                   resources=resources, torch_threads=1 if args.cluster else None,
-                                  progress=not args.no_progress)
+                                  progress=not args.no_progress, loaded=loaded)
 
 
 def _run(args: argparse.Namespace, storage: Storage) -> int:

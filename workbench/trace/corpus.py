@@ -73,7 +73,7 @@ def iter_records(inputs: Path | Sequence[Path], start: Position | None = None, p
                 if at.cookie:
                     f.seek(at.cookie)
                 reader = _jsonl_records if path.suffix == ".jsonl" else _txt_records
-                for pos, chunks in reader(f, path, index, at.line, positions):
+                for pos, chunks in reader(f, path, at.line, positions):
                     yield record, (None if pos is None else Position(index, pos[0], pos[1], record),
                                    _decoded(chunks, path))
                     record += 1
@@ -90,7 +90,7 @@ def _decoded(chunks: Iterator[str], path: Path) -> Iterator[str]:
         raise ValueError(_utf8_error(path)) from None
 
 
-def _txt_records(f: TextIO, path: Path, index: int, line: int, positions: bool
+def _txt_records(f: TextIO, path: Path, line: int, positions: bool
                  ) -> Iterator[tuple[tuple[int, int] | None, Iterator[str]]]:
     """Each non-blank line, as an iterator over its text read PIECE_CHARS characters at a time (exhaust it before
     asking for the next line: both read the same file)."""
@@ -108,7 +108,7 @@ def _txt_records(f: TextIO, path: Path, index: int, line: int, positions: bool
             yield at, _rest_of_line(f, head)
 
 
-def _jsonl_records(f: TextIO, path: Path, index: int, line: int, positions: bool
+def _jsonl_records(f: TextIO, path: Path, line: int, positions: bool
                    ) -> Iterator[tuple[tuple[int, int] | None, Iterator[str]]]:
     lineno = line - 1
     while True:
