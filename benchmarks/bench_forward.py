@@ -1,11 +1,13 @@
 """Prefill and decode speed of our model vs transformers' DeepseekV3/V32/V4ForCausalLM on the same checkpoint, same run.
 
-Usage: python benchmarks/bench_forward.py [--repeats 7] [--families v3 v32 v4]
+Usage: python benchmarks/bench_forward.py [--repeats 7] [--families v3 v32 v4] [--profile]
 Prints medians and the ratio (ours / transformers throughput; > 1 means faster) per family, then each fast path
 against its reference on the default model's shapes (routed experts: sorted per-expert vs padded bmm; attention:
 padded-width SDPA vs softmax(q k^T) v), then KV bytes per token for the V2-Lite / V3 shapes against the published
 figure (V3: 576 elements per layer) and for V3.2 / V4 at 1M tokens (published: V4-Pro 10%, V4-Flash 7% of V3.2).
-V3.2 and V4 are timed interleaved (`timing.interleaved_seconds`): both models alternate within every round.
+Every family is timed interleaved (`timing.interleaved_seconds`): both models alternate within every round.
+`--profile` prints instead where a V3 decode step's time goes in each model (wall ms per step, then the top-level
+aten ops per step by kind and their share of the torch profiler's CPU time).
 """
 
 from __future__ import annotations
@@ -134,8 +136,8 @@ def print_v32_v4_costs() -> None:
               f"({f / f32:6.1%})")
 
 
-def bench_v3(args: argparse.Namespace) -> list[tuple[str, float, float]]:
-    """The original V3 comparison (medians of each model timed in turn)."""
+def _build_v3() -> tuple[torch.nn.Module, torch.nn.Module]:
+    """transformers' DeepseekV3ForCausalLM at the benchmark size and ours loaded from its checkpoint."""
     import transformers
 
     from workbench.checkpoint import load_checkpoint
@@ -147,19 +149,98 @@ def bench_v3(args: argparse.Namespace) -> list[tuple[str, float, float]]:
     with tempfile.TemporaryDirectory() as d:
         hf.save_pretrained(d)
         ours = load_checkpoint(Path(d))
-    ids = torch.randint(0, CONFIG["vocab_size"], (1, args.prefill))
+    return hf, ours
+
+
+def bench_v3(args: argparse.Namespace) -> list[tuple[str, float, float]]:
+    """The V3 comparison, both models interleaved within every round (as V3.2 and V4 below)."""
+    from timing import interleaved_seconds
+
+    hf, ours = _build_v3()
+    ids = torch.randint(0, CONFIG["vocab_size"], (1, args.prefill), generator=torch.Generator().manual_seed(1))
     rows = []
     with torch.inference_mode():
-        t_hf = median_seconds(lambda: hf(ids, use_cache=False), args.repeats)
-        t_ours = median_seconds(lambda: ours(ids), args.repeats)
+        gap = (hf(ids[:, :128]).logits - ours(ids[:, :128])).abs().max().item()
+        assert gap < 1e-3, f"v3: our logits differ from transformers' by {gap}"
+        t_hf, t_ours = interleaved_seconds([lambda: hf(ids, use_cache=False), lambda: ours(ids)], args.repeats)
         rows.append(("v3 prefill tokens/s", args.prefill / t_hf, args.prefill / t_ours))
         prompt = ids[:, :64]
-        mask = torch.ones_like(prompt)
-        gen_kw = dict(max_new_tokens=args.decode, min_new_tokens=args.decode, do_sample=False, attention_mask=mask)
-        t_hf = median_seconds(lambda: hf.generate(prompt, **gen_kw), max(3, args.repeats // 2))
-        t_ours = median_seconds(lambda: ours.generate(prompt, args.decode), max(3, args.repeats // 2))
+        gen_kw = dict(max_new_tokens=args.decode, min_new_tokens=args.decode, do_sample=False,
+                      attention_mask=torch.ones_like(prompt))
+        t_hf, t_ours = interleaved_seconds([lambda: hf.generate(prompt, **gen_kw),
+                                            lambda: ours.generate(prompt, args.decode)], max(3, args.repeats // 2))
         rows.append(("v3 decode tokens/s (64-token prompt)", args.decode / t_hf, args.decode / t_ours))
     return rows
+
+
+# top-level aten ops of a decode step, by what they do (the profile table)
+_OP_KINDS = {
+    "weight matmuls": ("aten::linear", "aten::mm", "aten::addmm", "aten::matmul"),
+    "attention matmuls and softmax": ("aten::bmm", "aten::baddbmm", "aten::einsum", "aten::softmax",
+                                      "aten::_softmax", "aten::scaled_dot_product_attention"),
+    "routing (sort, top-k, gather, masks)": ("aten::sort", "aten::topk", "aten::gather", "aten::scatter_",
+                                             "aten::masked_fill", "aten::sigmoid", "aten::zeros", "aten::bitwise_not",
+                                             "aten::argsort", "aten::scatter"),
+    "elementwise and norms": ("aten::mul", "aten::add", "aten::sub", "aten::div", "aten::pow", "aten::rsqrt",
+                              "aten::mean", "aten::silu", "aten::sum", "aten::rms_norm", "aten::cos", "aten::sin",
+                              "aten::neg", "aten::add_", "aten::mul_", "aten::where", "aten::cumsum"),
+}
+
+
+def profile_decode(steps: int = 24) -> None:
+    """Where a decode step's time goes, ours vs transformers: wall ms per step (no profiler), then under the torch
+    profiler the top-level aten ops per step and their share of the profiled time, by kind."""
+    import collections
+    import time
+
+    from torch.profiler import profile
+    from transformers import DynamicCache
+
+    hf, ours = _build_v3()
+    ids = torch.randint(0, CONFIG["vocab_size"], (1, 64 + steps), generator=torch.Generator().manual_seed(5))
+
+    def ours_steps() -> None:
+        cache = ours.new_cache(1, 64 + steps)
+        ours(ids[:, :64], cache=cache, mode="absorb")
+        t0 = time.perf_counter()
+        for i in range(64, 64 + steps):
+            ours(ids[:, i : i + 1], cache=cache, mode="absorb")
+        walls["workbench"].append((time.perf_counter() - t0) / steps)
+
+    def hf_steps() -> None:
+        cache = DynamicCache(config=hf.config)
+        hf(ids[:, :64], past_key_values=cache, use_cache=True)
+        t0 = time.perf_counter()
+        for i in range(64, 64 + steps):
+            hf(ids[:, i : i + 1], past_key_values=cache, use_cache=True)
+        walls["transformers"].append((time.perf_counter() - t0) / steps)
+
+    walls: dict[str, list[float]] = {"transformers": [], "workbench": []}
+    table: dict[str, dict[str, tuple[float, float]]] = {}
+    with torch.inference_mode():
+        for _ in range(7):
+            hf_steps()
+            ours_steps()
+        for name, run in (("transformers", hf_steps), ("workbench", ours_steps)):
+            with profile() as prof:
+                run()
+            top = [e for e in prof.events() if e.cpu_parent is None and e.name.startswith("aten::")]
+            total = sum(e.cpu_time_total for e in top)
+            kinds: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0.0])
+            for e in top:
+                kind = next((k for k, names in _OP_KINDS.items() if e.name in names), "views, copies, other")
+                kinds[kind][0] += 1 / (steps + 1)  # the prefill's ops are in the profile too: ~1 step's worth
+                kinds[kind][1] += e.cpu_time_total / total
+            table[name] = {k: (n, share) for k, (n, share) in kinds.items()}
+            table[name]["all"] = (len(top) / (steps + 1), 1.0)
+    hf_ms, ours_ms = (sorted(walls[n])[3] * 1e3 for n in ("transformers", "workbench"))
+    print(f"\ndecode step, V3 bench config, T = 64..{64 + steps}: transformers {hf_ms:.2f} ms, workbench {ours_ms:.2f} ms "
+          f"(x{hf_ms / ours_ms:.2f}); top-level aten ops per step and share of profiled CPU time:")
+    kinds_order = [*_OP_KINDS, "views, copies, other", "all"]
+    print(f"  {'':40s}{'transformers':>22s}{'workbench':>22s}")
+    for kind in kinds_order:
+        cells = [table[n].get(kind, (0.0, 0.0)) for n in ("transformers", "workbench")]
+        print(f"  {kind:40s}" + "".join(f"{n:12.0f} ops {share:5.0%}" for n, share in cells))
 
 
 def main() -> None:
@@ -173,7 +254,11 @@ def main() -> None:
     parser.add_argument("--prefill", type=int, default=512)
     parser.add_argument("--decode", type=int, default=32)
     parser.add_argument("--families", nargs="+", default=["v3", "v32", "v4"], choices=["v3", "v32", "v4"])
+    parser.add_argument("--profile", action="store_true", help="only the decode-step profile table (V3 config)")
     args = parser.parse_args()
+    if args.profile:
+        profile_decode()
+        return
     rows = []
     for family in args.families:
         rows += bench_v3(args) if family == "v3" else bench_family(family, args)

@@ -7,7 +7,16 @@ import pytest
 import torch
 
 from workbench.config import ModelConfig
-from workbench.model.v4.hyper import HyperConnection, HyperHead, collapse, expand, mix_matrix, sinkhorn, sinkhorn_numpy
+from workbench.model.v4.hyper import (
+    HyperConnection,
+    HyperHead,
+    collapse,
+    expand,
+    mix_matrix,
+    sinkhorn,
+    sinkhorn_numpy,
+    sinkhorn_tokens_last,
+)
 from workbench.probes import ProbeRegistry
 
 transformers = pytest.importorskip("transformers")
@@ -100,6 +109,12 @@ def test_expand_is_post_times_y_plus_transposed_mix() -> None:
             want[0, s, k] = post[0, s, k] * y[0, s] + sum(mix[0, s, j, k] * X[0, s, j] for j in range(3))
     torch.testing.assert_close(expand(X, y, post, mix), want)
     assert not torch.allclose(expand(X, y, post, mix.transpose(-1, -2)), want)
+    # the one-bmm layout against the broadcasting matmul it replaces, on the strided mixes Sinkhorn hands over
+    X4, y4 = torch.randn(2, 300, 4, 64, generator=gen), torch.randn(2, 300, 64, generator=gen)
+    post4 = torch.rand(2, 300, 4, generator=gen)
+    mix4 = torch.rand(4, 4, 2, 300, generator=gen).permute(2, 3, 0, 1)  # [B, S, n, n], tokens-last strides
+    plain = post4.unsqueeze(-1) * y4.unsqueeze(-2) + torch.matmul(mix4.transpose(-1, -2), X4)
+    torch.testing.assert_close(expand(X4, y4, post4, mix4), plain, atol=1e-6, rtol=1e-6)
     pre = torch.rand(1, 2, 3, generator=gen)
     torch.testing.assert_close(collapse(X, pre), (pre[..., None] * X).sum(2))
 
@@ -130,14 +145,18 @@ def test_mix_probe_sees_and_replaces_the_sinkhorn_matrix() -> None:
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 4, 8])
-@pytest.mark.parametrize("tokens", [1, 3, 16])
-def test_numpy_sinkhorn_is_the_torch_one_bit_for_bit(n: int, tokens: int) -> None:
+@pytest.mark.parametrize("tokens", [1, 3, 16, 700])
+def test_the_fast_sinkhorns_are_the_torch_one_bit_for_bit(n: int, tokens: int) -> None:
     for seed in range(5):
         g = torch.Generator().manual_seed(n * 100 + tokens * 10 + seed)
         m = torch.softmax(torch.randn(2, tokens, n, n, generator=g) * 3, dim=-1) + 1e-6
         want = sinkhorn(m, 20, 1e-6)
         if n <= 4:  # the streams V4 has; wider rows are summed in another order by numpy, so they stay on torch
             assert torch.equal(sinkhorn_numpy(m, 20, 1e-6), want)
+            assert torch.equal(sinkhorn_tokens_last(m, 20, 1e-6), want)
         assert torch.equal(mix_matrix(m, 20, 1e-6), want)  # whichever path it takes
-    trained = m.clone().requires_grad_(True)  # autograd always takes the torch path
-    assert mix_matrix(trained, 20, 1e-6).grad_fn is not None
+    trained = m.clone().requires_grad_(True)  # autograd never takes the numpy path
+    out = mix_matrix(trained, 20, 1e-6)
+    assert out.grad_fn is not None and torch.equal(out.detach(), want)
+    out.sum().backward()  # the tokens-last layout's out-of-place steps backpropagate
+    assert trained.grad is not None and torch.isfinite(trained.grad).all()

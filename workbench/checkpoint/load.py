@@ -229,7 +229,10 @@ def _put(values: dict[str, torch.Tensor], params: dict[str, torch.Tensor], ours:
             raise CheckpointError(f"{stored_name}: {tensor.dtype}, the model holds {params[ours].dtype} here")
         values[ours] = tensor
         return
-    values[ours] = tensor.to(torch.float32 if kept_in_fp32(ours) else dtype)
+    value = tensor.to(torch.float32 if kept_in_fp32(ours) else dtype)
+    if not params[ours].is_contiguous():  # a layout the module chose (the column-major lm_head): kept
+        value = torch.empty_strided(want, params[ours].stride(), dtype=value.dtype).copy_(value)
+    values[ours] = value
 
 
 def build_meta(config: ModelConfig) -> DeepSeekModel:

@@ -37,3 +37,19 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: torch.Tens
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=causal, is_causal=causal is None and S > 1,
                                          scale=scale)  # [B, nH, S, width]
     return out[..., :dv].transpose(1, 2)
+
+
+def attend_latent_step(q_latent: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor,
+                       scale: float) -> torch.Tensor:
+    """One absorbed-MLA decode step over its whole cached history, in three batched matmuls and a softmax.
+
+    q_latent [B, nH, C], q_pe [B, nH, R], c_kv [B, T, C], k_pe [B, T, R] -> o_latent [B, nH, C].
+    The same softmax([q_latent | q_pe]·[c_kv | k_pe] * scale) c_kv as `attend` on the concatenated key, with no
+    mask (a step's query is the last position: every cached key is causal), but the two halves of the logit are
+    added instead of concatenating the key: `attend` copies the whole history [B, T, C + R] into a new key every
+    step and pads it for SDPA, this reads the cache where it lies. For fp32 (wider dtypes keep `attend`'s
+    fp32-accumulating kernel); tested against `attend(fused=False)`.
+    """
+    logits = torch.bmm(q_latent, c_kv.transpose(1, 2))  # [B, nH, T]
+    logits = torch.baddbmm(logits, q_pe, k_pe.transpose(1, 2), beta=scale, alpha=scale)  # [B, nH, T] scaled
+    return torch.bmm(logits.softmax(dim=-1), c_kv)  # [B, nH, C]

@@ -25,7 +25,7 @@ from torch import nn
 
 from workbench.config import ModelConfig
 from workbench.model import dispatch
-from workbench.model.attention import attend
+from workbench.model.attention import attend, attend_latent_step
 from workbench.model.cache import LatentKVCache
 from workbench.model.indexer import LightningIndexer
 from workbench.model.norm import RMSNorm
@@ -98,6 +98,10 @@ class MLA(nn.Module):
         selected = None  # [B, S, k] key positions per query (-1: none); None: every causal key
         if self.indexer is not None and c_q is not None:
             selected = self.indexer(x, c_q, cos, sin, cache, topk=index_topk)
+        if mode == "absorb" and S == 1 and cache is not None and selected is None \
+                and q_nope.dtype == torch.float32 and not self._decode_on_kernel(q_nope, q_pe, c_kv, k_pe):
+            z = self._latent_step(q_nope, q_pe, c_kv, k_pe)  # [B, 1, nH, V]: a decode step, every key causal
+            return self.o_proj(self.hook_z(z.to(x.dtype)).reshape(B, S, nH * self.v_dim))
         # which keys a query sees: causal over the whole history (new token s sits at position past + s), None for
         # causal from the start; with a selection [B, 1, S, T] causal and selected
         allowed = None if past == 0 else torch.ones(S, T, dtype=torch.bool, device=x.device).tril(diagonal=past)
@@ -127,6 +131,19 @@ class MLA(nn.Module):
             raise ValueError(f"attention mode must be 'naive' or 'absorb', got {mode!r}")
         z = self.hook_z(z.to(x.dtype))
         return self.o_proj(z.reshape(B, S, nH * self.v_dim))
+
+    def _latent_step(self, q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor,
+                     k_pe: torch.Tensor) -> torch.Tensor:
+        """An absorbed fp32 decode step on torch (the hot loop of `generate` on CPU): q_nope [B, 1, nH, D],
+        q_pe [B, 1, nH, R], this layer's history c_kv [B, T, C] / k_pe [B, T, R] -> z [B, 1, nH, V].
+        The general absorbed path's einsums and concatenated key as head-batched matmuls (`attend_latent_step`);
+        the same numbers up to float reassociation (tests hold decode steps to the general path)."""
+        nH, D = self.n_heads, self.nope_dim
+        w_kv_b = _dense_weight(self.kv_b_proj, q_nope.dtype).view(nH, D + self.v_dim, self.latent_dim)
+        w_uk, w_uv = w_kv_b[:, :D], w_kv_b[:, D:]  # [nH, D, C], [nH, V, C]
+        q_latent = torch.bmm(q_nope[:, 0].transpose(0, 1), w_uk).transpose(0, 1)  # [B, nH, C]
+        o_latent = attend_latent_step(q_latent, q_pe[:, 0], c_kv, k_pe, self.softmax_scale)  # [B, nH, C]
+        return torch.bmm(o_latent.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)[:, None]  # [B, 1, nH, V]
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: torch.Tensor | None) -> torch.Tensor:
         return attend(q, k, v, causal, self.softmax_scale)

@@ -19,6 +19,7 @@ k top-k, E routed experts, C latent width, F FP8 sites.
 from __future__ import annotations
 
 import json
+import math
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -406,20 +407,20 @@ class Scratch:
 
 
 BLOCK_BYTES = 2 << 20  # one row block of fp32 logits: fits the L2 cache of the CPUs measured (2 MiB per core)
-SAFE_EXP = 80.0  # |row maximum| below this: exp without the max shift neither overflows the fp32 sum (V * e^80 is
-# far below 3.4e38 for any V < 2^40) nor loses the largest term to denormals (e^-80 is a normal fp32 number)
+LOG2_E = 1.0 / math.log(2.0)
 
 
 def argmax_and_logsumexp(logits: torch.Tensor, scratch: Scratch | None = None,
                          block_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(first argmax, logsumexp) along the last dim, fp32, in row blocks that stay in cache. Per block: `exp` into
-    the scratch buffer (the one read of the logits from memory), `first_argmax` on the now cache-resident block,
-    and a row sum. Skipping the usual max shift costs no accuracy in fp32 while the row maximum lies within
-    +-SAFE_EXP (checked against torch to 1e-6 relative); other rows (and infinite or NaN ones) take torch's
-    `logsumexp`, which has the conventions for those.
+    """(first argmax, logsumexp) along the last dim, fp32, in row blocks that stay in cache. Per block:
+    `first_argmax` (the one read of the logits from memory; it yields the row maxima m), then on the now
+    cache-resident block 2^((x - m) log2 e) into the scratch buffer and a row sum: lse = m + ln(sum). `exp2` is
+    2.2x faster than `exp` on the CPUs measured (AVX-512) and the shift keeps every term in (0, 1], so no row
+    overflows; rows whose maximum is infinite or NaN take torch's `logsumexp`, which has the conventions for them
+    (all checked against torch to 1e-6 relative).
 
-    Measured on the bundled model's 1024 x 2048 logits right after its forward, 2 threads: 1.9 ms, vs 2.4 ms for
-    the same passes over the whole array with a new [T, V] temporary each call (benchmarks/RESULTS.md).
+    Measured on V3-shaped 1024 x 4096 logits, 2 threads: 3.5 ms, vs 4.5 ms for the previous exp-based passes
+    (benchmarks/RESULTS.md).
     """
     V = logits.shape[-1]
     flat = logits.reshape(-1, V)  # [T, V]
@@ -434,13 +435,14 @@ def argmax_and_logsumexp(logits: torch.Tensor, scratch: Scratch | None = None,
         stop = min(T, start + rows)
         block = flat[start:stop]  # [n, V]
         w = work[: stop - start]
-        torch.exp(block, out=w)
         idx, block_top = first_argmax(block)  # [n], [n]
         pred[start:stop] = idx
         top[start:stop] = block_top
+        torch.sub(block, block_top[:, None], out=w)  # <= 0, 0 at each row's maximum
+        w.mul_(LOG2_E).exp2_()  # e^(x - m)
         torch.sum(w, dim=-1, out=lse[start:stop])
-    lse.log_()
-    redo = ~(top.abs() < SAFE_EXP)  # [T] large, infinite or NaN maxima
+    lse.log_().add_(top)
+    redo = ~torch.isfinite(top)  # [T] infinite or NaN maxima (a NaN logit makes the maximum NaN)
     if bool(redo.any()):
         lse[redo] = flat[redo].float().logsumexp(dim=-1)
     return pred.view(logits.shape[:-1]), lse.view(logits.shape[:-1])

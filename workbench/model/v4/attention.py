@@ -148,7 +148,8 @@ class V4Attention(nn.Module):
         `window` keys per query (0: none)."""
         t = positions[:, None]  # [S, 1]
         window_ok = (key_pos >= 0) & (key_pos <= t) & (key_pos > t - window)  # [S, P]
-        logits = [torch.einsum("bshd,bpd->bshp", q, keys).float().masked_fill(~window_ok[None, :, None], -math.inf)]
+        q = q * self.softmax_scale  # the logits' 1/sqrt(d) on the narrow side: [B, S, nH, d], not [B, S, nH, P + N]
+        logits = [_float(torch.einsum("bshd,bpd->bshp", q, keys)).masked_fill_(~window_ok[None, :, None], -math.inf)]
         if entries is not None:
             N = entries.shape[1]
             if selected is None:  # HCA: every complete window so far
@@ -156,9 +157,9 @@ class V4Attention(nn.Module):
             else:  # CSA: the indexer's picks (-1 = none) as a dense mask
                 hits = torch.zeros(*selected.shape[:2], N + 1, dtype=torch.bool, device=q.device)
                 entry_ok = hits.scatter_(-1, torch.where(selected >= 0, selected, N), True)[..., :N]  # [B, S, N]
-            logits.append(torch.einsum("bshd,bnd->bshn", q, entries).float()
-                          .masked_fill(~entry_ok[:, :, None], -math.inf))
-        probs = self._softmax_with_sink(logits)  # [B, S, nH, P (+N)] without the sink column
+            logits.append(_float(torch.einsum("bshd,bnd->bshn", q, entries))
+                          .masked_fill_(~entry_ok[:, :, None], -math.inf))
+        probs = self._softmax_with_sink(logits, scaled=True)  # [B, S, nH, P (+N)] without the sink column
         out = torch.einsum("bshp,bpd->bshd", probs[0].to(keys.dtype), keys)
         if entries is not None:
             out = out + torch.einsum("bshn,bnd->bshd", probs[1].to(entries.dtype), entries)
@@ -189,13 +190,15 @@ class V4Attention(nn.Module):
         return sum((torch.einsum("bshk,bskd->bshd", p.to(k.dtype), k) for p, k in zip(probs, gathered, strict=True)),
                    torch.zeros_like(q))
 
-    def _softmax_with_sink(self, logits: list[torch.Tensor]) -> list[torch.Tensor]:
-        """softmax over the key groups [B, S, nH, K_i] and the sink logit (value zero), scaled by 1/sqrt(d);
-        returns each group's probabilities and reports the mass per group to hook_attn_mass."""
+    def _softmax_with_sink(self, logits: list[torch.Tensor], scaled: bool = False) -> list[torch.Tensor]:
+        """softmax over the key groups [B, S, nH, K_i] and the sink logit (value zero), scaled by 1/sqrt(d) unless
+        `scaled` (the query carried it); returns each group's probabilities and reports the mass per group to
+        hook_attn_mass."""
         B, S, nH, _ = logits[0].shape
         sink = self.sinks.float().view(1, 1, nH, 1).expand(B, S, nH, 1)
         widths = [t.shape[-1] for t in logits]
-        probs = torch.cat([t * self.softmax_scale for t in logits] + [sink], dim=-1).softmax(dim=-1)
+        parts_in = logits if scaled else [t * self.softmax_scale for t in logits]
+        probs = torch.cat([*parts_in, sink], dim=-1).softmax(dim=-1)
         parts = list(probs.split([*widths, 1], dim=-1))
         if self.hook_attn_mass.listened():
             window = parts[0].sum(-1)
@@ -223,6 +226,11 @@ class V4Attention(nn.Module):
             raise ValueError(f"positions must continue from {what}: expected {past}..{past + S - 1}, got "
                              f"{positions.tolist()}")
         return B, S
+
+
+def _float(t: torch.Tensor) -> torch.Tensor:
+    """t in fp32: itself when it already is (a fresh einsum result the caller then masks in place), else a copy."""
+    return t if t.dtype == torch.float32 else t.float()
 
 
 def _gather(source: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -51,15 +51,30 @@ def sinkhorn_numpy(m: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
     return torch.from_numpy(a)
 
 
-SINKHORN_NUMPY_MAX = 1024  # elements: up to here (a few decode tokens) numpy wins; beyond, torch's kernels do
+def sinkhorn_tokens_last(m: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
+    """`sinkhorn` on a copy laid out [n, n, tokens...]: every row and column sum then runs along contiguous tokens
+    (vectorised), where on [..., n, n] each sums n strided numbers per token (5x faster at 1024 tokens on CPU).
+    The same sums in the same order (a test holds it equal to `sinkhorn` bit for bit)."""
+    lead = m.dim() - 2
+    a = m.permute(lead, lead + 1, *range(lead)).contiguous()  # [n, n, ...]
+    a = a / (a.sum(dim=0, keepdim=True) + eps)
+    for _ in range(iters - 1):
+        a = a / (a.sum(dim=1, keepdim=True) + eps)
+        a = a / (a.sum(dim=0, keepdim=True) + eps)
+    return a.permute(*range(2, a.dim()), 0, 1).contiguous()  # [..., n, n]
+
+
+SINKHORN_NUMPY_MAX = 1024  # elements: up to here (a few decode tokens) numpy wins; beyond, the tokens-last layout
 
 
 def mix_matrix(m: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
-    """Sinkhorn on the path that is fastest for this input; both paths compute the same numbers."""
-    if (m.device.type == "cpu" and m.dtype == torch.float32 and not m.requires_grad and m.shape[-1] <= 4
-            and m.numel() <= SINKHORN_NUMPY_MAX):  # n <= 4: both sum a row or column in the same order
+    """Sinkhorn on the path that is fastest for this input; every path computes the same numbers as `sinkhorn`."""
+    if m.shape[-1] > 4:  # wider streams than V4's: the summation order of the fast paths is not pinned there
+        return sinkhorn(m, iters, eps)
+    if m.device.type == "cpu" and m.dtype == torch.float32 and not m.requires_grad \
+            and m.numel() <= SINKHORN_NUMPY_MAX:  # n <= 4: both sum a row or column in the same order
         return sinkhorn_numpy(m, iters, eps)
-    return sinkhorn(m, iters, eps)
+    return sinkhorn_tokens_last(m, iters, eps)
 
 
 def flat_rms(streams: torch.Tensor, eps: float) -> torch.Tensor:
@@ -108,7 +123,12 @@ def collapse(streams: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
 def expand(streams: torch.Tensor, y: torch.Tensor, post: torch.Tensor, mix: torch.Tensor) -> torch.Tensor:
     """X' = post (x) y + M^T X: streams [B, S, n, D], y [B, S, D], post [B, S, n], mix [B, S, n, n] -> [B, S, n, D]."""
     dtype = streams.dtype
-    return post.to(dtype).unsqueeze(-1) * y.unsqueeze(-2) + torch.matmul(mix.to(dtype).transpose(-1, -2), streams)
+    n, D = streams.shape[-2:]
+    # M^T X as one bmm over contiguous [T, n, n] x [T, n, D]: on CPU a broadcasting matmul over [..., n, n], or a
+    # bmm of strided matrices, is 15-25x slower at 1024 tokens
+    m_t = mix.to(dtype).transpose(-1, -2).reshape(-1, n, n).contiguous()  # [T, n, n]
+    mixed = torch.bmm(m_t, streams.reshape(-1, n, D).contiguous())  # [T, n, D]
+    return post.to(dtype).unsqueeze(-1) * y.unsqueeze(-2) + mixed.view(streams.shape)
 
 
 class HyperHead(nn.Module):
