@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import random
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -40,13 +41,29 @@ WIDE = dict(model_type="deepseek_v3", vocab_size=4096, hidden_size=256, intermed
             topk_method="noaux_tc", scoring_func="sigmoid", norm_topk_prob=True)
 
 
+class TimedTrace(Trace):
+    """A Trace that times its own work per forward call: assembling the batch (next-token statistics, stacks, host
+    copies), the part a trace adds after the model has run. The end-to-end ratios above carry the machine's +-4%
+    noise; this share of the same run's plain forward does not."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.seconds: list[float] = []
+
+    def _assemble(self, *args: object) -> dict[str, np.ndarray]:
+        t0 = time.perf_counter()
+        out = super()._assemble(*args)  # type: ignore[arg-type]
+        self.seconds.append(time.perf_counter() - t0)
+        return out
+
+
 def bench_capture(ids: torch.Tensor) -> None:
     loaded = load_model()
-    plain, t_routing, t_full, t_stats = capture_times(loaded.model, ids, loaded.tokenizer)
+    plain, t_routing, t_full, t_stats, own = capture_times(loaded.model, ids, loaded.tokenizer)
     n = ids.numel()
     print(f"workbench default model, batch {tuple(ids.shape)} ({n} tokens), median of {CAPTURE_REPEATS}, "
           "interleaved in shuffled order:")
-    print_capture(plain, t_routing, t_full, t_stats)
+    print_capture(plain, t_routing, t_full, t_stats, own)
     bench_transformers_hooks(loaded.model.config, ids, plain, t_routing)
     # The capture's fixed cost is the next-token statistics over [tokens x vocab] logits; the bundled model's
     # head is large next to its body (vocab 2048, hidden 128), so show the same on a wider config too.
@@ -57,20 +74,24 @@ def bench_capture(ids: torch.Tensor) -> None:
     print_capture(*wide_times)
 
 
-def print_capture(plain: float, routing: float, full: float, stats: float) -> None:
+def print_capture(plain: float, routing: float, full: float, stats: float, own: tuple[float, float]) -> None:
     print(f"  plain forward            {plain * 1e3:8.1f} ms")
     print(f"  + routing capture        {routing * 1e3:8.1f} ms  overhead x{routing / plain:.3f}")
     print(f"  + full capture (all)     {full * 1e3:8.1f} ms  overhead x{full / plain:.3f}")
     print(f"  + next-token statistics alone (argmax + logsumexp over the logits, in every trace) "
           f"{stats * 1e3:.1f} ms  x{stats / plain:.3f}")
+    print(f"  the recorder's own work per call (median, timed inside the trace): routing {own[0] * 1e3:.2f} ms "
+          f"(x{1 + own[0] / plain:.3f} of the plain forward), all {own[1] * 1e3:.2f} ms (x{1 + own[1] / plain:.3f})")
 
 
-def capture_times(model: DeepSeekModel, ids: torch.Tensor, tokenizer: object) -> list[float]:
+def capture_times(model: DeepSeekModel, ids: torch.Tensor,
+                  tokenizer: object) -> tuple[float, float, float, float, tuple[float, float]]:
     """Medians of: plain forward, forward + routing capture (expert ids and weights, plus the next-token
     statistics every trace records), forward + every traceable site, and forward + the next-token statistics'
-    argmax and logsumexp alone (the share of the overhead that grows with the vocabulary)."""
-    routing = Trace(model, ["expert_ids", "expert_weights"], keep=False)
-    full = Trace(model, ["all"], tokenizer=tokenizer, keep=False)
+    argmax and logsumexp alone (the share of the overhead that grows with the vocabulary); then the two traces'
+    own assembling time per call (`TimedTrace`)."""
+    routing = TimedTrace(model, ["expert_ids", "expert_weights"], keep=False)
+    full = TimedTrace(model, ["all"], tokenizer=tokenizer, keep=False)
 
     def run_with(t: Trace) -> None:
         with t:
@@ -82,8 +103,11 @@ def capture_times(model: DeepSeekModel, ids: torch.Tensor, tokenizer: object) ->
         argmax_and_logsumexp(model(ids), scratch)
 
     with torch.inference_mode():
-        return interleaved_seconds([lambda: model(ids), lambda: run_with(routing), lambda: run_with(full),
-                                    forward_and_statistics], repeats=CAPTURE_REPEATS)
+        plain, t_routing, t_full, t_stats = interleaved_seconds(
+            [lambda: model(ids), lambda: run_with(routing), lambda: run_with(full), forward_and_statistics],
+            repeats=CAPTURE_REPEATS)
+    own = (statistics.median(routing.seconds), statistics.median(full.seconds))
+    return plain, t_routing, t_full, t_stats, own
 
 
 def bench_transformers_hooks(config: object, ids: torch.Tensor, ours_plain: float, ours_routing: float) -> None:
