@@ -535,3 +535,25 @@ def test_bad_input_is_refused_with_a_clear_error(hf):
     with pytest.raises(ValueError, match="power-of-two index_head_dim, got 12"):
         set_reference_quant(odd_indexer, kv_fp8=False, indexer_fp4=True)
     assert not odd_indexer.simulate_indexer_fp4
+
+
+def test_scaling_the_queries_is_exact_where_the_scale_is_a_power_of_two():
+    """The dense path scales q instead of the logits only where 1/sqrt(head_dim) is a power of two (the bundled
+    model's 64): then the two orders give the same logits bit for bit."""
+    from workbench.loader import load_model
+
+    model = load_model("default").model
+    attns = [layer.self_attn for layer in model.layers]
+    assert model.config.head_dim == 64 and all(a.scale_queries for a in attns)
+    assert not V4Attention(model.config.replace(head_dim=32), 0, ProbeRegistry()).scale_queries  # 1/sqrt(32)
+    ids = torch.randint(0, model.config.vocab_size, (2, 70), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        folded = model(ids, mode="naive")
+        for a in attns:
+            a.scale_queries = False
+        try:
+            plain = model(ids, mode="naive")
+        finally:
+            for a in attns:
+                a.scale_queries = True
+    assert torch.equal(folded, plain)

@@ -64,6 +64,9 @@ class V4Attention(nn.Module):
         self.hidden, self.n_heads, self.head_dim = config.hidden_size, config.num_attention_heads, config.head_dim
         self.rope_dim, self.window, self.eps = config.qk_rope_head_dim, config.sliding_window, config.rms_norm_eps
         self.o_groups, self.softmax_scale = config.o_groups, config.head_dim**-0.5
+        # 1/sqrt(d) a power of two (d = 4^j, e.g. 64): scaling q instead of the logits is then exact, bit for bit,
+        # and the dense path saves a pass over its [B, S, nH, P + N] logits
+        self.scale_queries = math.frexp(self.softmax_scale)[0] == 0.5
         self.rotary = V4Rotary.for_layer(config, layer)
         D, nH, d, g = config.hidden_size, config.num_attention_heads, config.head_dim, config.o_groups
         self.q_a_proj = nn.Linear(D, config.q_lora_rank, bias=False)
@@ -148,7 +151,8 @@ class V4Attention(nn.Module):
         `window` keys per query (0: none)."""
         t = positions[:, None]  # [S, 1]
         window_ok = (key_pos >= 0) & (key_pos <= t) & (key_pos > t - window)  # [S, P]
-        q = q * self.softmax_scale  # the logits' 1/sqrt(d) on the narrow side: [B, S, nH, d], not [B, S, nH, P + N]
+        if self.scale_queries:
+            q = q * self.softmax_scale  # [B, S, nH, d]: exact (see __init__), the logits come out scaled
         logits = [_float(torch.einsum("bshd,bpd->bshp", q, keys)).masked_fill_(~window_ok[None, :, None], -math.inf)]
         if entries is not None:
             N = entries.shape[1]
@@ -159,7 +163,7 @@ class V4Attention(nn.Module):
                 entry_ok = hits.scatter_(-1, torch.where(selected >= 0, selected, N), True)[..., :N]  # [B, S, N]
             logits.append(_float(torch.einsum("bshd,bnd->bshn", q, entries))
                           .masked_fill_(~entry_ok[:, :, None], -math.inf))
-        probs = self._softmax_with_sink(logits, scaled=True)  # [B, S, nH, P (+N)] without the sink column
+        probs = self._softmax_with_sink(logits, scaled=self.scale_queries)  # [B, S, nH, P (+N)] without the sink
         out = torch.einsum("bshp,bpd->bshd", probs[0].to(keys.dtype), keys)
         if entries is not None:
             out = out + torch.einsum("bshn,bnd->bshd", probs[1].to(entries.dtype), entries)
@@ -191,14 +195,14 @@ class V4Attention(nn.Module):
                    torch.zeros_like(q))
 
     def _softmax_with_sink(self, logits: list[torch.Tensor], scaled: bool = False) -> list[torch.Tensor]:
-        """softmax over the key groups [B, S, nH, K_i] and the sink logit (value zero), scaled by 1/sqrt(d) unless
-        `scaled` (the query carried it); returns each group's probabilities and reports the mass per group to
-        hook_attn_mass."""
+        """softmax over the key groups [B, S, nH, K_i] and the sink logit (value zero), the groups scaled by
+        1/sqrt(d) unless `scaled` (their queries carried it); returns each group's probabilities and reports the
+        mass per group to hook_attn_mass."""
         B, S, nH, _ = logits[0].shape
         sink = self.sinks.float().view(1, 1, nH, 1).expand(B, S, nH, 1)
         widths = [t.shape[-1] for t in logits]
-        parts_in = logits if scaled else [t * self.softmax_scale for t in logits]
-        probs = torch.cat([*parts_in, sink], dim=-1).softmax(dim=-1)
+        groups = logits if scaled else [t * self.softmax_scale for t in logits]
+        probs = torch.cat([*groups, sink], dim=-1).softmax(dim=-1)
         parts = list(probs.split([*widths, 1], dim=-1))
         if self.hook_attn_mass.listened():
             window = parts[0].sum(-1)
