@@ -98,8 +98,9 @@ class MLA(nn.Module):
         selected = None  # [B, S, k] key positions per query (-1: none); None: every causal key
         if self.indexer is not None and c_q is not None:
             selected = self.indexer(x, c_q, cos, sin, cache, topk=index_topk)
-        if mode == "absorb" and S == 1 and cache is not None and selected is None \
-                and q_nope.dtype == torch.float32 and not self._decode_on_kernel(q_nope, q_pe, c_kv, k_pe):
+        step = mode == "absorb" and S == 1 and cache is not None  # an absorbed decode step
+        on_kernel = step and self._decode_on_kernel(q_nope, q_pe, c_kv, k_pe)  # mla_decode runs it
+        if step and selected is None and q_nope.dtype == torch.float32 and not on_kernel:
             z = self._latent_step(q_nope, q_pe, c_kv, k_pe)  # [B, 1, nH, V]: a decode step, every key causal
             return self.o_proj(self.hook_z(z.to(x.dtype)).reshape(B, S, nH * self.v_dim))
         # which keys a query sees: causal over the whole history (new token s sits at position past + s), None for
@@ -114,12 +115,11 @@ class MLA(nn.Module):
             key = torch.cat([k_nope, k_pe[:, :, None].expand(B, T, nH, R)], dim=-1)  # [B, T, nH, D+R]
             z = self._attend(query, key, v, allowed)  # [B, S, nH, V]
         elif mode == "absorb":
-            w_kv_b = _dense_weight(self.kv_b_proj, q_nope.dtype).view(nH, D + self.v_dim, C)
-            w_uk, w_uv = w_kv_b[:, :D], w_kv_b[:, D:]  # [nH, D, C], [nH, V, C]
+            w_uk, w_uv = self._absorbed_weights(q_nope.dtype)  # [nH, D, C], [nH, V, C]
             q_latent = torch.einsum("bshd,hdc->bshc", q_nope, w_uk)  # [B, S, nH, C]
             query = torch.cat([q_latent, q_pe], dim=-1)  # [B, S, nH, C+R]
             key = torch.cat([c_kv, k_pe], dim=-1)[:, :, None]  # [B, T, 1, C+R]: one key shared by all heads
-            if S == 1 and cache is not None and self._decode_on_kernel(q_latent, q_pe, c_kv, k_pe):
+            if on_kernel:  # (q_latent has q_nope's dtype: the weight is taken in it)
                 if selected is None:
                     o_latent = self._decode_kernel(q_latent, q_pe, c_kv, k_pe)  # [B, 1, nH, C]
                 else:  # only the selected rows: [B, k, C], [B, k, R], their count per sequence [B]
@@ -138,12 +138,15 @@ class MLA(nn.Module):
         q_pe [B, 1, nH, R], this layer's history c_kv [B, T, C] / k_pe [B, T, R] -> z [B, 1, nH, V].
         The general absorbed path's einsums and concatenated key as head-batched matmuls (`attend_latent_step`);
         the same numbers up to float reassociation (tests hold decode steps to the general path)."""
-        nH, D = self.n_heads, self.nope_dim
-        w_kv_b = _dense_weight(self.kv_b_proj, q_nope.dtype).view(nH, D + self.v_dim, self.latent_dim)
-        w_uk, w_uv = w_kv_b[:, :D], w_kv_b[:, D:]  # [nH, D, C], [nH, V, C]
+        w_uk, w_uv = self._absorbed_weights(q_nope.dtype)  # [nH, D, C], [nH, V, C]
         q_latent = torch.bmm(q_nope[:, 0].transpose(0, 1), w_uk).transpose(0, 1)  # [B, nH, C]
         o_latent = attend_latent_step(q_latent, q_pe[:, 0], c_kv, k_pe, self.softmax_scale)  # [B, nH, C]
         return torch.bmm(o_latent.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)[:, None]  # [B, 1, nH, V]
+
+    def _absorbed_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """kv_b_proj's key and value halves per head, w_uk [nH, D, C] and w_uv [nH, V, C] (views of its weight)."""
+        w_kv_b = _dense_weight(self.kv_b_proj, dtype).view(self.n_heads, self.nope_dim + self.v_dim, self.latent_dim)
+        return w_kv_b[:, : self.nope_dim], w_kv_b[:, self.nope_dim :]
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: torch.Tensor | None) -> torch.Tensor:
         return attend(q, k, v, causal, self.softmax_scale)

@@ -238,7 +238,7 @@ def run_driver(client: Any, *, inputs: list[Path], out: str, storage_options: di
     t = Trace(loaded.model, sites, tokenizer=loaded.tokenizer, keep=False, checkpoint=loaded.digest)
     storage = storage_for(out, storage_options)
     if resume and storage.exists():
-        attrs, rows = read_progress(storage)  # [tasks, (tokens, seqs, done)]
+        attrs, rows, _ = read_progress(storage)  # [tasks, (tokens, seqs, done)]
         plan = _stored_plan(storage, attrs)
         plan.check_inputs()
     else:

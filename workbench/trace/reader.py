@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -74,15 +74,13 @@ def open_trace(path: str | Path | Storage, storage_options: dict[str, Any] | Non
     """
     storage = storage_for(path, storage_options)
     path = storage.name
-    _check_metadata_files(storage)
-    group, attrs = open_store(storage, mode="r")
+    group, attrs, progress = _open_progress(storage)  # [writers, fields]
+    writers, region = progress.shape[0], int(attrs["region_tokens"])
     try:
         layout = Layout.from_json(json.loads(attrs["layout"]))
-        writers, region = int(attrs["writers"]), int(attrs["region_tokens"])
     except (KeyError, ValueError, TypeError, RecursionError) as e:
         raise TraceStoreError(f"{path} is a corrupt trace store ({type(e).__name__}: {e})"[:500]) from None
     _check_layout(path, layout)
-    progress = _read_progress(path, group, writers, region)  # [writers, fields]
     members = _members(path, group)
     missing = [n for n in layout.stored_names() if n not in members]
     if missing:
@@ -103,17 +101,24 @@ def open_trace(path: str | Path | Storage, storage_options: dict[str, Any] | Non
 
 
 def read_progress(path: str | Path | Storage, storage_options: dict[str, Any] | None = None
-                  ) -> tuple[dict[str, Any], np.ndarray]:
-    """A store's attrs and [regions, (tokens, seqs, done)] progress table, read under the same bounds as
-    `open_trace` (metadata sizes, region count, row values), for the status command and a resuming driver."""
-    storage = storage_for(path, storage_options)
+                  ) -> tuple[dict[str, Any], np.ndarray, Callable[[int], str]]:
+    """A store's attrs, its [regions, (tokens, seqs, done)] progress table, read under the same bounds as
+    `open_trace` (metadata sizes, region count, row values), and the storage key of a region's row (its one
+    chunk, as the progress array's metadata names it): for the status command and a resuming driver."""
+    group, attrs, progress = _open_progress(storage_for(path, storage_options))
+    encode = array_of(group, PROGRESS).metadata.encode_chunk_key
+    return attrs, progress, lambda region: f"{PROGRESS}/{encode((region, 0))}"
+
+
+def _open_progress(storage: Storage) -> tuple[zarr.Group, dict[str, Any], np.ndarray]:
+    """The group, its attrs and its bounded progress table [writers, fields] (the checks every reader runs first)."""
     _check_metadata_files(storage)
     group, attrs = open_store(storage, mode="r")
     try:
         writers, region = int(attrs["writers"]), int(attrs["region_tokens"])
     except (KeyError, ValueError, TypeError) as e:
         raise TraceStoreError(f"{storage.name} is a corrupt trace store ({type(e).__name__}: {e})"[:500]) from None
-    return attrs, _read_progress(storage.name, group, writers, region)
+    return group, attrs, _read_progress(storage.name, group, writers, region)
 
 
 def _refuse_claim(path: object, what: str, claimed: int, limit: int) -> TraceStoreError:

@@ -20,7 +20,6 @@ import numpy as np
 
 from workbench.trace.plan import PLAN_ATTR, TracePlan
 from workbench.trace.reader import read_progress
-from workbench.trace.schema import PROGRESS
 from workbench.trace.storage import storage_for
 
 
@@ -54,14 +53,14 @@ class StoreStatus:
 def store_status(location: Any, storage_options: dict[str, Any] | None = None, stalled_after: float = 600.0,
                  now: float | None = None) -> StoreStatus:
     storage = storage_for(location, storage_options)
-    attrs, rows = read_progress(storage)  # [regions, (tokens, seqs, done)], bounded like open_trace
+    attrs, rows, row_key = read_progress(storage)  # [regions, (tokens, seqs, done)], bounded like open_trace
     tokens, done = rows[:, 0], rows[:, 2].astype(bool)
     planned = TracePlan.from_json(str(attrs[PLAN_ATTR])).total_tokens if PLAN_ATTR in attrs else None
     started = (tokens > 0) & ~done
     clock = time.time() if now is None else now
     stalled = []
     for region in np.nonzero(started)[0]:
-        modified = storage.modified(f"{PROGRESS}/c/{int(region)}/0")  # the row's chunk (TraceStore's default keys)
+        modified = storage.modified(row_key(int(region)))  # when the region last committed
         if modified is not None and clock - modified > stalled_after:
             stalled.append((int(region), int(tokens[region]), clock - modified))
     return StoreStatus(storage.name, int(tokens.sum()), planned, len(rows), int(done.sum()), int(started.sum()),

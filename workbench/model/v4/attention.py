@@ -153,7 +153,8 @@ class V4Attention(nn.Module):
         window_ok = (key_pos >= 0) & (key_pos <= t) & (key_pos > t - window)  # [S, P]
         if self.scale_queries:
             q = q * self.softmax_scale  # [B, S, nH, d]: exact (see __init__), the logits come out scaled
-        logits = [_float(torch.einsum("bshd,bpd->bshp", q, keys)).masked_fill_(~window_ok[None, :, None], -math.inf)]
+        # .float() is the einsum's own fresh tensor when it is fp32 already: masked in place
+        logits = [torch.einsum("bshd,bpd->bshp", q, keys).float().masked_fill_(~window_ok[None, :, None], -math.inf)]
         if entries is not None:
             N = entries.shape[1]
             if selected is None:  # HCA: every complete window so far
@@ -161,7 +162,7 @@ class V4Attention(nn.Module):
             else:  # CSA: the indexer's picks (-1 = none) as a dense mask
                 hits = torch.zeros(*selected.shape[:2], N + 1, dtype=torch.bool, device=q.device)
                 entry_ok = hits.scatter_(-1, torch.where(selected >= 0, selected, N), True)[..., :N]  # [B, S, N]
-            logits.append(_float(torch.einsum("bshd,bnd->bshn", q, entries))
+            logits.append(torch.einsum("bshd,bnd->bshn", q, entries).float()
                           .masked_fill_(~entry_ok[:, :, None], -math.inf))
         probs = self._softmax_with_sink(logits, scaled=self.scale_queries)  # [B, S, nH, P (+N)] without the sink
         out = torch.einsum("bshp,bpd->bshd", probs[0].to(keys.dtype), keys)
@@ -230,11 +231,6 @@ class V4Attention(nn.Module):
             raise ValueError(f"positions must continue from {what}: expected {past}..{past + S - 1}, got "
                              f"{positions.tolist()}")
         return B, S
-
-
-def _float(t: torch.Tensor) -> torch.Tensor:
-    """t in fp32: itself when it already is (a fresh einsum result the caller then masks in place), else a copy."""
-    return t if t.dtype == torch.float32 else t.float()
 
 
 def _gather(source: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -124,13 +124,13 @@ def expand(streams: torch.Tensor, y: torch.Tensor, post: torch.Tensor, mix: torc
     """X' = post (x) y + M^T X: streams [B, S, n, D], y [B, S, D], post [B, S, n], mix [B, S, n, n] -> [B, S, n, D]."""
     dtype = streams.dtype
     n, D = streams.shape[-2:]
+    m_t = mix.to(dtype).transpose(-1, -2)  # [..., n, n]
     if streams[..., 0, 0].numel() <= 16:  # a few tokens (decoding): the broadcasting matmul, fewer ops
-        return post.to(dtype).unsqueeze(-1) * y.unsqueeze(-2) + torch.matmul(mix.to(dtype).transpose(-1, -2), streams)
-    # M^T X as one bmm over contiguous [T, n, n] x [T, n, D]: on CPU a broadcasting matmul over [..., n, n], or a
-    # bmm of strided matrices, is 15-25x slower at 1024 tokens (the same products: tests hold the two equal)
-    m_t = mix.to(dtype).transpose(-1, -2).reshape(-1, n, n).contiguous()  # [T, n, n]
-    mixed = torch.bmm(m_t, streams.reshape(-1, n, D).contiguous())  # [T, n, D]
-    return post.to(dtype).unsqueeze(-1) * y.unsqueeze(-2) + mixed.view(streams.shape)
+        mixed = torch.matmul(m_t, streams)  # [B, S, n, D]
+    else:  # one bmm over contiguous [T, n, n] x [T, n, D]: on CPU a broadcasting matmul over [..., n, n], or a bmm
+        # of strided matrices, is 15-25x slower at 1024 tokens (the same products: tests hold the two equal)
+        mixed = torch.bmm(m_t.reshape(-1, n, n).contiguous(), streams.reshape(-1, n, D).contiguous()).view(streams.shape)
+    return post.to(dtype).unsqueeze(-1) * y.unsqueeze(-2) + mixed
 
 
 class HyperHead(nn.Module):
