@@ -23,6 +23,7 @@ from workbench.trace import (
     open_trace,
 )
 from workbench.trace.writer_lock import WriterLock
+from workbench.trace.zarr_io import STORE_ATTRS
 
 TEXTS = corpus(12, seed=3)
 
@@ -289,6 +290,26 @@ def test_a_create_that_fails_removes_what_it_wrote_and_a_rerun_creates_it(tmp_pa
         TraceStore.create(tmp_path / "file.zarr", t.attrs(), t.layout)
     with pytest.raises(TraceStoreError, match="is a file, not a trace store"):
         open_trace(tmp_path / "file.zarr")
+
+
+def test_every_root_metadata_a_joining_shard_can_read_has_all_the_attrs_or_none(tmp_path, loaded, monkeypatch):
+    """A shard joining a store polls the root zarr.json while another shard creates it; each version of that file
+    on disk must hold every store attr or none (attrs.update wrote it once per key: a joiner saw "writers" without
+    "region_tokens" and failed)."""
+    import zarr.storage._local as local
+
+    t = Trace(loaded.model, None, tokenizer=loaded.tokenizer, keep=False, checkpoint=loaded.digest)
+    path, real, seen = tmp_path / "t.zarr", local._put, []
+
+    def record(file, value, exclusive=False):
+        if Path(file) == path / "zarr.json":
+            seen.append(set(json.loads(bytes(value.to_bytes()))["attributes"]))
+        return real(file, value, exclusive=exclusive)
+
+    monkeypatch.setattr(local, "_put", record)
+    TraceStore.create(path, t.attrs(), t.layout, chunk_tokens=16, writers=2, region_tokens=64, vocab=t.vocab()).close()
+    assert seen and all(not (keys & set(STORE_ATTRS)) or set(STORE_ATTRS) <= keys for keys in seen), seen
+    assert set(STORE_ATTRS) <= seen[-1]
 
 
 def test_discard_removes_only_a_store_this_handle_created_without_commits(tmp_path, loaded):

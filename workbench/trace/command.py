@@ -49,7 +49,7 @@ from workbench.trace.recorder import Trace
 from workbench.trace.schema import Layout
 from workbench.trace.storage import ClaimedError, LocalStorage, Storage, storage_for
 from workbench.trace.store import DEFAULT_CHUNK_TOKENS, REMOTE_CHUNK_TOKENS, TraceStore
-from workbench.trace.zarr_io import TraceStoreError
+from workbench.trace.zarr_io import STORE_ATTRS, TraceStoreError
 
 _OPENED: ContextVar[list[TraceStore] | None] = ContextVar("trace_stores_opened", default=None)  # by this run
 
@@ -210,10 +210,11 @@ def _opened(store: TraceStore) -> TraceStore:
 
 def _join(args: argparse.Namespace, storage: Storage, attrs: dict[str, Any], layout: Layout,
           plan: ShardPlan) -> TraceStore:
-    """Another shard creates the store: wait until its attrs exist (written last), then take our region."""
+    """Another shard creates the store: wait until all its attrs exist (written last, together), then take our
+    region."""
     writer, writers = args.shard
     deadline = time.monotonic() + args.wait
-    while "writers" not in (found := _attrs_or_empty(storage)):
+    while not all(k in (found := _attrs_or_empty(storage)) for k in STORE_ATTRS):
         if not storage.exists():
             raise TraceStoreError(f"{storage.name}: the shard creating it failed and removed it (see its error); "
                                   "start the shards again")

@@ -177,8 +177,8 @@ def _import(args: argparse.Namespace, store: TraceStore, target: Target) -> Tall
                          f"no routing ({tally.reasons()}), more than --max-uncaptured {args.max_uncaptured:g}; "
                          f"{args.out} was removed. Raise --max-uncaptured to import it anyway")
     store.flush()
-    store.group.attrs.update({"uncaptured": tally.uncaptured, "uncaptured_by_reason": json.dumps(tally.by_reason),
-                              "imported_requests": tally.requests})
+    store.group.update_attributes({"uncaptured": tally.uncaptured, "uncaptured_by_reason": json.dumps(tally.by_reason),
+                                   "imported_requests": tally.requests})  # one zarr.json write, not one per key
     store.close()
     return tally
 

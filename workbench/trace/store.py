@@ -195,9 +195,11 @@ class TraceStore:
                                       dtype="int64", fill_value=0, dimension_names=[WRITER, "progress_field"],
                                       attributes={"fields": list(PROGRESS_FIELDS)})
         progress[:] = 0
-        # group attrs last: a store without them is recognisably partial
-        group.attrs.update({**attrs, "schema_version": layout.schema_version(), "complete": False, "writers": writers,
-                            "region_tokens": region_tokens, "chunk_tokens": chunk_tokens})
+        # group attrs last, in one write of zarr.json (attrs.update would write it once per key, and a shard joining
+        # between two of those writes would see "writers" without "region_tokens"): a store without them is partial
+        group = group.update_attributes({**attrs, "schema_version": layout.schema_version(), "complete": False,
+                                         "writers": writers, "region_tokens": region_tokens,
+                                         "chunk_tokens": chunk_tokens})
         return cls(storage, group, layout, writer, flush_tokens)
 
     @classmethod

@@ -28,6 +28,10 @@ def array_of(group: zarr.Group, name: str) -> zarr.Array:
     return arr
 
 
+STORE_ATTRS = ("schema_version", "layout", "writers", "region_tokens", "chunk_tokens", "model_config")
+"""The group attrs every trace store has once it is fully created (written together, in one zarr.json write)."""
+
+
 def open_store(storage: Any, mode: str) -> tuple[zarr.Group, dict[str, Any]]:
     """A trace store's group and attrs (`storage`: a storage.LocalStorage or ObjectStorage), once it is known to
     be a readable, fully created store of a schema this version reads; every reader and writer opens stores
@@ -47,8 +51,7 @@ def open_store(storage: Any, mode: str) -> tuple[zarr.Group, dict[str, Any]]:
     except Exception as e:  # zarr raises a zoo of types for a missing or garbled zarr.json
         raise TraceStoreError(f"{path} is not a readable zarr v3 trace store ({type(e).__name__}: {e})") from None
     attrs: dict[str, Any] = dict(group.attrs)
-    needed = ("schema_version", "layout", "writers", "region_tokens", "chunk_tokens", "model_config")
-    missing = [k for k in needed if k not in attrs]
+    missing = [k for k in STORE_ATTRS if k not in attrs]
     if missing:
         raise TraceStoreError(f"{path} is not a complete trace store (attrs {missing} missing); it was probably "
                               "killed while being created, delete it and start again")
