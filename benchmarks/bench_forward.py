@@ -6,7 +6,7 @@ against its reference on the default model's shapes (routed experts: sorted per-
 padded-width SDPA vs softmax(q k^T) v), then KV bytes per token for the V2-Lite / V3 shapes against the published
 figure (V3: 576 elements per layer) and for V3.2 / V4 at 1M tokens (published: V4-Pro 10%, V4-Flash 7% of V3.2).
 Every family is timed interleaved (`timing.interleaved_seconds`): both models alternate within every round.
-`--profile` prints instead where a V3 decode step's time goes in each model (wall ms per step, then the top-level
+`--profile` prints instead where a V3 and a V4 decode step's time goes in each model (wall ms per step, then the top-level
 aten ops per step by kind and their share of the torch profiler's CPU time).
 """
 
@@ -187,17 +187,26 @@ _OP_KINDS = {
 }
 
 
-def profile_decode(steps: int = 24) -> None:
-    """Where a decode step's time goes, ours vs transformers: wall ms per step (no profiler), then under the torch
-    profiler the top-level aten ops per step and their share of the profiled time, by kind."""
+def profile_decode(family: str = "v3", steps: int = 24) -> None:
+    """Where a decode step's time goes, ours vs transformers (`family` v3 or v4): wall ms per step (no profiler),
+    then under the torch profiler the top-level aten ops per step and their share of the profiled time, by kind."""
     import collections
     import time
 
     from torch.profiler import profile
     from transformers import DynamicCache
 
-    hf, ours = _build_v3()
-    ids = torch.randint(0, CONFIG["vocab_size"], (1, 64 + steps), generator=torch.Generator().manual_seed(5))
+    if family == "v3":
+        hf, ours = _build_v3()
+    else:
+        from workbench.checkpoint import load_checkpoint
+
+        hf = _build_hf(family)
+        with tempfile.TemporaryDirectory() as d:
+            hf.save_pretrained(d)
+            ours = load_checkpoint(Path(d))
+    vocab = CONFIG["vocab_size"] if family == "v3" else V4_CONFIG["vocab_size"]
+    ids = torch.randint(0, vocab, (1, 64 + steps), generator=torch.Generator().manual_seed(5))
 
     def ours_prefill() -> object:
         cache = ours.new_cache(1, 64 + steps)
@@ -241,7 +250,7 @@ def profile_decode(steps: int = 24) -> None:
             table[name] = {k: (n, share) for k, (n, share) in kinds.items()}
             table[name]["all"] = (len(top) / steps, 1.0)
     hf_ms, ours_ms = (sorted(walls[n])[3] * 1e3 for n in ("transformers", "workbench"))
-    print(f"\ndecode step, V3 bench config, T = 64..{64 + steps}: transformers {hf_ms:.2f} ms, workbench {ours_ms:.2f} ms "
+    print(f"\ndecode step, {family} bench config, T = 64..{64 + steps}: transformers {hf_ms:.2f} ms, workbench {ours_ms:.2f} ms "
           f"(x{hf_ms / ours_ms:.2f}); top-level aten ops per step and share of profiled CPU time:")
     kinds_order = [*_OP_KINDS, "views, copies, other", "all"]
     print(f"  {'':40s}{'transformers':>22s}{'workbench':>22s}")
@@ -261,10 +270,12 @@ def main() -> None:
     parser.add_argument("--prefill", type=int, default=512)
     parser.add_argument("--decode", type=int, default=32)
     parser.add_argument("--families", nargs="+", default=["v3", "v32", "v4"], choices=["v3", "v32", "v4"])
-    parser.add_argument("--profile", action="store_true", help="only the decode-step profile table (V3 config)")
+    parser.add_argument("--profile", action="store_true", help="only the decode-step profile tables (V3, V4 configs)")
     args = parser.parse_args()
     if args.profile:
-        profile_decode()
+        for family in args.families:
+            if family != "v32":
+                profile_decode(family)
         return
     rows = []
     for family in args.families:

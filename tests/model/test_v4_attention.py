@@ -306,6 +306,35 @@ def test_cached_chunks_equal_one_full_forward(hf_any, chunks, mode):
         start += c
 
 
+@pytest.mark.parametrize("controls", [
+    {}, {"window": 3}, {"window": 1}, {"use_window": False}, {"dense": True}, {"use_compressed": False},
+    {"index_topk": 1}, {"index_topk": 7},
+], ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "none")
+def test_decode_steps_equal_the_dense_reference_under_every_attention_control(hf, controls):
+    """The decode step's own path ("fast", one token, `_attend_step`: no masks, one matmul over the window and the
+    entries) against the per-formula "naive" path step by step from the first token (so the ring fills, then
+    wraps), with each run control that shapes the keys; the attention-mass probe too."""
+    probes = ProbeRegistry()
+    ours = build_ours(hf, probes)
+    inputs = [full_input(hf, i)[:2] for i in range(len(ours))]
+    caches = {mode: V4Cache(hf["config"], B, T) for mode in ("fast", "naive")}
+    seen: dict[str, list[torch.Tensor]] = {"fast": [], "naive": []}
+    for t in range(T):
+        for mode, cache in caches.items():
+            for i, attn in enumerate(ours):
+                x, positions = inputs[i]
+                with probes.listen(["blocks.*.attn.hook_attn_mass"], lambda n, v, m=mode: seen[m].append(v)), \
+                        torch.no_grad():
+                    out = attn(x[:, t : t + 1], positions[t : t + 1], cache.layer(i), mode, **controls)
+                seen[mode].append(out)
+            cache.advance(1)
+    assert len(seen["fast"]) == len(seen["naive"]) == 2 * T * len(ours)
+    for t, (got, want) in enumerate(zip(seen["fast"], seen["naive"], strict=True)):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=lambda m, t=t: f"output {t}: {m}")
+    # the rings hold the same keys whatever path wrote them
+    assert torch.equal(caches["fast"].layer(0).window, caches["naive"].layer(0).window)
+
+
 # ---------------------------------------------------------------------------------------------------- probes
 
 
@@ -374,6 +403,35 @@ def test_rope_tables_are_transformers(hf):
     assert not torch.allclose(rotary.main_inv_freq, rotary.compress_inv_freq)
     assert V4Rotary.for_layer(cfg, 0).inv_freq.equal(V4Rotary.main(cfg).inv_freq)
     assert V4Rotary.for_layer(cfg, 2).inv_freq.equal(V4Rotary.compress(cfg).inv_freq)
+
+
+def test_one_position_rotates_by_a_matrix_equal_to_the_elementwise_rotation(hf):
+    """A decode step's fast path (one fp32 position: x @ M) against `rotate_elementwise`, both tables (the
+    compress one with YaRN), every width a step rotates (heads, keys, indexer queries), and the inverse."""
+    cfg = hf["config"]
+    g = torch.Generator().manual_seed(3)
+    for rotary in (V4Rotary.main(cfg), V4Rotary.compress(cfg)):
+        for position in (0, 7, 1023, 65535):
+            cos, sin = rotary.cos_sin(torch.tensor([position]))
+            for shape in ((2, 1, 4, 64), (3, 1, 64), (1, 1, 16, 32), (2, 1, rotary.dim)):
+                x = torch.randn(*shape, generator=g) * 3
+                y = rotary.rotate(x, cos, sin)
+                assert torch.equal(y[..., : -rotary.dim], x[..., : -rotary.dim])  # identity rows: exact
+                torch.testing.assert_close(y, rotary.rotate_elementwise(x, cos, sin), atol=1e-6, rtol=1e-6)
+                torch.testing.assert_close(rotary.unrotate(y, cos, sin), rotary.rotate_elementwise(y, cos, -sin),
+                                           atol=1e-6, rtol=1e-6)
+                torch.testing.assert_close(rotary.unrotate(y, cos, sin), x, atol=1e-5, rtol=1e-5)
+            # built once per (position, width) and reused: a step rotates q, keys and values with one matrix
+            assert rotary.rotation_matrix(cos, sin, 64) is rotary.rotation_matrix(cos, sin, 64)
+            assert rotary.rotation_matrix(cos, sin, 32).shape == (32, 32)
+    # other dtypes and several positions take the elementwise path, unchanged
+    rotary = V4Rotary.main(cfg)
+    cos, sin = rotary.cos_sin(torch.arange(3))
+    x = torch.randn(2, 3, 64, generator=g)
+    assert torch.equal(rotary.rotate(x, cos, sin), rotary.rotate_elementwise(x, cos, sin))
+    cos, sin = rotary.cos_sin(torch.tensor([9]))
+    xb = x[:, :1].bfloat16()
+    assert torch.equal(rotary.rotate(xb, cos, sin), rotary.rotate_elementwise(xb, cos, sin))
 
 
 def test_rope_rotates_interleaved_pairs_in_place_and_unrotates():

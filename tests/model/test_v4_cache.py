@@ -92,6 +92,38 @@ def test_state_after_40_tokens_holds_the_window_and_every_entry():
         torch.testing.assert_close(ring[:, p % (W - 1)], kv[:, p], atol=1e-6, rtol=1e-6)
 
 
+def test_one_token_compression_equals_the_general_path_bit_for_bit():
+    """A decode step's compressor path (the token written into its buffer slot, a closing window pooled from the
+    buffer) against `compress_any` on the same tokens and state: the same ops, so the same bits; CSA (overlapping,
+    its indexer too) and HCA, across several window closings."""
+    import copy
+
+    cfg = config()
+    x = torch.randn(2, 21, D, generator=torch.Generator().manual_seed(4))
+    layers = attentions(cfg)
+    for i in (1, 2):
+        for comp in (layers[i].compressor, layers[i].indexer):
+            if comp is None:
+                continue
+            fast = V4Cache(cfg, 2, 64).layer(i)
+            state = fast.indexer if comp is layers[i].indexer else fast.compressor
+            assert state is not None
+            with torch.no_grad():
+                comp.compress(x[:, :5], 0, state)  # a prefill leaves a window open
+                ref_state = copy.deepcopy(state)
+                for t in range(5, 21):
+                    got = comp.compress(x[:, t : t + 1], t, state)
+                    want = comp.compress_any(x[:, t : t + 1], t, ref_state)
+                    assert torch.equal(got, want), (i, t)
+                    held = (t + 1) % comp.rate
+                    assert torch.equal(state.buffer_kv[:, :held], ref_state.buffer_kv[:, :held])
+                    assert torch.equal(state.buffer_gate[:, :held], ref_state.buffer_gate[:, :held])
+                    if comp.overlap:
+                        assert torch.equal(state.overlap_kv, ref_state.overlap_kv)
+                        assert torch.equal(state.overlap_gate, ref_state.overlap_gate)
+            assert got.shape[1] == 21 // comp.rate  # CSA 5 entries, HCA 2: windows closed during the steps
+
+
 def test_partial_windows_wait_in_the_buffer():
     cfg = config()
     x = torch.randn(1, 30, D, generator=torch.Generator().manual_seed(1))

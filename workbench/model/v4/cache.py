@@ -92,6 +92,23 @@ class V4LayerCache:
             self.window[:, new_pos % slots] = kv[:, S - keep:]
         return keys, positions
 
+    def step_keys(self, kv: torch.Tensor, window: int) -> torch.Tensor:
+        """One new token's keys, kv [B, 1, d] at position t = `length` -> the keys its `window` reaches, [B, P, d]:
+        the cached keys of positions t-P+1 .. t-1 (in ring-slot order: attention does not care about order), then
+        the new key; P = min(window, t + 1), 0 for no window. Then the new key goes into the ring (always: the
+        cache is kept whatever a run's window control)."""
+        slots, t = self.window.shape[1], self.length
+        reach = min(window - 1, t, slots)  # cached keys in the window
+        if window <= 0:
+            keys = kv[:, :0]
+        elif reach == slots:  # the whole ring (every step once the prompt fills the window)
+            keys = torch.cat([self.window, kv], dim=1)
+        else:
+            keys = torch.cat([self.window[:, [(t - 1 - i) % slots for i in range(reach)]], kv], dim=1)
+        if slots:
+            self.window[:, t % slots] = kv[:, 0]  # after the copy above: it may overwrite a key still in reach
+        return keys
+
     def nbytes_used(self) -> int:
         window = min(self.length, self.window.shape[1]) * self.window.shape[-1] * self.window.element_size()
         total = self.batch * window

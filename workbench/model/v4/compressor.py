@@ -48,6 +48,13 @@ class Compressor(nn.Module):
 
         Without a state the call must start the sequence (past = 0) and a trailing partial window is dropped.
         `simulate`: DeepSeek's quantization simulation of the entries (`finish`; off in transformers)."""
+        if state is not None and x.shape[1] == 1:
+            return self._compress_one(x, past, state, simulate)
+        return self.compress_any(x, past, state, simulate=simulate)
+
+    def compress_any(self, x: torch.Tensor, past: int, state: CompressorState | None, *,
+                     simulate: bool = False) -> torch.Tensor:
+        """`compress` for any number of new tokens: the general path (the reference of the one-token path)."""
         B, S, _ = x.shape
         m = self.rate
         kv = self.kv_proj(x)  # [B, S, c*d]
@@ -83,6 +90,28 @@ class Compressor(nn.Module):
             return new
         state.entries[:, first : first + n] = new
         return state.entries[:, : first + n]
+
+    def _compress_one(self, x: torch.Tensor, past: int, state: CompressorState, simulate: bool) -> torch.Tensor:
+        """`compress` for one new token with a cache (a decode step): the token goes straight into its slot of
+        the open window's buffer, and only when it closes the window is that buffer pooled into an entry. The same
+        ops on the same values as the general path (tested equal bit for bit), without its concatenations and
+        buffer shuffles: about a third of its ops."""
+        m = self.rate
+        held, first = past % m, past // m  # the token's slot in window `first`
+        state.buffer_kv[:, held] = self.kv_proj(x)[:, 0]  # [B, c*d]
+        state.buffer_gate[:, held] = self.gate_proj(x)[:, 0].float() + self.position_bias[held]
+        if held < m - 1:  # the window stays open
+            return state.entries[:, :first]
+        prior = (state.overlap_kv, state.overlap_gate) if self.overlap and first > 0 else None
+        new = self._pool(state.buffer_kv[:, None], state.buffer_gate[:, None], prior)  # [B, 1, d]
+        cos, sin = self.rotary.cos_sin(torch.full((1,), first * m, device=x.device))
+        new = self.finish(self.rotary.rotate(new, cos, sin), simulate=simulate)
+        if self.overlap:  # pooled above from the previous overlap: now this window's a-halves replace it
+            assert state.overlap_kv is not None and state.overlap_gate is not None
+            state.overlap_kv.copy_(state.buffer_kv[..., : self.width])
+            state.overlap_gate.copy_(state.buffer_gate[..., : self.width])
+        state.entries[:, first] = new[:, 0]
+        return state.entries[:, : first + 1]
 
     def _pool(self, kv: torch.Tensor, gate: torch.Tensor,
               prior: tuple[torch.Tensor | None, torch.Tensor | None] | None) -> torch.Tensor:
