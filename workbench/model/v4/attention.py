@@ -14,7 +14,9 @@ Per query t (brief §2.4):
 Two computations, chosen by `mode`, equal up to float reassociation (a test holds them to it):
 - `naive`: logits against every key in reach (all P window keys, all N entries) under a dense mask. The reference.
 - `fast`: gather, per query, only its W window keys and its chosen entries (HCA: the visible ones), as a decoder
-  does; the cost per query no longer grows with the entries it may not use.
+  does; the cost per query no longer grows with the entries it may not use. One new token with a cache (a decode
+  step) takes `_attend_step`: the window's keys straight from the ring and the entries it may use, one matmul
+  each way, no masks but for the indexer's empty picks (tested against `naive` under every attention control).
 DeepSeek's QAT simulations (FP8 KV, Hadamard + FP4 indexer) are off unless `set_reference_quant` turns them on.
 """
 
