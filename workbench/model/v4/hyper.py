@@ -83,10 +83,9 @@ def mix_matrix(m: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
 
 
 def flat_rms(streams: torch.Tensor, eps: float) -> torch.Tensor:
-    """[B, S, n, D] -> [B, S, n*D] fp32 with unit RMS per token (stream-major flattening, no weight); torch's
-    rms_norm computes flat * rsqrt(mean(flat^2) + eps) in one call (the same bits as spelling it out)."""
+    """[B, S, n, D] -> [B, S, n*D] fp32 with unit RMS per token (stream-major flattening, no weight)."""
     flat = streams.flatten(2).float()  # [B, S, nD]
-    return F.rms_norm(flat, (flat.shape[-1],), None, eps)
+    return flat * torch.rsqrt(flat.square().mean(-1, keepdim=True) + eps)
 
 
 class HyperConnection(nn.Module):
